@@ -1,0 +1,25 @@
+"""kvpass: a torch.compile backend that rewrites attention and its KV-cache update.
+
+    import kvpass
+    model.forward = torch.compile(model.forward, backend="kvpass", options={...})
+    print(kvpass.report())
+
+Importing kvpass registers the backend (and its custom ops) and nothing else.
+"""
+from kvpass import _compat
+from kvpass.backend import kvpass_backend
+from kvpass.options import KVPassOptions, parse_options
+from kvpass.report import counters, report, reset
+
+import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
+
+_compat.register_backend_once("kvpass", kvpass_backend)
+
+
+def validate_options(options) -> KVPassOptions:
+    """Check options before compiling: ValueError for a bad one, NotImplementedError for one not built yet."""
+    return parse_options(options)
+
+
+__all__ = ["kvpass_backend", "KVPassOptions", "validate_options", "report", "reset", "counters"]
+__version__ = "0.1.0"

@@ -1,0 +1,110 @@
+"""The backend's options: one validated dataclass, checked once at compile time.
+
+Users pass a plain dict through ``torch.compile(..., backend="kvpass", options={...})``;
+:func:`parse_options` turns it into :class:`KVPassOptions` or raises a ``ValueError`` that names the
+key and the allowed values. Values that are valid but whose variant has not landed yet raise
+``NotImplementedError`` naming the issue area, never a silent no-op.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# Allowed values per option. Everything a later issue will implement is reserved here now, so option
+# names never change; `IMPLEMENTED` says which values work today.
+COMPILERS = ("inductor", "eager")
+POLICIES = ("full", "streaming", "h2o", "snapkv", "asl", "adore")
+KV_BITS = (16, 8, 4, "fp8", "aligned")
+
+IMPLEMENTED = {
+    "policy": {"full"},
+    "kv_bits": {16},
+}
+# Where each unimplemented option is planned, for the NotImplementedError message.
+PLANNED_IN = {
+    "policy": "the compressed-cache issue (policies: streaming, h2o, snapkv, asl, adore)",
+    "budget": "the compressed-cache issue",
+    "kv_bits": "the quantized-cache issue (int8, int4, fp8, aligned)",
+    "early_exit": "the early-termination (ART) issue",
+}
+
+
+@dataclass(frozen=True)
+class KVPassOptions:
+    """What the kvpass backend does to each attention site.
+
+    policy: cache compression policy; "full" keeps every token (exact).
+    budget: tokens kept per layer and KV head for compressing policies (None with "full").
+    kv_bits: cache storage: 16 (the model's own dtype, exact), 8, 4, "fp8", "aligned".
+    early_exit: None (read every KV block) or a relative tolerance for early termination.
+    decode_kernel: on CUDA, run decode-sized attention (query length <= 16) through kvpass's Triton
+        kernel; False keeps torch's SDPA for every site (exact mode only; useful to compare).
+    compiler: "inductor" (default) lowers the rewritten graph with Inductor; "eager" runs it as is,
+        like torch's "aot_eager" debug backend (quick to compile: for debugging and fast tests).
+    """
+
+    policy: str = "full"
+    budget: int | None = None
+    kv_bits: int | str = 16
+    early_exit: float | None = None
+    decode_kernel: bool = True
+    compiler: str = "inductor"
+
+    @property
+    def is_exact(self) -> bool:
+        return self.policy == "full" and self.kv_bits == 16 and self.early_exit is None
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(KVPassOptions)}
+
+
+def _check(key: str, ok: bool, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"kvpass option {key!r}: got {value!r}; allowed: {allowed}")
+
+
+def parse_options(options: Mapping[str, Any] | KVPassOptions | None) -> KVPassOptions:
+    """Validate user options; raise ValueError (bad) or NotImplementedError (not yet built)."""
+    if options is None:
+        return KVPassOptions()
+    if isinstance(options, KVPassOptions):
+        opts = options
+    else:
+        if not isinstance(options, Mapping):
+            raise ValueError(f"kvpass options must be a dict, got {type(options).__name__}")
+        unknown = sorted(set(options) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown kvpass option(s) {unknown}; allowed: {sorted(_FIELDS)}")
+        opts = KVPassOptions(**options)
+    _validate(opts)
+    return opts
+
+
+def _validate(o: KVPassOptions) -> None:
+    _check("policy", isinstance(o.policy, str) and o.policy in POLICIES, str(list(POLICIES)), o.policy)
+    _check("kv_bits", o.kv_bits in KV_BITS and not isinstance(o.kv_bits, bool), str(list(KV_BITS)), o.kv_bits)
+    budget_ok = o.budget is None or (isinstance(o.budget, int) and not isinstance(o.budget, bool) and o.budget > 0)
+    _check("budget", budget_ok, "None or a positive int (tokens per layer and KV head)", o.budget)
+    if o.policy == "full":
+        _check("budget", o.budget is None, "None with policy 'full' (set a compressing policy to use a budget)",
+               o.budget)
+    else:
+        _check("budget", o.budget is not None, f"a positive int with policy {o.policy!r}", o.budget)
+    exit_ok = o.early_exit is None or (
+        isinstance(o.early_exit, (int, float)) and not isinstance(o.early_exit, bool) and 0 <= o.early_exit < 1
+    )
+    _check("early_exit", exit_ok, "None or a relative tolerance in [0, 1)", o.early_exit)
+    _check("compiler", o.compiler in COMPILERS, str(list(COMPILERS)), o.compiler)
+    _check("decode_kernel", isinstance(o.decode_kernel, bool), "True or False", o.decode_kernel)
+
+    for key in ("policy", "kv_bits"):
+        if getattr(o, key) not in IMPLEMENTED[key]:
+            raise NotImplementedError(
+                f"kvpass option {key}={getattr(o, key)!r} is not implemented yet; planned in {PLANNED_IN[key]}. "
+                f"Implemented: {sorted(map(str, IMPLEMENTED[key]))}"
+            )
+    if o.early_exit is not None:
+        raise NotImplementedError(
+            f"kvpass option early_exit={o.early_exit!r} is not implemented yet; planned in {PLANNED_IN['early_exit']}"
+        )
