@@ -40,8 +40,8 @@ def _key_from_transpose(node) -> fx.Node | None:
 
 @register_pattern("matmul_softmax")
 def match_matmul_softmax(node: fx.Node):
-    if op_name(node) != "matmul" or len(node.args) != 2:
-        return None
+    if op_name(node) != "matmul" or len(node.args) != 2 or rank(node) != 4:
+        return None  # kvpass attends over [B, H, L, D]; other products are not its sites
     weights, value = node.args
     chain: list[fx.Node] = []
 
