@@ -16,10 +16,16 @@ import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 _compat.register_backend_once("kvpass", kvpass_backend)
 
 
+def stats() -> dict:
+    """Run-time statistics: how many attention calls each lowering served (and why CUDA calls fell
+    back to torch SDPA). Later variants add their own (tokens kept, blocks read)."""
+    return {"attention_calls": dict(lowering.ops.calls)}
+
+
 def validate_options(options) -> KVPassOptions:
     """Check options before compiling: ValueError for a bad one, NotImplementedError for one not built yet."""
     return parse_options(options)
 
 
-__all__ = ["kvpass_backend", "KVPassOptions", "validate_options", "report", "reset", "counters"]
+__all__ = ["kvpass_backend", "KVPassOptions", "validate_options", "report", "reset", "counters", "stats"]
 __version__ = "0.1.0"

@@ -106,9 +106,13 @@ def report() -> Report:
 
 
 def reset() -> None:
+    """Forget the report, the compile-time counters and the run-time statistics."""
+    from lowering.ops import calls
+
     with _lock:
         _REPORT.graphs.clear()
         counters.clear()
+        calls.clear()
 
 
 def _ensure_handler() -> None:

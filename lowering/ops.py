@@ -3,6 +3,7 @@ Inductor trace them through their fake implementations (dynamic sequence lengths
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 
@@ -13,6 +14,11 @@ log = logging.getLogger("kvpass.lowering")
 # Decode and speculative-decoding steps (few query tokens) take the split-KV kernel; longer queries
 # (prefill) are compute-bound and torch's flash/cuDNN kernels already serve them well.
 MAX_KERNEL_QUERY_LEN = 16
+
+# Run-time counts of which lowering served each call ("triton_decode", "torch_sdpa", and
+# "torch_sdpa: <why not the kernel>" on CUDA). Plain dict updates: noise next to a kernel launch; not
+# updated on CUDA-graph replays, which re-run the recorded kernels without Python.
+calls: Counter = Counter()
 
 
 def _kernel_reason(q, k, v, attn_mask, is_causal) -> str | None:
@@ -39,8 +45,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
             from lowering.decode_attention import decode_attention
 
             mask = None if attn_mask is None else attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            calls["triton_decode"] += 1
             return decode_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal).contiguous()
+        if q.is_cuda:
+            calls[f"torch_sdpa: {reason}"] += 1
         log.debug("kvpass::attention on torch SDPA: %s", reason)
+    calls["torch_sdpa"] += 1
     return exact_attention(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 

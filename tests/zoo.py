@@ -1,6 +1,7 @@
 """Tiny random-init Hugging Face models for tests, one builder per architecture (registry)."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -73,9 +74,14 @@ def gpt_neox(attn_implementation):
     return GPTNeoXForCausalLM(cfg)
 
 
+# The model tests run on the CPU in CI; on a GPU machine KVPASS_TEST_DEVICE=cuda runs the same tests
+# through the CUDA lowering (the Triton decode kernel).
+DEVICE = os.environ.get("KVPASS_TEST_DEVICE", "cpu")
+
+
 def build(name: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = ZOO[name](attn_implementation).eval()
+    model = ZOO[name](attn_implementation).eval().to(DEVICE)
     # Token ids outside the tiny vocabulary would warn; no EOS so every run generates all its tokens.
     for cfg in (model.config, model.generation_config):
         cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, None
@@ -92,4 +98,4 @@ def prompt(batch: int, length: int = 9, left_padding: bool = False, seed: int = 
             pad = min(2 * row, length - 1)
             ids[row, :pad] = 0
             mask[row, :pad] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)

@@ -52,6 +52,12 @@ def _check_against_eager(arch, impl, batch, static, sample, compiler="eager"):
     assert {s.pattern for s in report.sites} == {expected_pattern}
     expected_cache = "static_cache_index_copy" if static else "dynamic_cache_cat"
     assert {s.cache for s in report.sites} == {expected_cache}, str(report)
+    calls = kvpass.stats()["attention_calls"]
+    if zoo.DEVICE == "cuda" and compiler == "eager":
+        # every decode step (NEW_TOKENS - 1 of them, each through every layer) ran the Triton kernel
+        assert calls.get("triton_decode", 0) >= (NEW_TOKENS - 1) * layers, calls
+    elif compiler == "eager":
+        assert calls.get("torch_sdpa", 0) >= NEW_TOKENS * layers, calls
     return report
 
 
