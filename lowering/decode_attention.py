@@ -1,0 +1,260 @@
+"""Launcher of the split-KV decode-attention kernel (``lowering/kernels/decode_attention.py``).
+
+Validates the inputs, picks the tiles and the number of KV splits, allocates the partial states and
+launches the two stages. No host-device synchronisation, so a call can be captured in a CUDA graph.
+
+Tiles and splits are picked by a rule, not autotuned (a decode step cannot afford a tuning run at
+every new cache length). A decode step has few query rows, so without splits the grid has only
+``B * Hkv`` programs (8 at B=1 on an 8-KV-head model) for 132 SMs. Splitting the keys gives
+``B * Hkv * S`` programs; ``choose_num_splits`` aims at ``programs_per_sm * SM count`` of them,
+with at least ``min_blocks_per_split`` key blocks each so the fp32 partials stay a small fraction
+of the K/V bytes. ``default_config`` picks one of three tile configurations by how far
+``B * Hkv`` alone goes towards filling the GPU. They come from the sweep in
+``bench/attention_decode.py``, recorded in ``bench/RESULTS.md`` ("Decode attention kernel").
+The rule depends on L only until the
+split count saturates, and the kernels take L and the split size as unspecialised arguments, so a
+growing cache does not recompile them every token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+
+import torch
+
+from lowering.kernels import decode_attention as kernels
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+MAX_QUERY_LEN = 16  # decode (1) and speculative decoding; longer queries belong to a prefill kernel
+MAX_BLOCK_M = 64  # query rows per program; more rows (MQA with long Lq) go to further row blocks
+CPU_SM_COUNT = 4  # nominal "SM count" under the CPU interpreter, so the split rule still splits
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Tiles and split rule of the decode kernel."""
+
+    block_n: int = 64  # keys per step of stage 1
+    num_warps: int = 4
+    num_stages: int = 3
+    programs_per_sm: int = 2  # target stage-1 programs per SM of the split rule
+    min_blocks_per_split: int = 4  # key blocks per split at least
+    num_splits: int | None = None  # force a split count (tests, sweeps); None: the rule
+    skip_masked_keys: bool = True  # skip K/V loads of keys that no row attends (masks only)
+    split_block: int = 64  # splits merged per step of stage 2
+    merge_num_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("block_n", "split_block"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        for name in ("num_warps", "merge_num_warps"):
+            if getattr(self, name) not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{name} must be one of 1, 2, 4, 8, 16, got {getattr(self, name)}")
+        if self.num_stages < 1 or self.programs_per_sm < 1 or self.min_blocks_per_split < 1:
+            raise ValueError(f"num_stages, programs_per_sm and min_blocks_per_split must be >= 1: {self}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1 or None, got {self.num_splits}")
+
+
+# The rule's tile configurations, by how far B * Hkv * row_blocks (the programs of one split) goes
+# towards filling the GPU; chosen by the H100 sweep of bench/attention_decode.py (bench/RESULTS.md).
+RULE_CONFIGS = {
+    # <= SMs / 8 (B=1 on 8 KV heads): few long splits of large tiles; 50.8 us at B=1, L=32k (88% of floor).
+    "tiny": DecodeAttentionConfig(block_n=128, num_warps=4, num_stages=3, programs_per_sm=1),
+    # < SMs (B=8): ~2 programs per SM; 96.2 us at B=8, L=8k and 355.3 us at L=32k.
+    "small": DecodeAttentionConfig(block_n=64, num_warps=4, num_stages=2, programs_per_sm=2),
+    # >= SMs (B=32): no split needed; 350.7 us at B=32, L=8k.
+    "large": DecodeAttentionConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=1),
+}
+
+
+def grid_regime(programs_per_split: int, sm_count: int) -> str:
+    """Which of ``RULE_CONFIGS`` applies to ``programs_per_split = B * Hkv * row_blocks`` programs."""
+    if programs_per_split >= sm_count:
+        return "large"
+    return "tiny" if programs_per_split <= sm_count // 8 else "small"
+
+
+def default_config(programs_per_split: int, sm_count: int) -> DecodeAttentionConfig:
+    """The configuration the rule picks (tiles, warps, stages, split target)."""
+    return RULE_CONFIGS[grid_regime(programs_per_split, sm_count)]
+
+
+def choose_num_splits(programs_per_split: int, kv_len: int, sm_count: int,
+                      config: DecodeAttentionConfig) -> tuple[int, int]:
+    """Return ``(num_splits, keys_per_split)``; ``keys_per_split`` is a multiple of ``block_n``."""
+    num_blocks = max(1, _cdiv(kv_len, config.block_n))
+    if config.num_splits is not None:
+        wanted = config.num_splits
+    else:
+        wanted = _cdiv(config.programs_per_sm * sm_count, programs_per_split)
+        wanted = min(wanted, max(1, num_blocks // config.min_blocks_per_split))
+    wanted = max(1, min(wanted, num_blocks, 65535))  # 65535: CUDA's limit on grid dimension 1
+    blocks_per_split = _cdiv(num_blocks, wanted)
+    return _cdiv(num_blocks, blocks_per_split), blocks_per_split * config.block_n
+
+
+# Plain-Python helpers: triton.cdiv / next_power_of_2 cost microseconds per call on the launch path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _interpreting() -> bool:
+    # Decided when the kernel module was imported (TRITON_INTERPRET=1 then).
+    return type(kernels.decode_attention_split_kernel).__name__ == "InterpretedFunction"
+
+
+def decode_attention_unsupported_reason(q, k, v, attn_mask=None, is_causal=False) -> str | None:
+    """None if the Triton kernel handles these inputs, else a short reason (for the fallback report)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.dim() != 4:
+            return f"{name} has {t.dim()} dims, expected 4"
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"{name} dtype {t.dtype} not in fp32/fp16/bf16"
+        if t.device != q.device:
+            return f"{name} on {t.device}, q on {q.device}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}"
+    if q.device.type not in ("cuda", "cpu"):
+        return f"device {q.device.type} not supported"
+    if q.device.type == "cpu" and not _interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1 set before the kernel is imported"
+    batch, num_heads, q_len, head_dim = q.shape
+    if k.shape != v.shape:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        return f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if num_kv_heads == 0 or num_heads % num_kv_heads:
+        return f"Hq={num_heads} not a multiple of Hkv={num_kv_heads}"
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
+    if not 1 <= q_len <= MAX_QUERY_LEN:
+        return f"query length {q_len} outside 1..{MAX_QUERY_LEN}"
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            return "attn_mask is not a tensor"
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            return f"attn_mask dtype {attn_mask.dtype} is neither bool nor floating"
+        if attn_mask.device != q.device:
+            return f"attn_mask on {attn_mask.device}, q on {q.device}"
+        target = (batch, num_heads, q_len, kv_len)
+        if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
+            return f"attn_mask {tuple(attn_mask.shape)} not broadcastable to {target}"
+    return None
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, out=None,
+                     config: DecodeAttentionConfig | None = None) -> torch.Tensor:
+    """Attention of a few query rows over a KV cache, in one Triton split-KV pass.
+
+    Parameters
+    ----------
+    q : [B, Hq, Lq, D] fp32/fp16/bf16, 1 <= Lq <= 16, D <= 256, any strides.
+    k, v : [B, Hkv, L, D], same dtype, Hq % Hkv == 0 (GQA/MQA: query head h reads KV head
+        h // (Hq // Hkv), as torch's ``enable_gqa``; each K/V block is read once for the group).
+    attn_mask : None, bool (True = attend) or additive float, broadcastable to [B, Hq, Lq, L];
+        broadcast dimensions are read with stride 0, never materialised.
+    scale : softmax scale, default 1/sqrt(D).
+    is_causal : torch SDPA's top-left alignment: query i sees keys j <= i.
+    out : optional contiguous [B, Hq, Lq, D] tensor of q's dtype to write into (tests poison it).
+    config : tiles and split rule; None for ``default_config``.
+
+    Returns
+    -------
+    [B, Hq, Lq, D] in q's dtype, computed with fp32 accumulation. A row with no attended key is 0.
+    """
+    reason = decode_attention_unsupported_reason(q, k, v, attn_mask, is_causal)
+    if reason is not None:
+        raise ValueError(f"decode_attention: {reason}")
+    batch, num_heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if out is None:
+        out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
+    if out.numel() == 0:
+        return out
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    # Top-left causal: no query sees past key Lq - 1, so the rest of the cache is never read.
+    kv_len_read = min(kv_len, q_len) if is_causal else kv_len
+
+    group = num_heads // num_kv_heads
+    block_m = max(16, min(MAX_BLOCK_M, _next_power_of_2(group * q_len)))
+    block_d = max(16, _next_power_of_2(head_dim))
+    row_blocks = _cdiv(group * q_len, block_m)
+    programs_per_split = batch * num_kv_heads * row_blocks
+    sm_count = _sm_count(q.device)
+    config = config or default_config(programs_per_split, sm_count)
+    num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
+
+    mask_kind, mask, mask_strides, mask_per_key = kernels.MASK_NONE, q, (0, 0, 0, 0), False
+    if attn_mask is not None:
+        mask = attn_mask.expand(batch, num_heads, q_len, kv_len)  # a view: stride 0 on broadcast dims
+        mask_strides = mask.stride()
+        if mask.dtype == torch.bool:
+            mask_kind, mask = kernels.MASK_BOOL, mask.view(torch.uint8)
+        else:
+            mask_kind = kernels.MASK_ADDITIVE
+        # HF decode's [B, 1, 1, L] mask: the same for every row of a program, load it per key.
+        mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
+
+    split_output = num_splits > 1
+    rows = batch * num_heads * q_len
+    # One buffer for the partial outputs [rows, S, D] and their LSE [rows, S], fp32.
+    part = torch.empty(rows * num_splits * (head_dim + 1) if split_output else 1, device=q.device,
+                       dtype=torch.float32)
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    logger.debug("decode_attention B=%d Hq=%d Hkv=%d Lq=%d L=%d D=%d splits=%d keys/split=%d mask=%d %s",
+                 batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, num_splits, keys_per_split, mask_kind,
+                 config)
+
+    on_other_gpu = q.device.type == "cuda" and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
+        kernels.decode_attention_split_kernel[(programs_per_split, num_splits)](
+            q, k, v, mask, out, part,
+            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
+            num_kv_heads, q_len, kv_len_read, keys_per_split, scale,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+            MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key, IS_CAUSAL=bool(is_causal),
+            SKIP_MASKED_KEYS=config.skip_masked_keys and mask_kind != kernels.MASK_NONE,
+            SPLIT_OUTPUT=split_output,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        if split_output:
+            kernels.merge_splits_kernel[(rows,)](
+                part, out, num_splits,
+                HEAD_DIM=head_dim, BLOCK_D=block_d,
+                SPLIT_BLOCK=min(config.split_block, max(16, _next_power_of_2(num_splits))),
+                num_warps=config.merge_num_warps,
+            )
+    return out

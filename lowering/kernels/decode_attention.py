@@ -1,0 +1,260 @@
+"""Split-KV decode attention (FlashDecoding) in Triton: device code only.
+
+Stage 1 (``decode_attention_split_kernel``): one program per (batch, KV head, row block, KV split).
+It loads the query rows of every query head that shares the KV head (GQA/MQA read each K/V block
+once for all of them), streams its range of keys ``BLOCK_N`` at a time with an online softmax in
+fp32 and writes a normalised partial output with its log-sum-exp. With a single split it writes the
+final output instead and stage 2 is skipped.
+
+Stage 2 (``merge_splits_kernel``): one program per query row merges the splits with
+``reduce_states``/``merge_states``, the reusable softmax-state merge that split-K and early exit
+share.
+
+Softmax states are ``(o, lse)``: ``o`` the output normalised by its own weights, ``lse`` the
+natural-log sum of exp of the scores. An empty state (no attended key) is ``(0, -inf)``, so a row
+whose keys are all masked comes out as zeros, as torch's math SDPA does.
+
+Scores stay in the natural-log domain: an additive mask of ``finfo(float32).min`` would overflow
+to ``-inf`` once multiplied by log2(e), so the exp2 trick is not used. The kernel is memory-bound
+(four multiply-adds per byte of K/V read at most), the extra multiply inside ``tl.exp`` is free.
+
+Follows Dao et al., "Flash-Decoding for long-context inference" (2023) and the state merge of
+Ye et al., FlashInfer (arXiv 2501.01005), section 3.1.
+"""
+
+import triton
+import triton.language as tl
+
+# Tags of the mask operand (a constexpr switch instead of three copies of the kernel).
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_ADDITIVE = 2
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add_combine(a, b):
+    return a + b
+
+
+# tl.max / tl.sum / tl.zeros are themselves @triton.jit library code, compiled (not interpreted)
+# when triton was imported before TRITON_INTERPRET=1 was set (pytest's kvpass plugin does that);
+# the kernels use tl.reduce with their own combine functions and tl.full so they run either way.
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _max_combine)
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add_combine)
+
+
+@triton.jit
+def merge_states(o_a, lse_a, o_b, lse_b):
+    """Merge two softmax states over disjoint key sets.
+
+    ``o_*`` are normalised outputs, ``lse_*`` their log-sum-exp, broadcastable to ``o_*``
+    (a scalar for a ``[D]`` row, ``[M, 1]`` for an ``[M, D]`` tile). ``lse = -inf`` marks an
+    empty state; two empty states merge to ``(0, -inf)``, never NaN.
+    """
+    lse_max = tl.maximum(lse_a, lse_b)
+    # Both empty: shift by 0, so exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w_a = tl.exp(lse_a - shift)
+    w_b = tl.exp(lse_b - shift)
+    w = w_a + w_b
+    o = (o_a * w_a + o_b * w_b) / tl.where(w == 0.0, 1.0, w)
+    lse = tl.where(w == 0.0, float("-inf"), shift + tl.log(w))
+    return o, lse
+
+
+@triton.jit
+def reduce_states(o, lse):
+    """Merge ``S`` softmax states at once: ``o`` [S, D], ``lse`` [S] -> (``o`` [D], ``lse`` scalar)."""
+    lse_max = _max(lse, axis=0)
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp(lse - shift)
+    w_sum = _sum(w, axis=0)
+    o_out = _sum(o * w[:, None], axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    lse_out = tl.where(w_sum == 0.0, float("-inf"), shift + tl.log(w_sum))
+    return o_out, lse_out
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot
+    # (triton-lang/triton#11584, "we just don't support it yet"). Upcasting the already-rounded
+    # bf16 operands is exact, so the result equals a bf16 MMA with fp32 accumulation.
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit(do_not_specialize=["kv_len", "keys_per_split"])
+def decode_attention_split_kernel(
+    Q, K, V, Mask,  #
+    Out,  # [B, Hq, Lq, D] contiguous; written only when SPLIT_OUTPUT is off
+    Part,  # fp32 partial states, see _part_offsets; written only when SPLIT_OUTPUT is on
+    stride_qb, stride_qh, stride_qm,  # q [B, Hq, Lq, D], last dim contiguous
+    stride_kb, stride_kh, stride_kn,  # k [B, Hkv, L, D]
+    stride_vb, stride_vh, stride_vn,  # v [B, Hkv, L, D]
+    stride_mb, stride_mh, stride_mm, stride_mn,  # mask viewed as [B, Hq, Lq, L], 0 on broadcast dims
+    num_kv_heads, q_len, kv_len, keys_per_split, sm_scale,  #
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows (GROUP * Lq, padded) per program, >= 16 for tl.dot
+    BLOCK_N: tl.constexpr,  # keys per step
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
+    MASK_KIND: tl.constexpr,  # MASK_NONE, MASK_BOOL or MASK_ADDITIVE
+    MASK_PER_KEY: tl.constexpr,  # the mask is the same for every row of the tile: load a [BLOCK_N] vector
+    IS_CAUSAL: tl.constexpr,  # top-left aligned: query i sees keys j <= i
+    SKIP_MASKED_KEYS: tl.constexpr,  # predicate K/V loads off for keys no row attends
+    SPLIT_OUTPUT: tl.constexpr,  # write (o, lse) partials for stage 2, else the final output
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
+    tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads HEAD_DIM")
+    tl.static_assert(MASK_KIND != 0 or not SKIP_MASKED_KEYS, "skipping keys needs a mask")
+
+    num_rows = GROUP * q_len
+    row_blocks = (num_rows + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    bh = pid // row_blocks  # b * Hkv + kv_head
+    row_block = pid % row_blocks
+    b = (bh // num_kv_heads).to(tl.int64)
+    kv_head = (bh % num_kv_heads).to(tl.int64)
+
+    # Row r of this KV head's query tile is query position i of head kv_head * GROUP + g.
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    g = rows // q_len
+    i = rows - g * q_len
+    head = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qm + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    if MASK_KIND != 0:
+        if MASK_PER_KEY:  # HF decode: [B, 1, 1, L] broadcast over heads, one query row
+            m_base = Mask + b * stride_mb
+        else:
+            m_base = Mask + b * stride_mb + head * stride_mh + i * stride_mm  # [BLOCK_M] row pointers
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, kv_len)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < end
+        keep = row_ok[:, None] & n_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (n[None, :] <= i[:, None])
+        if MASK_KIND != 0:
+            if MASK_PER_KEY:
+                # One element per key instead of a [BLOCK_M, BLOCK_N] gather.
+                mval = tl.load(m_base + n * stride_mn, mask=n_ok, other=0)
+                if MASK_KIND == 1:
+                    live = mval != 0
+                else:
+                    bias = mval.to(tl.float32)
+                    live = bias != float("-inf")
+                    bias = bias[None, :]
+                keep = keep & live[None, :]
+            else:
+                mval = tl.load(m_base[:, None] + n[None, :] * stride_mn, mask=keep, other=0)
+                if MASK_KIND == 1:
+                    keep = keep & (mval != 0)
+                else:
+                    bias = mval.to(tl.float32)
+                    keep = keep & (bias != float("-inf"))
+                live = _max(keep.to(tl.int32), axis=0) > 0
+        kv_ok = n_ok
+        if SKIP_MASKED_KEYS:
+            # A key no row attends costs no K/V traffic: predicated-off loads fetch nothing.
+            kv_ok = kv_ok & live
+
+        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
+        if MASK_KIND == 2:
+            s = s + bias
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, _max(s, axis=1))
+        # Rows with nothing attended yet keep m = -inf; shift them by 0 to avoid -inf - -inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - shift)
+        p = tl.exp(s - shift[:, None])
+        l_i = l_i * alpha + _sum(p, axis=1)
+
+        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_rows = (bh * num_rows + rows).to(tl.int64)  # == (b * Hq + head) * Lq + i, the row of Out
+    if SPLIT_OUTPUT:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
+        num_splits = tl.num_programs(1)
+        total_rows = (tl.num_programs(0) // row_blocks) * num_rows
+        o_off, lse_off = _part_offsets(out_rows, split, num_splits, total_rows, HEAD_DIM)
+        tl.store(Part + o_off[:, None] + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(Part + lse_off, lse, mask=row_ok)
+    else:
+        tl.store(Out + out_rows[:, None] * HEAD_DIM + d[None, :], o.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _part_offsets(row, split, num_splits, total_rows, HEAD_DIM: tl.constexpr):
+    """Offsets in Part of a row's partial output [D] and LSE: o as [R, S, D], then LSE as [R, S]."""
+    o_off = (row * num_splits + split) * HEAD_DIM
+    lse_off = total_rows.to(tl.int64) * num_splits * HEAD_DIM + row * num_splits + split
+    return o_off, lse_off
+
+
+@triton.jit
+def _load_and_reduce(Part, row, s0, num_splits, total_rows, d, d_ok, HEAD_DIM: tl.constexpr,
+                     SPLIT_BLOCK: tl.constexpr):
+    s = s0 + tl.arange(0, SPLIT_BLOCK)
+    s_ok = s < num_splits
+    o_off, lse_off = _part_offsets(row, s, num_splits, total_rows, HEAD_DIM)
+    lse = tl.load(Part + lse_off, mask=s_ok, other=float("-inf"))
+    o = tl.load(Part + o_off[:, None] + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    return reduce_states(o, lse)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def merge_splits_kernel(
+    Part, Out,  # as in decode_attention_split_kernel; one program per row of Out
+    num_splits,  #
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,  # splits merged per step
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Lq + i
+    total_rows = tl.num_programs(0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    # The first block of splits seeds the running state (stage 2 only runs with >= 2 splits).
+    o, lse = _load_and_reduce(Part, row, 0, num_splits, total_rows, d, d_ok, HEAD_DIM, SPLIT_BLOCK)
+    for s0 in range(SPLIT_BLOCK, num_splits, SPLIT_BLOCK):
+        o_blk, lse_blk = _load_and_reduce(Part, row, s0, num_splits, total_rows, d, d_ok, HEAD_DIM, SPLIT_BLOCK)
+        o, lse = merge_states(o, lse, o_blk, lse_blk)
+    tl.store(Out + row * HEAD_DIM + d, o.to(Out.dtype.element_ty), mask=d_ok)
