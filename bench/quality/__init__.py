@@ -1,0 +1,7 @@
+"""Quality evaluation of kvpass configurations and the kvpress peer on a real model (issue 4).
+
+Entry point: ``python bench/eval_quality.py``. Modules, in the order the data flows: ``corpus``
+(license-clean text), ``tasks`` (prompts), ``configs`` (what runs), ``decode`` (generation and
+teacher forcing through the cache), ``perplexity``, ``runner`` (runs everything, incl. the peer in
+``kvpress_peer``), ``report`` (JSON, markdown, plots).
+"""
