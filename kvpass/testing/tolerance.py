@@ -110,7 +110,9 @@ def error_model(dtype: torch.dtype, head_dim: int, kv_len: int, *, input_precisi
     u = roundoff[dtype]
     u_acc = UNIT_ROUNDOFF[torch.float64] if dtype == torch.float64 else UNIT_ROUNDOFF[torch.float32]
     tf32 = input_precision == "tf32" and dtype == torch.float32
-    score = (head_dim + 4) * u_acc + max(0.0, roundoff[score_dtype] - u_acc) + (2 * TF32_ROUNDOFF if tf32 else 0)
+    # A lower score_dtype: q*scale (or q and k by sqrt(scale), as torch's math SDPA does) and the
+    # scores rounded to it, three roundings at most.
+    score = (head_dim + 4) * u_acc + 3 * max(0.0, roundoff[score_dtype] - u_acc) + (2 * TF32_ROUNDOFF if tf32 else 0)
     pv = 2 * TF32_ROUNDOFF if tf32 else u
     return ErrorModel(score=score, pv=pv, accumulate=(3 * kv_len + 4) * u_acc, out=u,
                       subnormal=FP16_SUBNORMAL_ERROR if dtype == torch.float16 else 0.0)
@@ -133,8 +135,9 @@ def exact_tolerance(dtype: torch.dtype, head_dim: int, kv_len: int | None = None
        (Higham, Accuracy and Stability of Numerical Algorithms, section 3.1); the scale, the mask
        add, the log2(e) factor and the max subtraction add 4 roundings: |ds_j| <= Delta_j =
        u_s A_j with A_j = scale sum_i |q_i||k_ji| + |m_j| and u_s = (D + 4) u32. A kernel that
-       rounds q*scale or the scores to a lower ``score_dtype`` adds that dtype's u; fp32 dots
-       with ``input_precision="tf32"`` round q and k to 10-bit significands: + 2 * 2^-11.
+       rounds the scaled q and k or the scores to a lower ``score_dtype`` (torch's math SDPA
+       does all three) adds 3 u of that dtype; fp32 dots with ``input_precision="tf32"`` round
+       q and k to 10-bit significands: + 2 * 2^-11.
     2. Softmax. For any |ds_j| <= Delta_j, p'_j lies in [sigma(s_j - Delta_j - LSE_k!=j(s_k +
        Delta_k)), sigma(s_j + Delta_j - LSE_k!=j(s_k - Delta_k))] (sigma the logistic
        function), and since sum_j (p'_j - p_j) = 0, |do_d| <= sum_j w_j |v_jd| with w_j the

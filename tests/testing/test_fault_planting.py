@@ -114,16 +114,16 @@ def falsifying_problem(failure: AssertionError) -> kt.AttentionProblem:
 
 
 @pytest.mark.parametrize("distribution", sorted(kt.DISTRIBUTIONS))
-def test_correct_blocked_attention_passes(distribution):
+def test_correct_blocked_attention_passes(distribution, kvpass_device):
     # No false alarm, on each adversarial distribution, with the profile's budget.
-    assert harness_report(blocked_attention, kt.attention_problems(distributions=(distribution,)),
-                          budget=settings(), out_arg=True) is None
+    strategy = kt.attention_problems(distributions=(distribution,), device=kvpass_device)
+    assert harness_report(blocked_attention, strategy, budget=settings(), out_arg=True) is None
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_planted_fault_is_reported_reproducibly(fault):
+def test_planted_fault_is_reported_reproducibly(fault, kvpass_device):
     kernel = functools.partial(blocked_attention, fault=fault)
-    failure = harness_report(kernel, kt.attention_problems(), out_arg=True)
+    failure = harness_report(kernel, kt.attention_problems(device=kvpass_device), out_arg=True)
     assert failure is not None, f"the harness missed the {fault} fault"
     assert re.search(EXPECTED_REPORT[fault], str(failure)), str(failure)
     # The printed example is enough to reproduce the failure.
