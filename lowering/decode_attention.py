@@ -25,6 +25,7 @@ import logging
 import math
 
 import torch
+from triton.runtime.errors import OutOfResources
 
 from lowering.kernels import decode_attention as kernels
 
@@ -112,6 +113,54 @@ def _next_power_of_2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+SMEM_FALLBACK = 232448  # bytes of shared memory a block may opt into on an H100 / H200 (227 KB)
+
+
+def shared_memory_bound(block_m: int, block_n: int, block_d: int, num_stages: int, elt: int,
+                        gathered_mask: bool) -> int:
+    """Upper bound of stage 1's shared memory in bytes: K and V tiles for ``num_stages - 1`` loads
+    in flight, the Q tile and an fp32 [BLOCK_M, BLOCK_D] conversion, fp32 [BLOCK_M, BLOCK_N] layout
+    conversions (twice as many with a gathered 2D mask). Checked against 180 sm_90 compiles
+    (triton 3.9; BLOCK_D 16-256, BLOCK_M 16/64, BLOCK_N 32-128, 2-4 stages, bf16/fp32): never below
+    the compiler's figure, exact at the largest tiles."""
+    return (max(1, num_stages - 1) * 2 * block_n * block_d * elt + block_m * block_d * (elt + 4)
+            + block_m * block_n * 8 * (2 if gathered_mask else 1))
+
+
+def _smaller(config: DecodeAttentionConfig) -> DecodeAttentionConfig | None:
+    """The next configuration down in shared memory: fewer stages first, then smaller key blocks."""
+    if config.num_stages > 2:
+        return dataclasses.replace(config, num_stages=config.num_stages - 1)
+    if config.block_n > 16:
+        return dataclasses.replace(config, block_n=config.block_n // 2)
+    return None
+
+
+def fit_shared_memory(config: DecodeAttentionConfig, block_m: int, block_d: int, elt: int, gathered_mask: bool,
+                      limit: int) -> DecodeAttentionConfig:
+    """``config``, shrunk until ``shared_memory_bound`` fits ``limit`` (fp32 or D=256 tiles need it:
+    BLOCK_N=128 with 3 stages takes 270 KB at fp32, D=128)."""
+    while shared_memory_bound(block_m, config.block_n, block_d, config.num_stages, elt, gathered_mask) > limit:
+        smaller = _smaller(config)
+        if smaller is None:
+            break
+        config = smaller
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return SMEM_FALLBACK  # the interpreter has no limit: fit as an H100 would, so tests run its tiles
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", SMEM_FALLBACK)
+
+
+# Configurations that a launch refused for shared memory (a Triton version allocating more than
+# shared_memory_bound says), mapped to the one that launched: later calls go straight there.
+_SHRUNK: dict[tuple, DecodeAttentionConfig] = {}
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -119,9 +168,8 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _interpreting() -> bool:
-    # Decided when the kernel module was imported (TRITON_INTERPRET=1 then).
-    return type(kernels.decode_attention_split_kernel).__name__ == "InterpretedFunction"
+# Decided when the kernel module was imported (TRITON_INTERPRET=1 then): CPU tensors need it.
+_INTERPRETED = type(kernels.decode_attention_split_kernel).__name__ == "InterpretedFunction"
 
 
 def decode_attention_unsupported_reason(q, k, v, attn_mask=None, is_causal=False) -> str | None:
@@ -139,7 +187,7 @@ def decode_attention_unsupported_reason(q, k, v, attn_mask=None, is_causal=False
         return f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}"
     if q.device.type not in ("cuda", "cpu"):
         return f"device {q.device.type} not supported"
-    if q.device.type == "cpu" and not _interpreting():
+    if q.device.type == "cpu" and not _INTERPRETED:
         return "CPU tensors need TRITON_INTERPRET=1 set before the kernel is imported"
     batch, num_heads, q_len, head_dim = q.shape
     if k.shape != v.shape:
@@ -211,10 +259,6 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
     block_d = max(16, _next_power_of_2(head_dim))
     row_blocks = _cdiv(group * q_len, block_m)
     programs_per_split = batch * num_kv_heads * row_blocks
-    sm_count = _sm_count(q.device)
-    config = config or default_config(programs_per_split, sm_count)
-    num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
-
     mask_kind, mask, mask_strides, mask_per_key = kernels.MASK_NONE, q, (0, 0, 0, 0), False
     if attn_mask is not None:
         mask = attn_mask.expand(batch, num_heads, q_len, kv_len)  # a view: stride 0 on broadcast dims
@@ -226,11 +270,21 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
         # HF decode's [B, 1, 1, L] mask: the same for every row of a program, load it per key.
         mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
 
+    sm_count = _sm_count(q.device)
+    config = config or default_config(programs_per_split, sm_count)
+    config = fit_shared_memory(config, block_m, block_d, q.element_size(),
+                               mask_kind != kernels.MASK_NONE and not mask_per_key, _smem_limit(q.device))
+    shape_key = (q.device, q.dtype, group, head_dim, block_m, mask_kind, mask_per_key)
+    while (config, *shape_key) in _SHRUNK:
+        config = _SHRUNK[(config, *shape_key)]
+    num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
+
     split_output = num_splits > 1
     rows = batch * num_heads * q_len
-    # One buffer for the partial outputs [rows, S, D] and their LSE [rows, S], fp32.
-    part = torch.empty(rows * num_splits * (head_dim + 1) if split_output else 1, device=q.device,
-                       dtype=torch.float32)
+    # One buffer for the partial outputs [rows, S, D] and their LSE [rows, S], fp32 (none for one split:
+    # each allocation costs the host microseconds on a path that is launch-bound at small batch).
+    part = torch.empty(rows * num_splits * (head_dim + 1), device=q.device, dtype=torch.float32) \
+        if split_output else out
     qs, ks, vs = q.stride(), k.stride(), v.stride()
     logger.debug("decode_attention B=%d Hq=%d Hkv=%d Lq=%d L=%d D=%d splits=%d keys/split=%d mask=%d %s",
                  batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, num_splits, keys_per_split, mask_kind,
@@ -238,18 +292,29 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
 
     on_other_gpu = q.device.type == "cuda" and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
-        kernels.decode_attention_split_kernel[(programs_per_split, num_splits)](
-            q, k, v, mask, out, part,
-            qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
-            num_kv_heads, q_len, kv_len_read, keys_per_split, scale,
-            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-            MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key, IS_CAUSAL=bool(is_causal),
-            SKIP_MASKED_KEYS=config.skip_masked_keys and mask_kind != kernels.MASK_NONE,
-            SPLIT_OUTPUT=split_output,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        try:
+            kernels.decode_attention_split_kernel[(programs_per_split, num_splits)](
+                q, k, v, mask, out, part,
+                qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
+                num_kv_heads, q_len, kv_len_read, keys_per_split, scale,
+                GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+                MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key, IS_CAUSAL=bool(is_causal),
+                SKIP_MASKED_KEYS=config.skip_masked_keys and mask_kind != kernels.MASK_NONE,
+                SPLIT_OUTPUT=split_output,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+        except OutOfResources:
+            # shared_memory_bound was checked against one Triton version; another may allocate more.
+            # Nothing was launched: shrink, remember, retry.
+            smaller = _smaller(config)
+            if smaller is None:
+                raise
+            logger.warning("decode_attention: %s ran out of shared memory for %s; retrying with block_n=%d "
+                           "num_stages=%d", config, shape_key, smaller.block_n, smaller.num_stages)
+            _SHRUNK[(config, *shape_key)] = smaller
+            return decode_attention(q, k, v, attn_mask, scale, is_causal, out=out, config=smaller)
         if split_output:
             kernels.merge_splits_kernel[(rows,)](
                 part, out, num_splits,

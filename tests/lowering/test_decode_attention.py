@@ -24,8 +24,10 @@ if DEVICE == "cpu" and triton_interpreter_problem() == "TRITON_INTERPRET is not 
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 on the CPU", allow_module_level=True)
 pytest.importorskip("triton")
 
-from lowering.decode_attention import (DecodeAttentionConfig, choose_num_splits, decode_attention,  # noqa: E402
-                                       decode_attention_unsupported_reason, default_config, grid_regime)
+import lowering.decode_attention as launcher  # noqa: E402
+from lowering.decode_attention import (RULE_CONFIGS, SMEM_FALLBACK, DecodeAttentionConfig,  # noqa: E402
+                                       choose_num_splits, decode_attention, decode_attention_unsupported_reason,
+                                       default_config, fit_shared_memory, grid_regime, shared_memory_bound)
 
 pytestmark = [pytest.mark.requires_triton,
               # The interpreter evaluates both sides of tl.where: log(0) of empty rows, discarded.
@@ -158,16 +160,16 @@ def _inputs(B=1, Hq=4, Hkv=2, Lq=1, L=8, D=16, dtype=torch.float16, **overrides)
 
 
 @pytest.mark.parametrize("inputs, reason", [
-    (_inputs(q=torch.randn(4, 1, 16, dtype=torch.float16)), "q has 3 dims"),
+    (_inputs(q=torch.randn(4, 1, 16, dtype=torch.float16, device=DEVICE)), "q has 3 dims"),
     (_inputs(dtype=torch.float64), "q dtype torch.float64"),
-    (_inputs(v=torch.randn(1, 2, 8, 16)), "mixed dtypes"),
+    (_inputs(v=torch.randn(1, 2, 8, 16, device=DEVICE)), "mixed dtypes"),
     (_inputs(Hq=3), "not a multiple of Hkv"),
     (_inputs(D=320), "head dim 320"),
     (_inputs(Lq=17), "query length 17"),
-    (_inputs(v=torch.randn(1, 2, 9, 16, dtype=torch.float16)), "differ"),
-    (_inputs(attn_mask=torch.ones(1, 1, 1, 8, dtype=torch.int32)), "neither bool nor floating"),
-    (_inputs(attn_mask=torch.ones(1, 1, 1, 7, dtype=torch.bool)), "not broadcastable"),
-    (_inputs(attn_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool)), "not broadcastable"),
+    (_inputs(v=torch.randn(1, 2, 9, 16, dtype=torch.float16, device=DEVICE)), "differ"),
+    (_inputs(attn_mask=torch.ones(1, 1, 1, 8, dtype=torch.int32, device=DEVICE)), "neither bool nor floating"),
+    (_inputs(attn_mask=torch.ones(1, 1, 1, 7, dtype=torch.bool, device=DEVICE)), "not broadcastable"),
+    (_inputs(attn_mask=torch.ones(2, 1, 1, 8, dtype=torch.bool, device=DEVICE)), "not broadcastable"),
 ])
 def test_unsupported_inputs_are_named_and_refused(inputs, reason):
     got = decode_attention_unsupported_reason(**inputs)
@@ -213,3 +215,41 @@ def test_rule_picks_tiles_by_how_far_batch_times_kv_heads_fills_the_gpu():
 def test_invalid_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         DecodeAttentionConfig(**{field: value})
+
+
+def test_tiles_shrink_to_fit_shared_memory():
+    # The benchmarked bf16 tiles fit as they are; fp32 (4-byte K/V tiles) and D=256 shrink.
+    tiny = RULE_CONFIGS["tiny"]
+    assert fit_shared_memory(tiny, 16, 128, 2, False, SMEM_FALLBACK) == tiny
+    for elt, block_d, block_m, gathered in [(4, 128, 16, False), (2, 256, 64, True), (4, 256, 64, True)]:
+        fitted = fit_shared_memory(tiny, block_m, block_d, elt, gathered, SMEM_FALLBACK)
+        assert fitted != tiny
+        assert shared_memory_bound(block_m, fitted.block_n, block_d, fitted.num_stages, elt, gathered) <= SMEM_FALLBACK
+
+
+def test_shared_memory_refusal_is_retried_smaller_and_remembered(monkeypatch):
+    # A Triton version that allocates more than shared_memory_bound: the launch raises before
+    # running anything; the launcher retries with fewer stages / smaller blocks and goes straight
+    # there next time.
+    from triton.runtime.errors import OutOfResources
+
+    real = launcher.kernels.decode_attention_split_kernel
+    refused = []
+
+    class Refusing:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["num_stages"] > 2 or kwargs["BLOCK_N"] > 32:
+                    refused.append((kwargs["BLOCK_N"], kwargs["num_stages"]))
+                    raise OutOfResources(300000, SMEM_FALLBACK, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(launcher.kernels, "decode_attention_split_kernel", Refusing())
+    monkeypatch.setattr(launcher, "_SHRUNK", {})
+    p = make_problem(batch=1, q_heads=4, kv_heads=2, q_len=1, kv_len=100, head_dim=16, device=DEVICE)
+    config = DecodeAttentionConfig(block_n=128, num_stages=3, num_splits=2)
+    kt.check_kernel(kernel(config), p, out_arg=True)
+    assert refused == [(128, 3), (128, 2), (64, 2)]
+    kt.check_kernel(kernel(config), p, out_arg=True)
+    assert len(refused) == 3  # the second call went straight to (32, 2)
