@@ -69,6 +69,9 @@ def render(results: dict, out: Path, results_md: Path) -> None:
 def main(argv=None) -> dict:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if args.report_only:
         results = json.loads((args.out / "quality.json").read_text())
         render(results, args.out, args.results_md)

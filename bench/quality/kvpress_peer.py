@@ -164,6 +164,31 @@ def run_perplexity(model, configs, texts, prefix):
     return out
 
 
+@torch.no_grad()
+def check_fan_out(model_path: str, length: int = 200) -> float:
+    """Largest difference between the fan-out's caches and each press run through its own context
+    manager (kvpress's public path) on one random prompt; 0.0 when they agree bitwise."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    from bench.quality.configs import kvpress_configs
+
+    configs = [c.to_json() for c in kvpress_configs()]
+    ids = torch.randint(0, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(0))
+    with fan_out(model, make_presses(configs)) as caches:
+        model.model(input_ids=ids, past_key_values=_new_cache())
+    worst = 0.0
+    for name, press in make_presses(configs).items():
+        own = _new_cache()
+        with press(model):
+            model.model(input_ids=ids, past_key_values=own)
+        for ours, theirs in zip(caches[name].layers, own.layers):
+            if ours.keys.shape != theirs.keys.shape:
+                return float("inf")
+            worst = max(worst, (ours.keys - theirs.keys).abs().max().item(), (ours.values - theirs.values).abs().max().item())
+    return worst
+
+
 def _new_cache():
     from transformers import DynamicCache
 
@@ -202,4 +227,10 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if sys.argv[1] == "--check-fan-out":
+        print(check_fan_out(sys.argv[2]))
+    else:
+        main(sys.argv[1:])

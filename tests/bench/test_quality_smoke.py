@@ -7,7 +7,9 @@ and once on the real SmolLM2 for a couple of short pass-key prompts.
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +22,9 @@ sys.path.insert(0, str(REPO))
 
 from bench import eval_quality  # noqa: E402
 from bench.quality import configs, report, tasks  # noqa: E402
-from kvpass.models import save_tiny_llama  # noqa: E402
+from kvpass.models import default_cache_dir, save_tiny_llama  # noqa: E402
+
+KVPRESS_PYTHON = default_cache_dir() / "kvpress-venv" / "bin" / "python"
 
 # Byte-level tokens: the longest task (vartrack: head, six assignments, query) needs ~450.
 TINY_LENGTH = 768
@@ -181,3 +185,14 @@ def test_real_model_finds_short_pass_keys(tmp_path):
     saved = json.loads((out / "quality.json").read_text())
     (group,) = [g for g in saved["groups"] if g["config"] == "eager/full"]
     assert group["scores"] == [1.0, 1.0], saved["outputs"]["eager/full"]
+
+
+@pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="no kvpress env (bash bench/setup_kvpress_env.sh)")
+def test_kvpress_fan_out_equals_each_press_run_through_kvpress(tiny_dir):
+    """The peer's one-prefill fan-out leaves, for every press and budget, bitwise the cache that the
+    press leaves through kvpress's own context manager (same ops on the same tensors)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [str(KVPRESS_PYTHON), "-m", "bench.quality.kvpress_peer", "--check-fan-out", str(tiny_dir)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) == 0.0
