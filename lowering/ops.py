@@ -57,3 +57,51 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 @attention.register_fake
 def _attention_fake(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _old_length(past: torch.Tensor) -> int:
+    """Tokens already cached: a slot's L, a plain full-precision cache's L, or 0 (HF's empty start)."""
+    return past.shape[2] if past.dim() == 4 else 0
+
+
+def _spec_layout(spec: str, q, past_k, new_k, new_v, length):
+    from lowering.formats import build_format
+
+    fmt = build_format(spec)
+    b, h, _, dk = new_k.shape
+    return fmt, fmt.layout(b, h, length, dk, new_v.shape[-1], q.dtype)
+
+
+@torch.library.custom_op("kvpass::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, new_k: torch.Tensor,
+                    new_v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+                    spec: str, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cache update and attention in one op, for variants that store the cache their own way.
+
+    past_k, past_v: what the model's cache held (a kvpass slot, HF's empty start, or a plain full-precision
+    cache, which is converted); new_k, new_v [B, Hkv, n, D]: this step's tokens; q [B, Hq, Lq, D].
+    Returns (attention output [B, Hq, Lq, Dv], the new packed buffer, the values slot's buffer); the
+    graph wraps the buffers into slots (``lowering.packed.slot_view``) and writes them back."""
+    from lowering import packed
+
+    old_length = _old_length(past_k)
+    old = None
+    if packed.is_slot(past_k):
+        packed.slot_buffer(past_v)  # raises if the values slot was rebuilt outside kvpass
+        _, old_layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length)
+        old = packed.views(packed.slot_buffer(past_k), old_layout)
+    elif old_length:  # a full-precision cache filled before kvpass took over: store it in the new form
+        new_k, new_v, old_length = torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), 0
+    fmt, layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length + new_k.shape[2])
+    buffer, sections = packed.allocate(layout, q.device)
+    out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site, sections)
+    return out.contiguous(), buffer, packed.marker_buffer(q.device)
+
+
+@cache_attention.register_fake
+def _cache_attention_fake(q, past_k, past_v, new_k, new_v, attn_mask, is_causal, scale, spec, site):
+    from lowering.packed import layout_nbytes
+
+    _, layout = _spec_layout(spec, q, past_k, new_k, new_v, _old_length(past_k) + new_k.shape[2])
+    return (q.new_empty((*q.shape[:-1], new_v.shape[-1])), q.new_empty(layout_nbytes(layout), dtype=torch.uint8),
+            q.new_empty(1, dtype=torch.uint8))

@@ -44,4 +44,4 @@ def variant_for(options: KVPassOptions) -> Variant:
     raise NotImplementedError(f"no kvpass variant implements {options}")
 
 
-from kvpass.variants import exact  # noqa: E402,F401
+from kvpass.variants import exact, packed  # noqa: E402,F401  (exact first: variant_for takes the first that applies)
