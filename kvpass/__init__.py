@@ -18,8 +18,11 @@ _compat.register_backend_once("kvpass", kvpass_backend)
 
 def stats() -> dict:
     """Run-time statistics: how many attention calls each lowering served (and why CUDA calls fell
-    back to torch SDPA). Later variants add their own (tokens kept, blocks read)."""
-    return {"attention_calls": dict(lowering.ops.calls)}
+    back to torch SDPA), and per attention site what its variant recorded (``lowering.stats``: cache
+    bytes held, tokens kept / released / rebuilt, KV blocks read)."""
+    import lowering.stats
+
+    return {"attention_calls": dict(lowering.ops.calls), "sites": lowering.stats.snapshot()}
 
 
 def validate_options(options) -> KVPassOptions:

@@ -107,12 +107,14 @@ def report() -> Report:
 
 def reset() -> None:
     """Forget the report, the compile-time counters and the run-time statistics."""
+    import lowering.stats
     from lowering.ops import calls
 
     with _lock:
         _REPORT.graphs.clear()
         counters.clear()
         calls.clear()
+        lowering.stats.clear()
 
 
 def _ensure_handler() -> None:

@@ -95,6 +95,10 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
     fmt, layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length + new_k.shape[2])
     buffer, sections = packed.allocate(layout, q.device)
     out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site, sections)
+    from lowering import stats
+
+    stats.set_last(site, "cache_bytes", buffer.numel())
+    stats.set_last(site, "tokens", old_length + new_k.shape[2])
     return out.contiguous(), buffer, packed.marker_buffer(q.device)
 
 
