@@ -90,6 +90,8 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
         packed.slot_buffer(past_v)  # raises if the values slot was rebuilt outside kvpass
         _, old_layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length)
         old = packed.views(packed.slot_buffer(past_k), old_layout)
+    elif past_k.dtype == torch.uint8 and old_length:
+        packed.slot_buffer(past_k)  # a materialised copy of a slot (beam search reordering): raises, never guesses
     elif old_length:  # a full-precision cache filled before kvpass took over: store it in the new form
         new_k, new_v, old_length = torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), 0
     fmt, layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length + new_k.shape[2])

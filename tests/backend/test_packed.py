@@ -1,0 +1,167 @@
+"""Packed caches through real HF models: every registered storage scheme and cache format, end to end.
+
+What the backend owes for a packed variant, whatever the scheme: the model's cache holds slots whose
+bytes are the packed buffer (memory measured from the tensors held), the sequence length reads right,
+outputs stay within the scheme's quantization error of eager (exactly eager where nothing is lost), the
+compile count does not grow with tokens, and sites it cannot rewrite run the exact attention with the
+reason in the report. Schemes and formats are read from their registries, so a new one is covered here
+by registering it. Scheme-level accuracy (kernels vs float64) lives in tests/lowering/.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpass
+import zoo
+from lowering.formats import FORMATS
+from lowering.packed import is_slot, layout_nbytes
+from lowering.storage import SCHEMES
+
+QUANTIZED = [k for k in SCHEMES if k != "16"]
+POLICIES = [p for p in FORMATS if p != "full"]
+
+# Relative logit error allowed per scheme: 8 x the scheme's relative rounding step. Each cached element
+# carries at most half a step of its row's (or group's) range; through softmax, the value sum and two
+# tiny layers that stays within a few steps (measured for int8: 0.13% on gpt2, 0.38% on llama = 0.5 step), so 8 steps fails
+# only on a real fault (a wrong scale, a lost token, a misplaced row: errors of order 100%).
+RELATIVE_STEP = {"8": 1 / 127, "4": 1 / 7.5, "fp8": 1 / 16, "aligned": 1 / 127}
+
+
+def _options(kv_bits, **extra):
+    bits = int(kv_bits) if kv_bits.isdigit() else kv_bits
+    return {"kv_bits": bits, "compiler": "eager", **extra}
+
+
+def teacher_forced_logits(model, ids, mask, continuation):
+    """Last-position logits [B, 1 + T, V] of a prefill then T single-token steps fed ``continuation``,
+    and the cache at the end."""
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True)
+    logits = [out.logits[:, -1]]
+    for t in range(continuation.shape[1]):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=continuation[:, t:t + 1], attention_mask=mask, past_key_values=out.past_key_values,
+                    use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1), out.past_key_values
+
+
+def _run(options, name="llama", batch=3, steps=5, left_padding=True):
+    eager, compiled = zoo.build(name), zoo.build(name)
+    ids, mask = zoo.prompt(batch, left_padding=left_padding)
+    continuation = torch.randint(1, zoo.VOCAB, (batch, steps), generator=torch.Generator().manual_seed(3)).to(ids)
+    with torch.no_grad():
+        ref, ref_cache = teacher_forced_logits(eager, ids, mask, continuation)
+        compiled.forward = torch.compile(compiled.forward, backend="kvpass", options=options)
+        got, cache = teacher_forced_logits(compiled, ids, mask, continuation)
+    assert not got.isnan().any()
+    return ref, got, ref_cache, cache
+
+
+def _relative_error(got, ref):
+    return ((got.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)).max().item()
+
+
+@pytest.mark.parametrize("kv_bits", QUANTIZED)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_quantized_cache_within_scheme_error_of_eager(kv_bits, name):
+    ref, got, _, _ = _run(_options(kv_bits), name=name)
+    err = _relative_error(got, ref)
+    assert err <= 8 * RELATIVE_STEP[kv_bits], f"relative logit error {err:.4f} for kv_bits={kv_bits} on {name}"
+    assert all(s.status == "rewritten" and s.variant == "packed" for s in kvpass.report().sites), str(kvpass.report())
+
+
+@pytest.mark.parametrize("kv_bits", QUANTIZED)
+def test_cache_holds_the_packed_bytes_and_the_right_length(kv_bits):
+    _, _, ref_cache, cache = _run(_options(kv_bits))
+    assert cache.get_seq_length() == ref_cache.get_seq_length()
+    scheme = SCHEMES[kv_bits]
+    for ref_layer, layer in zip(ref_cache.layers, cache.layers):
+        assert is_slot(layer.keys) and is_slot(layer.values)
+        b, h, length, d = ref_layer.keys.shape
+        held = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+        full = ref_layer.keys.untyped_storage().nbytes() + ref_layer.values.untyped_storage().nbytes()
+        expected = layout_nbytes(scheme.layout(b, h, length, d, d, ref_layer.keys.dtype))
+        assert held == expected + 1, (held, expected)  # + the values slot's one byte
+        assert held < full, f"kv_bits={kv_bits} holds {held} bytes, the full-precision cache {full}"
+
+
+def test_quantized_cache_through_inductor_compiles_a_bounded_number_of_graphs():
+    options = _options(QUANTIZED[0], compiler="inductor")
+    ref, got, _, cache = _run(options, steps=4)
+    assert _relative_error(got, ref) <= 8 * RELATIVE_STEP[QUANTIZED[0]]
+    assert all(is_slot(layer.keys) for layer in cache.layers)
+    assert kvpass.counters["graphs"] <= 3, str(kvpass.report())  # prefill, first decode, dynamic-length decode
+
+
+def test_generate_with_a_quantized_cache():
+    model = zoo.build("qwen2")
+    ids, mask = zoo.prompt(2, left_padding=True)
+    model.forward = torch.compile(model.forward, backend="kvpass", options=_options(QUANTIZED[0]))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.shape == (2, ids.shape[1] + 6)
+    assert out.past_key_values.get_seq_length() == ids.shape[1] + 5  # the last token is not fed back
+    assert kvpass.stats()["sites"], kvpass.stats()
+
+
+def test_static_cache_falls_back_to_exact_with_the_reason():
+    eager, compiled = zoo.build("llama"), zoo.build("llama")
+    ids, mask = zoo.prompt(1)
+    compiled.forward = torch.compile(compiled.forward, backend="kvpass", options=_options(QUANTIZED[0]))
+    with torch.no_grad():
+        ref = eager.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        got = compiled.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                cache_implementation="static")
+    assert torch.equal(ref, got)
+    sites = kvpass.report().sites
+    assert sites and all("FALLBACK to exact" in s.lowering and "static_cache_index_copy" in s.lowering for s in sites)
+
+
+def test_full_precision_cache_from_an_uncompiled_prefill_is_converted():
+    eager, compiled = zoo.build("llama"), zoo.build("llama")
+    compiled.load_state_dict(eager.state_dict())
+    ids, mask = zoo.prompt(2)
+    step = torch.compile(compiled.forward, backend="kvpass", options=_options(QUANTIZED[0]))
+    nxt = torch.tensor([[5], [7]])
+    mask2 = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    with torch.no_grad():
+        ref_cache = eager(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).past_key_values
+        ref = eager(input_ids=nxt, attention_mask=mask2, past_key_values=ref_cache).logits
+        cache = compiled(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).past_key_values
+        got = step(input_ids=nxt, attention_mask=mask2, past_key_values=cache)
+    assert is_slot(got.past_key_values.layers[0].keys)
+    assert _relative_error(got.logits[:, -1], ref[:, -1]) <= 8 * RELATIVE_STEP[QUANTIZED[0]]
+
+
+def test_a_copied_slot_raises_instead_of_reading_garbage():
+    """Beam search reorders caches with index_select, which materialises the slot: refuse it loudly."""
+    model = zoo.build("llama")
+    ids, mask = zoo.prompt(2)
+    model.forward = torch.compile(model.forward, backend="kvpass", options=_options(QUANTIZED[0]))
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).past_key_values
+        cache.batch_select_indices(torch.tensor([1, 0]))
+        with pytest.raises(Exception, match="not a kvpass packed slot"):
+            model(input_ids=torch.tensor([[5], [7]]), attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                  past_key_values=cache)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_with_budget_above_length_equals_the_full_cache(policy):
+    ref, got, _, _ = _run({"policy": policy, "budget": 4096, "compiler": "eager"})
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_cache_holds_at_most_its_budget(policy):
+    budget = 6
+    _, got, ref_cache, cache = _run({"policy": policy, "budget": budget, "compiler": "eager"}, steps=6)
+    assert cache.get_seq_length() == ref_cache.get_seq_length()  # logical length: RoPE positions stay right
+    for ref_layer, layer in zip(ref_cache.layers, cache.layers):
+        b, h, length, d = ref_layer.keys.shape
+        held = layer.keys.untyped_storage().nbytes()
+        full_tokens = ref_layer.keys.untyped_storage().nbytes() + ref_layer.values.untyped_storage().nbytes()
+        # The budget's share of the full cache, with room for the format's stated per-token overhead.
+        assert held < full_tokens * budget / length * 2 + 4096, (policy, held, full_tokens)
