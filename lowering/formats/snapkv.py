@@ -1,0 +1,43 @@
+"""policy="snapkv": prompt tokens chosen by an observation window (SnapKV: Li, Huang, Yang, Venkitesh,
+Locatelli, Ye, Cai, Lewis, Chen, "SnapKV: LLM Knows What You are Looking for Before Generation",
+NeurIPS 2024, arXiv 2404.14469).
+
+Prefill: score every candidate by the attention weights from the last ``WINDOW`` prompt queries (causal
+inside the window as the model's mask says), summed over those queries and over the query heads of its
+KV head (GQA), max-pooled over ``KERNEL`` neighbouring positions (keeps the neighbours of a hit, so the
+kept spans read as text); keep the top ``budget`` per KV head, the window's own tokens always included.
+
+Decode: the prefill selection stays and a sliding recent region of ``min(WINDOW, budget)`` tokens is
+always kept. Decode tokens get score 0 (SnapKV computes no weights after prefill: decode stays the
+scheme's fused attention), so once one slides out of the recent region it is the first evicted, before
+any token of the prefill selection; when none is left, the prefill selection loses its weakest first.
+
+Cost: prefill scoring reads the keys once more for WINDOW queries (WINDOW x L weights per query head).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowering.formats import register_format
+from lowering.policies import BudgetedFormat, Candidates
+
+WINDOW = 32  # the SnapKV paper's default observation window (kvpress uses 64)
+KERNEL = 7  # max-pool width; the paper uses 5 to 7 (kvpress 5)
+
+
+@register_format("snapkv")
+class SnapKV(BudgetedFormat):
+    policy = "snapkv"
+    window = WINDOW
+    kernel = KERNEL
+
+    def window_size(self, c: Candidates) -> int:
+        return min(self.window, self.budget, c.q.shape[2]) if c.prefill else min(self.window, self.budget)
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        if not c.prefill:
+            return c.score  # new tokens: 0
+        return c.window_scores(self.window_size(c), pool="max", kernel=self.kernel)
+
+    def protected(self, c: Candidates) -> torch.Tensor:
+        return c.newest(self.window_size(c))
