@@ -184,7 +184,8 @@ class Candidates:
     precision); stored: the scheme's sections [B, Hkv, C, ...]; pos int64 [B, Hkv, C]; score fp32
     [B, Hkv, C] (old scores; NEVER for unattendable, 0 for new); visible bool [B, Hkv, C] (some query of
     the row may attend it); n_new: this step's tokens (the last n_new); length: logical L after the step;
-    full: the candidates are all L logical tokens (nothing dropped yet), so pos = arange(L)."""
+    full: the candidates are all L logical tokens (nothing dropped yet), so pos = arange(L); prefill: the
+    step attends exactly over all candidates before selecting."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -201,6 +202,7 @@ class Candidates:
     full: bool
     prefill: bool
     site: str
+    extra: dict = dataclasses.field(default_factory=dict)  # a policy's own per-step data
 
     @property
     def is_new(self) -> torch.Tensor:
@@ -245,6 +247,20 @@ def select(key: torch.Tensor, hot: int) -> tuple[torch.Tensor, torch.Tensor]:
 def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows of t [B, H, N, ...] at idx [B, H, K] -> [B, H, K, ...]."""
     return t.gather(2, idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:]))
+
+
+def by_position(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``idx`` [B, H, K] reordered so that ``pos`` at it ascends."""
+    return idx.gather(-1, take(pos, idx).argsort(-1))
+
+
+def write_hot(c: Candidates, score: torch.Tensor, idx: torch.Tensor, out: State) -> None:
+    """Kept candidates ``idx`` [B, Hkv, hot] into the hot sections of ``out``, in position order."""
+    idx = by_position(c.pos, idx)
+    for name, t in c.stored.items():
+        out[name].copy_(take(t, idx))
+    out["pos"].copy_(take(c.pos, idx))
+    out["score"].copy_(take(score, idx))
 
 
 class BudgetedFormat:
@@ -313,15 +329,10 @@ class BudgetedFormat:
         return key.masked_fill(~c.visible, -math.inf)
 
     def keep(self, c: Candidates, score: torch.Tensor, out: State) -> None:
-        """Write the kept tokens (the top keys) into ``out``."""
-        hot = min(c.length, self.budget)
-        idx, dropped = select(self.selection_key(c, score), hot)
-        idx = idx.gather(-1, take(c.pos, idx).argsort(-1))  # position order
-        for name, t in c.stored.items():
-            out[name].copy_(take(t, idx))
-        out["pos"].copy_(take(c.pos, idx))
-        out["score"].copy_(take(score, idx))
-        stats.add(c.site, "evicted", dropped.shape[-1] * dropped.shape[0] * dropped.shape[1])
+        """Write the kept tokens (the top keys) into ``out``; the others are dropped."""
+        idx, dropped = select(self.selection_key(c, score), min(c.length, self.budget))
+        write_hot(c, score, idx, out)
+        stats.add(c.site, "evicted", dropped.numel())
 
     def step(self, q, old: State | None, old_length: int, new_k, new_v, attn_mask, is_causal, scale, site: str,
              out: State) -> torch.Tensor:

@@ -70,4 +70,4 @@ def build_format(spec_json: str) -> CacheFormat:
     return FORMATS[spec.policy](spec, scheme_for(spec.kv_bits))
 
 
-from lowering.formats import dense, h2o, snapkv, streaming  # noqa: E402,F401
+from lowering.formats import adore, asl, dense, h2o, snapkv, streaming  # noqa: E402,F401

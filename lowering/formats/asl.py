@@ -1,0 +1,126 @@
+"""policy="asl": adaptive selection layer at prefill, SnapKV for the rest (ASL: Taniguchi, Dong, Onizuka,
+Xiao, "Adaptive Layer Selection for Layer-Wise Token Pruning in LLM Inference", ACL 2026 Findings,
+arXiv 2601.07667; rule as in its code, summarised in shared/papers.md).
+
+At each prefill layer, the prompt tokens are scored by the attention from the last ``WINDOW`` prompt
+queries, smoothed by a width-``KERNEL`` average pool, summed over all heads, and ranked. From layer
+``FIRST_LAYER`` on, over the last ``SPAN`` layers, the union U of each layer's top (budget - window)
+tokens is taken and the mean over U of the variance of their ranks across those layers computed; divided
+by the same quantity at ``FIRST_LAYER``, it measures how far the ranking still moves. At the first layer
+where the ratio drops below ``SETTLE_RATIO`` (per batch row), that layer's ranking is the selection:
+its top (budget - window) tokens plus the window, the same tokens for every KV head, and every later
+layer of the same forward keeps exactly that set (one-shot).
+
+How the budget applies: the cache layout is a pure function of (L, budget), so every layer keeps
+``budget`` tokens. Layers before the selection layer (and every layer of a row whose ranking never
+settles) cannot wait for a later layer's decision, so they keep their own SnapKV selection (per KV head,
+max-pooled window scores: ``snapkv``) - the paper's "earlier layers keep their full cache unless a SnapKV
+budget is also set" with the budget set. Decoding is SnapKV's (prefill selection plus a sliding recent
+region). Not done here: the paper also shortens the *sequence* the deeper layers process at prefill, a
+whole-graph rewrite beyond an attention site; deeper layers here attend over the whole prompt at prefill
+and keep the selection in their cache.
+
+Cross-layer state: layer i needs the ranks of layers i - SPAN + 1 .. i - 1 of the same forward. They are
+kept in a module-level per-forward store (``_STORE``), in site order: a site seen again, or another
+batch/length, starts a new forward. All of it stays on the device (no host sync); it holds SPAN rank
+vectors [B, L] int64 and one score vector [B, L]. It assumes the layers of one forward run in order,
+one forward at a time (true for HF generate, compiled or eager; not thread-safe across concurrent models).
+
+Constants are the paper's for 32-layer models (Llama-3.1-8B): FIRST_LAYER 10, SPAN 8, SETTLE_RATIO 0.3,
+window 32. The op does not see the model's depth, so they are class attributes: set them on ``ASL``
+for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a 2-layer test model needs FIRST_LAYER <= 1).
+
+Cost: prefill scoring as SnapKV plus, per layer from FIRST_LAYER on, a sort of L scores and a variance
+over SPAN x L ranks; decode as SnapKV.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lowering.formats import register_format
+from lowering.formats.snapkv import SnapKV
+from lowering.policies import Candidates
+
+FIRST_LAYER = 10
+SPAN = 8
+SETTLE_RATIO = 0.3
+KERNEL = 7  # ASL's average pool width
+
+
+@dataclasses.dataclass
+class _Forward:
+    sites: list = dataclasses.field(default_factory=list)
+    ranks: list = dataclasses.field(default_factory=list)  # per layer [B, L] int64, the last SPAN kept
+    shape: tuple = ()
+    base: torch.Tensor | None = None  # [B] rank variance at FIRST_LAYER
+    settled: torch.Tensor | None = None  # [B] bool
+    chosen: torch.Tensor | None = None  # [B, L] scores of the selection layer (rows where settled)
+
+
+_STORE = _Forward()
+
+
+def reset() -> None:
+    """Forget the current forward (tests; a new forward is also detected by itself)."""
+    global _STORE
+    _STORE = _Forward()
+
+
+def _ranks(score: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> rank of each token, 0 = highest score (stable on ties)."""
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+
+
+def rank_spread(ranks: list[torch.Tensor], top: int) -> torch.Tensor:
+    """Mean over U of the variance across layers of the ranks, U the union of each layer's top ``top``.
+
+    ranks: list of [B, L] (one per layer) -> [B] float32."""
+    r = torch.stack(ranks).float()  # [S, B, L]
+    union = (r < top).any(0)
+    var = r.var(0, unbiased=False) if r.shape[0] > 1 else torch.zeros_like(r[0])
+    return (var * union).sum(-1) / union.sum(-1).clamp_min(1)
+
+
+@register_format("asl")
+class ASL(SnapKV):
+    policy = "asl"
+    first_layer = FIRST_LAYER
+    span = SPAN
+    settle_ratio = SETTLE_RATIO
+    asl_kernel = KERNEL
+
+    def _forward(self, c: Candidates) -> _Forward:
+        global _STORE
+        shape = (c.q.shape[0], c.length)
+        if c.site in _STORE.sites or _STORE.shape != shape:
+            _STORE = _Forward(shape=shape)
+        _STORE.sites.append(c.site)
+        return _STORE
+
+    def score(self, c: Candidates) -> torch.Tensor:
+        snap = super().score(c)
+        if not (c.prefill and c.full):
+            return snap  # decode, or a prefill over an already compressed cache: SnapKV's
+        w = self.window_size(c)
+        layer_score = c.window_scores(w, pool="avg", kernel=self.asl_kernel).sum(1)  # [B, L]: all heads
+        layer_score = layer_score.masked_fill(~c.visible.any(1), -torch.inf)
+        fw = self._forward(c)
+        layer = len(fw.sites) - 1
+        fw.ranks = (fw.ranks + [_ranks(layer_score)])[-self.span:]
+        if layer >= self.first_layer:
+            spread = rank_spread(fw.ranks, max(self.budget - w, 1))
+            if fw.base is None:
+                fw.base = spread
+                fw.settled = torch.zeros_like(spread, dtype=torch.bool)
+                fw.chosen = torch.zeros_like(layer_score)
+            else:
+                newly = ~fw.settled & (spread < self.settle_ratio * fw.base)
+                fw.chosen = torch.where(newly[:, None], layer_score, fw.chosen)
+                fw.settled = fw.settled | newly
+        if fw.settled is None:
+            return snap
+        chosen = fw.chosen.nan_to_num(neginf=torch.finfo(torch.float32).min)[:, None].expand_as(snap)
+        return torch.where(fw.settled[:, None, None], chosen, snap)
