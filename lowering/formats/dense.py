@@ -3,11 +3,18 @@
 Prefill-length queries attend over the dequantized old tokens plus the new ones at full precision
 (prefill is compute-bound and dequantizes once, as KIVI does); decode-length queries go to the
 scheme's fused decode attention over the packed cache, which then includes the new tokens.
+
+With ``early_exit`` (``lowering/early_exit.py``) the buffer also holds per-block key bounds and value
+norms, updated on every append, and decode attention stops reading blocks once the rest cannot
+change the output by more than the tolerance. 16-bit storage feeds the Triton kernel (CUDA) or its
+torch reference (elsewhere) straight from the packed sections; other schemes dequantize the layer
+first and run the same bounded attention over it (no fused quantized early-exit kernel yet).
 """
 from __future__ import annotations
 
 import torch
 
+from lowering import early_exit, stats
 from lowering.formats import FormatSpec, register_format
 from lowering.reference import exact_attention
 from lowering.storage import State, StorageScheme
@@ -18,24 +25,57 @@ MAX_DECODE_QUERY_LEN = 16  # as lowering.ops: decode and speculative steps; long
 @register_format("full")
 class Dense:
     def __init__(self, spec: FormatSpec, storage: StorageScheme):
-        if spec.early_exit is not None:
-            raise NotImplementedError("early_exit is not implemented yet (the early-termination issue)")
         self.spec, self.storage = spec, storage
+        self.tolerance = early_exit.resolve_tolerance(spec.early_exit)
 
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype):
-        return self.storage.layout(batch, kv_heads, length, k_dim, v_dim, dtype)
+        layout = self.storage.layout(batch, kv_heads, length, k_dim, v_dim, dtype)
+        if self.tolerance is None:
+            return layout
+        summaries = early_exit.summary_layout(batch, kv_heads, length, k_dim, dtype)
+        clash = set(layout) & set(summaries)
+        if clash:
+            raise ValueError(f"storage scheme {self.storage.name!r} uses the early-exit section names {sorted(clash)}")
+        return {**layout, **summaries}
 
     def step(self, q, old: State | None, old_length: int, new_k, new_v, attn_mask, is_causal, scale, site: str,
              out: State) -> torch.Tensor:
-        self.storage.append(old, old_length, new_k, new_v, out)
+        if self.tolerance is None:
+            self.storage.append(old, old_length, new_k, new_v, out)
+        else:
+            self.storage.append(_scheme_part(old), old_length, new_k, new_v, _scheme_part(out))
         length = old_length + new_k.shape[2]
         gqa = q.shape[1] != new_k.shape[1]
+        full_precision = str(self.spec.kv_bits) == "16"
+        layer = None  # this layer's keys and values as attention sees them, when early exit needs them
+        if self.tolerance is not None:
+            if full_precision:
+                summarised = new_k, new_v
+            else:  # summarise what attention will read: the dequantized new tokens
+                layer = self.storage.dequantize(_scheme_part(out), length, q.dtype)
+                summarised = layer[0][:, :, old_length:], layer[1][:, :, old_length:]
+            early_exit.update_summaries(_summary_part(old), old_length, *summarised, _summary_part(out))
         # SDPA's is_causal aligns the query block top-left (with a longer cache, a 1-token query sees only
         # key 0); HF passes an explicit mask whenever there is a past. Follow SDPA exactly on that path.
         if q.shape[2] > MAX_DECODE_QUERY_LEN or is_causal:
             k, v = new_k, new_v
             if old is not None:
-                old_k, old_v = self.storage.dequantize(old, old_length, q.dtype)
+                old_k, old_v = self.storage.dequantize(_scheme_part(old), old_length, q.dtype)
                 k, v = torch.cat([old_k, new_k], dim=2), torch.cat([old_v, new_v], dim=2)
             return exact_attention(q, k, v, attn_mask, is_causal, scale, gqa)
-        return self.storage.decode_attention(q, out, length, attn_mask, scale)
+        if self.tolerance is None:
+            return self.storage.decode_attention(q, out, length, attn_mask, scale)
+        k, v = (out["k"], out["v"]) if full_precision else layer
+        result, read, total = early_exit.bounded_attention(q, k, v, out, attn_mask, scale, self.tolerance)
+        stats.add(site, "blocks_read", read)
+        stats.add(site, "blocks_total", total)
+        return result
+
+
+def _scheme_part(state: State | None) -> State | None:
+    """The storage scheme's own sections (schemes may iterate over every section they are given)."""
+    return None if state is None else {n: t for n, t in state.items() if n not in early_exit.SECTIONS}
+
+
+def _summary_part(state: State | None) -> State | None:
+    return None if state is None else {n: state[n] for n in early_exit.SECTIONS}
