@@ -51,7 +51,7 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     record_graph(record)
     if opts.compiler == "eager":
         return _compat.eager_compile(gm, example_inputs)
-    return _compat.inductor_compile(gm, example_inputs, mode)
+    return _compat.inductor_compile(gm, example_inputs, mode or opts.mode)
 
 
 def _erase_dead_pure_nodes(graph: fx.Graph) -> None:

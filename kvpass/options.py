@@ -14,6 +14,8 @@ from typing import Any, Mapping
 # Allowed values per option. Everything a later issue will implement is reserved here now, so option
 # names never change; `implemented()` says which values work today (from the lowering registries).
 COMPILERS = ("inductor", "eager")
+# torch.compile refuses mode= together with options=, so the Inductor mode travels as an option.
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 POLICIES = ("full", "streaming", "h2o", "snapkv", "asl", "adore")
 KV_BITS = (16, 8, 4, "fp8", "aligned")
 
@@ -49,6 +51,8 @@ class KVPassOptions:
         kernel; False keeps torch's SDPA for every site (exact mode only; useful to compare).
     compiler: "inductor" (default) lowers the rewritten graph with Inductor; "eager" runs it as is,
         like torch's "aot_eager" debug backend (quick to compile: for debugging and fast tests).
+    mode: the Inductor mode (as torch.compile's ``mode=``, which torch.compile does not accept together
+        with ``options=``): None, "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
     """
 
     policy: str = "full"
@@ -57,6 +61,7 @@ class KVPassOptions:
     early_exit: float | None = None
     decode_kernel: bool = True
     compiler: str = "inductor"
+    mode: str | None = None
 
     @property
     def is_exact(self) -> bool:
@@ -98,11 +103,15 @@ def _validate(o: KVPassOptions) -> None:
                o.budget)
     else:
         _check("budget", o.budget is not None, f"a positive int with policy {o.policy!r}", o.budget)
-    exit_ok = o.early_exit is None or (
+    # early_exit: None reads every KV block; a tolerance t in [0, 1) stops decode attention once the unread
+    # blocks provably cannot change any query row's output by more than t relative (L2 norm per row, see
+    # lowering/early_exit.py); True means the default tolerance, lowering.early_exit.DEFAULT_TOLERANCE = 1e-3.
+    exit_ok = o.early_exit is None or o.early_exit is True or (
         isinstance(o.early_exit, (int, float)) and not isinstance(o.early_exit, bool) and 0 <= o.early_exit < 1
     )
-    _check("early_exit", exit_ok, "None or a relative tolerance in [0, 1)", o.early_exit)
+    _check("early_exit", exit_ok, "None, True (tolerance 1e-3) or a relative tolerance in [0, 1)", o.early_exit)
     _check("compiler", o.compiler in COMPILERS, str(list(COMPILERS)), o.compiler)
+    _check("mode", o.mode in MODES, str(list(MODES)), o.mode)
     _check("decode_kernel", isinstance(o.decode_kernel, bool), "True or False", o.decode_kernel)
 
     have = implemented()
@@ -112,7 +121,3 @@ def _validate(o: KVPassOptions) -> None:
                 f"kvpass option {key}={getattr(o, key)!r} is not implemented yet; planned in {PLANNED_IN[key]}. "
                 f"Implemented: {sorted(map(str, have[key]))}"
             )
-    if o.early_exit is not None:
-        raise NotImplementedError(
-            f"kvpass option early_exit={o.early_exit!r} is not implemented yet; planned in {PLANNED_IN['early_exit']}"
-        )

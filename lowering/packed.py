@@ -77,7 +77,9 @@ def marker_buffer(device: torch.device | str) -> torch.Tensor:
 
 
 def is_slot(t: torch.Tensor) -> bool:
-    return t.dtype == torch.uint8 and t.dim() == 4 and t.numel() > 0 and all(s == 0 for s in t.stride())
+    # Size-1 dims keep stride 1 (a batch of one), so only the strides of longer dims say "no memory".
+    return (t.dtype == torch.uint8 and t.dim() == 4 and t.numel() > 0
+            and all(st == 0 for st, n in zip(t.stride(), t.shape) if n != 1))
 
 
 def slot_buffer(slot: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ def test_no_options_is_exact_default():
     ({"budget": 128}, "budget"),  # a budget without a compressing policy would silently do nothing
     ({"early_exit": -1e-3}, "early_exit"),
     ({"early_exit": "fast"}, "early_exit"),
+    ({"mode": "fast"}, "mode"),
     ({"compiler": "tvm"}, "compiler"),
     ({"decode_kernel": 1}, "decode_kernel"),
 ])

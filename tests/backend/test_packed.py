@@ -165,3 +165,10 @@ def test_policy_cache_holds_at_most_its_budget(policy):
         full_tokens = ref_layer.keys.untyped_storage().nbytes() + ref_layer.values.untyped_storage().nbytes()
         # The budget's share of the full cache, with room for the format's stated per-token overhead.
         assert held < full_tokens * budget / length * 2 + 4096, (policy, held, full_tokens)
+
+
+def test_a_batch_of_one_keeps_its_packed_cache():
+    """Regression: a slot with B=1 has stride 1 on its size-1 batch dim and is still a slot."""
+    ref, got, _, cache = _run(_options(QUANTIZED[0]), batch=1, left_padding=False, steps=3)
+    assert all(is_slot(layer.keys) for layer in cache.layers)
+    assert _relative_error(got, ref) <= 8 * RELATIVE_STEP[QUANTIZED[0]]

@@ -1,0 +1,246 @@
+"""End-to-end decode speed and memory of a Llama-shaped HF model: eager, Inductor, and kvpass variants.
+
+    python bench/e2e_decode.py                  # GPU: the table of bench/RESULTS.md ("End-to-end decode")
+    python bench/e2e_decode.py --smoke          # CPU: a tiny model, to check the script runs
+
+Models are built from a config with random bf16 weights (no download): the Llama-3-8B shape (32
+layers, Hq=32, Hkv=8, D=128) and the Llama-3.2-1B shape (16 layers, Hq=32, Hkv=8, D=64). Random
+weights decode garbage, but the time of a step does not depend on which tokens come out; EOS is
+disabled so every run decodes all its tokens.
+
+Per method, one compiled model serves every (batch, context) of a shape, so each method compiles as
+a user's server would: a prefill graph and a decode graph that go dynamic on the first new shape.
+For each (batch, context): one prefill, two warm-up steps, then ``--new-tokens`` timed decode steps
+(a plain loop over ``model(...)`` with the cache, synchronised at the end); the first run of a method
+also records its compile time (wall time of the first prefill and warm-up steps minus that of the
+next ones) and the Dynamo compile count. Peak memory is ``torch.cuda.max_memory_allocated`` over the
+run, KV bytes are measured from the tensors the cache holds afterwards.
+
+Methods: eager; ``inductor`` (torch.compile default, HF DynamicCache); ``inductor-static-ro``
+(StaticCache + mode="reduce-overhead", HF's documented fast path); ``kvpass-*`` for each variant
+whose options validate (exact; int8; int4; a policy at budget 2048; early exit; the best combination).
+kvpass's packed variants replace the DynamicCache, whose tensors change shape every step, so CUDA
+graphs (reduce-overhead) would re-record every step: they run without them, and the exact variant is
+also shown with StaticCache + reduce-overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import environment, format_table, write_json  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256),
+}
+
+# name -> (compile spec, cache implementation); a spec of None is eager.
+METHODS = {
+    "eager": (None, None),
+    "inductor": ({"backend": "inductor"}, None),
+    "inductor-static-ro": ({"backend": "inductor", "mode": "reduce-overhead"}, "static"),
+    "kvpass-exact": ({"backend": "kvpass", "options": {}}, None),
+    "kvpass-exact-static-ro": ({"backend": "kvpass", "options": {"mode": "reduce-overhead"}}, "static"),
+    "kvpass-int8": ({"backend": "kvpass", "options": {"kv_bits": 8}}, None),
+    "kvpass-int4": ({"backend": "kvpass", "options": {"kv_bits": 4}}, None),
+    "kvpass-fp8": ({"backend": "kvpass", "options": {"kv_bits": "fp8"}}, None),
+    "kvpass-snapkv2048": ({"backend": "kvpass", "options": {"policy": "snapkv", "budget": 2048}}, None),
+    "kvpass-adore2048": ({"backend": "kvpass", "options": {"policy": "adore", "budget": 2048}}, None),
+    "kvpass-exit": ({"backend": "kvpass", "options": {"early_exit": 1e-3}}, None),
+    "kvpass-int4-exit": ({"backend": "kvpass", "options": {"kv_bits": 4, "early_exit": 1e-3}}, None),
+    "kvpass-snapkv2048-int8": ({"backend": "kvpass", "options": {"policy": "snapkv", "budget": 2048, "kv_bits": 8}},
+                               None),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_theta=500000.0,
+                      attn_implementation="sdpa", bos_token_id=1, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def method_available(name: str) -> str | None:
+    spec, _ = METHODS[name]
+    if spec and spec["backend"] == "kvpass":
+        import kvpass
+
+        try:
+            kvpass.validate_options(spec["options"])
+        except (ValueError, NotImplementedError) as e:
+            return str(e).split(";")[0]
+    return None
+
+
+def compiled_forward(model, name: str):
+    spec, _ = METHODS[name]
+    if spec is None:
+        return model.forward
+    spec = dict(spec)
+    backend = spec.pop("backend")
+    return torch.compile(model.forward, backend=backend, **spec)
+
+
+def make_cache(model, name: str, batch: int, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if METHODS[name][1] == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    return DynamicCache()
+
+
+def cache_bytes(cache) -> int:
+    seen, total = set(), 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if t is None:
+                continue
+            s = t.untyped_storage()
+            if s.data_ptr() not in seen:
+                seen.add(s.data_ptr())
+                total += s.nbytes()
+    return total
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
+    """Prefill ``context`` tokens then decode; returns seconds of (prefill, each warm-up step, the timed steps)."""
+    ids = torch.randint(2, vocab, (batch, context), device=device)
+    cache = make_cache(model, name, batch, context + new_tokens + 4)
+    pos = torch.arange(context, device=device)
+    times = {}
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        out = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1)
+        sync(device)
+        times["prefill"] = time.perf_counter() - t0
+        tok = out.logits[:, -1:].argmax(-1)
+        step_times = []
+        for i in range(new_tokens + 2):
+            p = torch.tensor([context + i], device=device)
+            if i == 2:
+                sync(device)
+                t0 = time.perf_counter()
+            ts = time.perf_counter()
+            out = forward(input_ids=tok, past_key_values=out.past_key_values, use_cache=True, cache_position=p)
+            tok = out.logits[:, -1:].argmax(-1)
+            if i < 2:
+                sync(device)
+                step_times.append(time.perf_counter() - ts)
+        sync(device)
+        times["decode"] = (time.perf_counter() - t0) / new_tokens
+        times["warmup_steps"] = step_times
+    return times, out.past_key_values
+
+
+def run_method(model, shape, name, points, new_tokens, device, rows, args):
+    import kvpass
+    from kvpass import _compat
+
+    torch._dynamo.reset()
+    kvpass.reset()
+    forward = compiled_forward(model, name)
+    first = True
+    for batch, context in points:
+        row = dict(shape=shape, method=name, batch=batch, context=context)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        before = _compat.dynamo_compile_count()
+        try:
+            times, cache = decode_run(model, forward, name, batch, context, new_tokens, device,
+                                      SHAPES[shape]["vocab_size"])
+            if first:  # again, warm: the difference is compile time
+                warm, cache = decode_run(model, forward, name, batch, context, new_tokens, device,
+                                         SHAPES[shape]["vocab_size"])
+                row["compile_s"] = round(times["prefill"] + sum(times["warmup_steps"]) - warm["prefill"]
+                                         - sum(warm["warmup_steps"]), 2)
+                times = warm
+                first = False
+            row["ms_per_token"] = round(times["decode"] * 1e3, 3)
+            row["tokens_per_s"] = round(batch / times["decode"], 1)
+            row["prefill_s"] = round(times["prefill"], 3)
+            row["kv_bytes"] = cache_bytes(cache)
+            row["kv_GiB"] = round(row["kv_bytes"] / 2**30, 3)
+            if device == "cuda":
+                row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["compiles"] = _compat.dynamo_compile_count() - before
+            stats = kvpass.stats()["attention_calls"]
+            if stats:
+                row["attention_calls"] = dict(stats)
+            del cache
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        except Exception as e:  # one failing method must not stop the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            if args.verbose:
+                traceback.print_exc()
+        rows.append(row)
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+
+
+COLUMNS = ["shape", "method", "batch", "context", "ms_per_token", "tokens_per_s", "kv_GiB", "peak_GiB", "compile_s",
+           "compiles", "prefill_s", "error"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
+    ap.add_argument("--shapes", default="llama3.2-1b,llama3-8b")
+    ap.add_argument("--points", default="", help="batch x context list, e.g. 1x4096,8x32768 (default per shape)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    shapes = ["smoke"] if args.smoke else args.shapes.split(",")
+    default_points = {"smoke": [(1, 64), (2, 96)], "llama3.2-1b": [(1, 4096), (8, 4096), (1, 32768), (8, 32768)],
+                      "llama3-8b": [(8, 32768)]}
+    rows = []
+    print(" | ".join(COLUMNS), flush=True)
+    for shape in shapes:
+        points = ([tuple(map(int, p.split("x"))) for p in args.points.split(",")] if args.points
+                  else default_points[shape])
+        model = build_model(shape, device, dtype)
+        for name in args.methods.split(","):
+            why = method_available(name)
+            if why:
+                rows.append(dict(shape=shape, method=name, error=f"not available: {why}"))
+                continue
+            run_method(model, shape, name, points, args.new_tokens if not args.smoke else 4, device, rows, args)
+        del model
+        gc.collect()
+    print()
+    print(format_table(rows, COLUMNS))
+    path = write_json("e2e_decode", {"environment": environment(), "new_tokens": args.new_tokens, "rows": rows})
+    if path:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
