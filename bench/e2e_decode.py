@@ -233,11 +233,12 @@ def main():
                 rows.append(dict(shape=shape, method=name, error=f"not available: {why}"))
                 continue
             run_method(model, shape, name, points, args.new_tokens if not args.smoke else 4, device, rows, args)
+            write_json("e2e_decode.json", {"environment": environment(), "new_tokens": args.new_tokens, "rows": rows})
         del model
         gc.collect()
     print()
     print(format_table(rows, COLUMNS))
-    path = write_json("e2e_decode", {"environment": environment(), "new_tokens": args.new_tokens, "rows": rows})
+    path = write_json("e2e_decode.json", {"environment": environment(), "new_tokens": args.new_tokens, "rows": rows})
     if path:
         print(f"wrote {path}")
 
