@@ -117,7 +117,7 @@ class ASL(SnapKV):
                 fw.settled = torch.zeros_like(spread, dtype=torch.bool)
                 fw.chosen = torch.zeros_like(layer_score)
             else:
-                newly = ~fw.settled & (spread < self.settle_ratio * fw.base)
+                newly = ~fw.settled & (spread <= self.settle_ratio * fw.base)  # <=: base 0 = settled already
                 fw.chosen = torch.where(newly[:, None], layer_score, fw.chosen)
                 fw.settled = fw.settled | newly
         if fw.settled is None:
