@@ -185,16 +185,23 @@ def decode_attention_unsupported_reason(q, k, v, attn_mask=None, is_causal=False
             return f"{name} on {t.device}, q on {q.device}"
     if not (q.dtype == k.dtype == v.dtype):
         return f"mixed dtypes q={q.dtype} k={k.dtype} v={v.dtype}"
+    if k.shape != v.shape:
+        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        return f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
+    return query_unsupported_reason(q, k.shape[1], k.shape[2], attn_mask)
+
+
+def query_unsupported_reason(q, num_kv_heads: int, kv_len: int, attn_mask=None) -> str | None:
+    """The checks of ``decode_attention_unsupported_reason`` on q and the mask alone (packed caches
+    check their sections themselves)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"q dtype {q.dtype} not in fp32/fp16/bf16"
     if q.device.type not in ("cuda", "cpu"):
         return f"device {q.device.type} not supported"
     if q.device.type == "cpu" and not _INTERPRETED:
         return "CPU tensors need TRITON_INTERPRET=1 set before the kernel is imported"
     batch, num_heads, q_len, head_dim = q.shape
-    if k.shape != v.shape:
-        return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        return f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
-    num_kv_heads, kv_len = k.shape[1], k.shape[2]
     if num_kv_heads == 0 or num_heads % num_kv_heads:
         return f"Hq={num_heads} not a multiple of Hkv={num_kv_heads}"
     if not 1 <= head_dim <= MAX_HEAD_DIM:
@@ -212,6 +219,31 @@ def decode_attention_unsupported_reason(q, k, v, attn_mask=None, is_causal=False
         if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target))):
             return f"attn_mask {tuple(attn_mask.shape)} not broadcastable to {target}"
     return None
+
+
+@dataclasses.dataclass
+class KVOperands:
+    """What the kernel reads for K and V: full-precision tensors, or a packed cache's sections.
+
+    ``k``/``v``: [B, Hkv, rows, D] tensors in q's dtype (``kv_format`` KV_FULL), or the code sections
+    of a packed cache ([B, Hkv, rows, D or ceil(D / 2)] bytes, contiguous). ``extra``: the kernel's
+    KS, VS, KZ, VZ, KR, VR sections (None where the format has none). ``kv_len`` tokens in all;
+    ``quant_len`` in the code sections, ``res_len`` in int4's residual window. Aligned: ``stats``
+    (int64 [2], incremented), ``skip_error``, ``value_bound``, ``tau`` (see the kernel's skip rule).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_len: int
+    kv_format: int = kernels.KV_FULL
+    extra: tuple = (None,) * 6
+    quant_len: int = 0
+    res_len: int = 0
+    quant_group: int = 32
+    stats: torch.Tensor | None = None
+    skip_error: float = 0.0
+    value_bound: float = 0.0
+    tau: float = 0.0
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -241,15 +273,22 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
     reason = decode_attention_unsupported_reason(q, k, v, attn_mask, is_causal)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
+    k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return launch(q, KVOperands(k, v, k.shape[2]), attn_mask, scale, is_causal, out=out, config=config)
+
+
+def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, out=None,
+           config: DecodeAttentionConfig | None = None) -> torch.Tensor:
+    """Launch both stages on validated inputs (``decode_attention`` and the packed caches' launchers)."""
     batch, num_heads, q_len, head_dim = q.shape
-    num_kv_heads, kv_len = k.shape[1], k.shape[2]
+    num_kv_heads, kv_len = kv.k.shape[1], kv.kv_len
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
     if out.numel() == 0:
         return out
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q = _last_dim_contiguous(q)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     # Top-left causal: no query sees past key Lq - 1, so the rest of the cache is never read.
     kv_len_read = min(kv_len, q_len) if is_causal else kv_len
@@ -285,7 +324,8 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
     # each allocation costs the host microseconds on a path that is launch-bound at small batch).
     part = torch.empty(rows * num_splits * (head_dim + 1), device=q.device, dtype=torch.float32) \
         if split_output else out
-    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    qs, ks, vs = q.stride(), kv.k.stride(), kv.v.stride()
+    extra = [q if t is None else t for t in kv.extra]  # unused pointers: any tensor
     logger.debug("decode_attention B=%d Hq=%d Hkv=%d Lq=%d L=%d D=%d splits=%d keys/split=%d mask=%d %s",
                  batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, num_splits, keys_per_split, mask_kind,
                  config)
@@ -294,16 +334,20 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
     with torch.cuda.device(q.device) if on_other_gpu else contextlib.nullcontext():
         try:
             kernels.decode_attention_split_kernel[(programs_per_split, num_splits)](
-                q, k, v, mask, out, part,
+                q, kv.k, kv.v, mask, out, part, *extra, q if kv.stats is None else kv.stats,
                 qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
                 num_kv_heads, q_len, kv_len_read, keys_per_split, scale,
+                kv.quant_len, kv.res_len, kv.skip_error, kv.value_bound, 0.5 * kv.tau,
                 GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
                 MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key, IS_CAUSAL=bool(is_causal),
                 SKIP_MASKED_KEYS=config.skip_masked_keys and mask_kind != kernels.MASK_NONE,
                 SPLIT_OUTPUT=split_output,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+                KV_FORMAT=kv.kv_format, QUANT_GROUP=kv.quant_group,
                 num_warps=config.num_warps, num_stages=config.num_stages,
+                # int4 dequantizes as c * scale + min with two roundings, as its reference does.
+                enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.
@@ -314,7 +358,7 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
             logger.warning("decode_attention: %s ran out of shared memory for %s; retrying with block_n=%d "
                            "num_stages=%d", config, shape_key, smaller.block_n, smaller.num_stages)
             _SHRUNK[(config, *shape_key)] = smaller
-            return decode_attention(q, k, v, attn_mask, scale, is_causal, out=out, config=smaller)
+            return launch(q, kv, attn_mask, scale, is_causal, out=out, config=smaller)
         if split_output:
             kernels.merge_splits_kernel[(rows,)](
                 part, out, num_splits,

@@ -18,6 +18,17 @@ Scores stay in the natural-log domain: an additive mask of ``finfo(float32).min`
 to ``-inf`` once multiplied by log2(e), so the exp2 trick is not used. The kernel is memory-bound
 (four multiply-adds per byte of K/V read at most), the extra multiply inside ``tl.exp`` is free.
 
+Packed caches (``KV_FORMAT``, a constexpr switch of the tile loader, so the softmax, masking, split
+and merge code is shared): K/V tiles are loaded in their stored form and dequantized in registers to
+the query's dtype, never written back. ``KV_SCALED_ROWS``: int8 or fp8 codes times a per-token fp32
+scale (``lowering/storage/int8.py``, ``fp8.py``). ``KV_INT4``: KIVI, two 4-bit codes per byte, keys
+per channel in groups of ``QUANT_GROUP`` tokens, values per token, plus the full-precision residual
+window past ``quant_len`` read from its own section (``lowering/storage/int4.py``). ``KV_ALIGNED``:
+12-bit codes split in an int8 high part and a 4-bit low part stored apart; the low parts of a block are
+loaded only when a bound says the block's contribution needs them (``lowering/storage/aligned.py``).
+Dequantization is a product (plus the group minimum for int4) in fp32 rounded once to the dtype, exactly
+as the schemes' ``dequantize`` computes it, so the kernel attends over the same values as the reference.
+
 Follows Dao et al., "Flash-Decoding for long-context inference" (2023) and the state merge of
 Ye et al., FlashInfer (arXiv 2501.01005), section 3.1.
 """
@@ -29,6 +40,16 @@ import triton.language as tl
 MASK_NONE = 0
 MASK_BOOL = 1
 MASK_ADDITIVE = 2
+
+# How K/V are stored (a constexpr switch of the tile loader).
+KV_FULL = 0  # the query's dtype, any strides
+KV_SCALED_ROWS = 1  # int8 / fp8 codes [B, Hkv, L, D] times fp32 scales [B, Hkv, L]
+KV_INT4 = 2  # KIVI 4-bit codes, residual window in full precision
+KV_ALIGNED = 3  # 12-bit codes: int8 high part, 4-bit low part read on demand
+# Aligned: |high-only value - full value| <= ALIGNED_LOW_MAX steps of the 12-bit code (the low part
+# l lies in [-8, 7]); |value| <= ALIGNED_CODE_MAX + 1/2 steps.
+ALIGNED_LOW_MAX = 8.0
+ALIGNED_CODE_MAX = 2039.5
 
 
 @triton.jit
@@ -97,16 +118,87 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return out
 
 
-@triton.jit(do_not_specialize=["kv_len", "keys_per_split"])
+@triton.jit
+def _unpack_nibbles(codes):
+    """uint8 [N, BLOCK_D // 2] -> int32 [N, BLOCK_D]: channel 2j is byte j's low nibble, 2j + 1 its high one."""
+    c = codes.to(tl.int32)
+    return tl.interleave(c & 15, c >> 4)
+
+
+@triton.jit
+def _load_tile(X, XS, XZ, XR, x_base, bh, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
+               DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr,
+               PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] K or V tile of head row ``bh`` (= b * Hkv + kv_head) in ``DTYPE``.
+
+    ``x_base``: this head's first code (``X`` offset by the head's strides); ``XS``/``XZ``: scale and
+    minimum sections; ``XR``: int4's residual window [B, Hkv, res_len, D]. ``PER_CHANNEL`` (int4 keys):
+    scales and minima per (group of ``QUANT_GROUP`` tokens, channel) [B, Hkv, quant_len / G, D], else
+    per token [B, Hkv, quant_len]. Keys past ``quant_len`` come from the residual window."""
+    mask = kv_ok[:, None] & d_ok[None, :]
+    if KV_FORMAT == 0:
+        x = tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0)
+    elif KV_FORMAT == 1:
+        # No ``other=``: fp8 has no literal for it; masked lanes are zeroed after the conversion.
+        c = tl.where(mask, tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=mask).to(tl.float32), 0.0)
+        scale = tl.load(XS + bh * quant_len + n, mask=kv_ok, other=0.0)
+        x = (c * scale[:, None]).to(DTYPE)
+    else:
+        tl.static_assert(KV_FORMAT == 2, "the aligned format loads its tiles in the kernel body")
+        in_q = n < quant_len
+        q_mask = mask & in_q[:, None]
+        d2 = tl.arange(0, BLOCK_D // 2)
+        codes = tl.load(x_base + n[:, None] * stride_n + d2[None, :],
+                        mask=(kv_ok & in_q)[:, None] & (d2 < (HEAD_DIM + 1) // 2)[None, :], other=0)
+        c = _unpack_nibbles(codes).to(tl.float32)
+        if PER_CHANNEL:
+            off = (bh * (quant_len // QUANT_GROUP) + n // QUANT_GROUP)[:, None] * HEAD_DIM + d[None, :]
+            scale = tl.load(XS + off, mask=q_mask, other=0.0).to(tl.float32)
+            low = tl.load(XZ + off, mask=q_mask, other=0.0).to(tl.float32)
+        else:
+            scale = tl.load(XS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
+            low = tl.load(XZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
+        # Two roundings (product, sum) as the scheme's dequantize: the launch disables FMA contraction.
+        deq = (c * scale + low).to(DTYPE)
+        res = tl.load(XR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :],
+                      mask=mask & (n >= quant_len)[:, None], other=0.0)
+        x = tl.where(in_q[:, None], deq, res)
+    return x
+
+
+@triton.jit
+def _load_aligned(x_base, XS, bh, n, kv_ok, d, d_ok, stride_n, kv_rows):
+    """Aligned high parts of a tile as fp32 codes 16 h [BLOCK_N, BLOCK_D] and the per-token steps [BLOCK_N]."""
+    code = tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0)
+    step = tl.load(XS + bh * kv_rows + n, mask=kv_ok, other=0.0)
+    return 16.0 * code.to(tl.float32), step
+
+
+@triton.jit
+def _load_aligned_low(XL, bh, n, kv_ok, kv_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Aligned low parts l in [-8, 7] of a tile, fp32 [BLOCK_N, BLOCK_D], from [B, Hkv, L, ceil(D / 2)]
+    nibbles stored offset by 8."""
+    d2 = tl.arange(0, BLOCK_D // 2)
+    half = (HEAD_DIM + 1) // 2
+    low = tl.load(XL + (bh * kv_rows + n)[:, None] * half + d2[None, :],
+                  mask=kv_ok[:, None] & (d2 < half)[None, :], other=8)
+    return (_unpack_nibbles(low) - 8).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["kv_len", "keys_per_split", "quant_len", "res_len"])
 def decode_attention_split_kernel(
     Q, K, V, Mask,  #
     Out,  # [B, Hq, Lq, D] contiguous; written only when SPLIT_OUTPUT is off
     Part,  # fp32 partial states, see _part_offsets; written only when SPLIT_OUTPUT is on
+    KS, VS, KZ, VZ, KR, VR,  # packed formats' scales, minima, int4 residual / aligned low parts (_load_tile)
+    Stats,  # KV_ALIGNED: int64 [2] += (tokens whose low parts were read, tokens read)
     stride_qb, stride_qh, stride_qm,  # q [B, Hq, Lq, D], last dim contiguous
-    stride_kb, stride_kh, stride_kn,  # k [B, Hkv, L, D]
+    stride_kb, stride_kh, stride_kn,  # k [B, Hkv, L, D] (packed: the codes section)
     stride_vb, stride_vh, stride_vn,  # v [B, Hkv, L, D]
     stride_mb, stride_mh, stride_mm, stride_mn,  # mask viewed as [B, Hq, Lq, L], 0 on broadcast dims
     num_kv_heads, q_len, kv_len, keys_per_split, sm_scale,  #
+    quant_len, res_len,  # packed: tokens in the quantized sections (int4: full groups) and in the residual
+    skip_error, value_bound, half_tau,  # KV_ALIGNED: see the skip rule in the loop
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows (GROUP * Lq, padded) per program, >= 16 for tl.dot
@@ -119,6 +211,8 @@ def decode_attention_split_kernel(
     SPLIT_OUTPUT: tl.constexpr,  # write (o, lse) partials for stage 2, else the final output
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    KV_FORMAT: tl.constexpr = 0,  # KV_FULL, KV_SCALED_ROWS, KV_INT4 or KV_ALIGNED
+    QUANT_GROUP: tl.constexpr = 32,  # KV_INT4: tokens per key group
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -133,6 +227,8 @@ def decode_attention_split_kernel(
     row_block = pid % row_blocks
     b = (bh // num_kv_heads).to(tl.int64)
     kv_head = (bh % num_kv_heads).to(tl.int64)
+    bh64 = b * num_kv_heads + kv_head
+    dtype = Q.dtype.element_ty
 
     # Row r of this KV head's query tile is query position i of head kv_head * GROUP + g.
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,6 +252,15 @@ def decode_attention_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    if KV_FORMAT == 3:
+        # Skip-rule state, in the same running frame as l_i: e_i bounds the output error of the low
+        # parts skipped so far, c_i their weight perturbation, w_i = sum_j p_j |v_j|max.
+        e_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        c_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        w_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        q_l1 = sm_scale * _sum(tl.abs(q.to(tl.float32)), axis=1)  # [BLOCK_M]: |score error| <= q_l1 |dk|max
+        low_tokens = tl.program_id(0) * 0  # int32 scalars: tokens whose low parts / any parts were read
+        read_tokens = tl.program_id(0) * 0
 
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, kv_len)
@@ -189,11 +294,56 @@ def decode_attention_split_kernel(
             # A key no row attends costs no K/V traffic: predicated-off loads fetch nothing.
             kv_ok = kv_ok & live
 
-        k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_FORMAT == 3:
+            k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, quant_len)
+            k = (k_code * k_step[:, None]).to(dtype)
+        else:
+            k = _load_tile(K, KS, KZ, KR, k_base, bh64, n, kv_ok, d, d_ok, stride_kn, quant_len, res_len,
+                           dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP)
         s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
         if MASK_KIND == 2:
             s = s + bias
         s = tl.where(keep, s, float("-inf"))
+
+        if KV_FORMAT == 3:
+            # Skip rule: with the high parts only, score j errs by at most dk_j = q_l1 * skip_error *
+            # step_j and value j by dv_j = skip_error * step_j (skip_error: the low part's 8 steps plus
+            # the dtype roundings of both tiles). For weights p (of the high-part scores) the output
+            # moves by at most sum_j p_j ((e^dk_j - 1)(A_j + |o|) + dv_j) with A_j = value_bound *
+            # step_j >= |v_j|, and |o| <= sum_j p_j A_j. Skipping is allowed while, for every row,
+            # E = sum p ((e^dk - 1) A + dv) <= tau/2 W and C = sum p (e^dk - 1) <= tau/2 l, W = sum p A:
+            # both ratios only fall as further blocks add to W and l, and splits merge by mediants,
+            # so the final output is within tau * sum_j p_j A_j of the all-low-parts output.
+            v_code, v_step = _load_aligned(v_base, VS, bh64, n, kv_ok, d, d_ok, stride_vn, quant_len)
+            m_hi = tl.maximum(m_i, _max(s, axis=1))
+            shift_hi = tl.where(m_hi == float("-inf"), 0.0, m_hi)
+            alpha_hi = tl.exp(m_i - shift_hi)
+            p_hi = tl.exp(s - shift_hi[:, None])
+            amp = value_bound * v_step
+            grow = tl.where(p_hi > 0.0, p_hi * (tl.exp(q_l1[:, None] * (skip_error * k_step)[None, :]) - 1.0), 0.0)
+            e_blk = _sum(grow * amp[None, :] + p_hi * (skip_error * v_step)[None, :], axis=1)
+            c_blk = _sum(grow, axis=1)
+            w_new = w_i * alpha_hi + _sum(p_hi * amp[None, :], axis=1)
+            l_new = l_i * alpha_hi + _sum(p_hi, axis=1)
+            e_new = e_i * alpha_hi + e_blk
+            c_new = c_i * alpha_hi + c_blk
+            # "== 0" first: rows with nothing attended have w = l = 0, and tau = inf times 0 is NaN.
+            fits = ((e_new == 0.0) | (e_new <= half_tau * w_new)) & ((c_new == 0.0) | (c_new <= half_tau * l_new))
+            read_low = _max((~fits).to(tl.int32), axis=0) > 0
+            count = _sum(kv_ok.to(tl.int32), axis=0)
+            read_tokens += count
+            low_tokens += tl.where(read_low, count, 0)
+            if read_low:
+                k_code = k_code + _load_aligned_low(KR, bh64, n, kv_ok, quant_len, HEAD_DIM, BLOCK_D)
+                v_code = v_code + _load_aligned_low(VR, bh64, n, kv_ok, quant_len, HEAD_DIM, BLOCK_D)
+                k = (k_code * k_step[:, None]).to(dtype)
+                s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
+                if MASK_KIND == 2:
+                    s = s + bias
+                s = tl.where(keep, s, float("-inf"))
+            e_blk = tl.where(read_low, 0.0, e_blk)  # read blocks add no error (and an inf bound no NaN)
+            c_blk = tl.where(read_low, 0.0, c_blk)
+            v = (v_code * v_step[:, None]).to(dtype)
 
         m_new = tl.maximum(m_i, _max(s, axis=1))
         # Rows with nothing attended yet keep m = -inf; shift them by 0 to avoid -inf - -inf.
@@ -201,11 +351,20 @@ def decode_attention_split_kernel(
         alpha = tl.exp(m_i - shift)
         p = tl.exp(s - shift[:, None])
         l_i = l_i * alpha + _sum(p, axis=1)
-
-        v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_FORMAT == 3:
+            # A skipped block kept the high-part scores, so its e_blk, c_blk are in this frame.
+            e_i = e_i * alpha + e_blk
+            c_i = c_i * alpha + c_blk
+            w_i = w_i * alpha + _sum(p * amp[None, :], axis=1)
+        else:
+            v = _load_tile(V, VS, VZ, VR, v_base, bh64, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
+                           dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
+    if KV_FORMAT == 3:
+        tl.atomic_add(Stats, low_tokens.to(tl.int64))
+        tl.atomic_add(Stats + 1, read_tokens.to(tl.int64))
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_rows = (bh * num_rows + rows).to(tl.int64)  # == (b * Hq + head) * Lq + i, the row of Out
     if SPLIT_OUTPUT:

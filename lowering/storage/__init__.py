@@ -59,4 +59,4 @@ def scheme_for(kv_bits) -> StorageScheme:
         raise NotImplementedError(f"no storage scheme for kv_bits={kv_bits!r}; have {sorted(SCHEMES)}") from None
 
 
-from lowering.storage import full, int8  # noqa: E402,F401
+from lowering.storage import aligned, fp8, full, int4, int8  # noqa: E402,F401

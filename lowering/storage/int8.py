@@ -3,7 +3,10 @@
 Per-token scales suit both keys and values at 8 bits (KIVI, Liu et al. 2024, and KVQuant report
 int8 per-token as near-lossless); they also let a token be written once and never requantized,
 which a growing cache needs. Scales are float32: 4 bytes per token and head for K and V each, 3% of
-the int8 payload at D=128.
+the int8 payload at D=128 (fp16 scales would overflow for |x| > 8.3e6, which bf16 models can hold).
+
+Round trip: ``dequantize`` computes ``code * scale`` in fp32 (one rounding, as the kernel) and rounds
+to the model's dtype, so per element |x - x^| <= scale / 2 + ``rounding_slack`` (``error_bound``).
 """
 from __future__ import annotations
 
@@ -13,18 +16,35 @@ from lowering.packed import Layout
 from lowering.storage import State, register_scheme
 
 QMAX = 127.0
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 [..., D], float32 scale [...]) with x ~= q * scale, |q| <= 127."""
+def rounding_slack(x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bound of the roundings after the code: fp32 arithmetic of the dequantization (a few 2^-24
+    relative, 2^-22 covers up to 4) and the final rounding to ``dtype`` (its unit roundoff; doubled for
+    bf16, which Triton's CPU interpreter truncates instead of rounding), as |x^| times a factor."""
+    u = UNIT_ROUNDOFF[dtype] * (2.0 if dtype == torch.bfloat16 else 1.0)
+    return x_hat.abs().double() * (1.01 * u + 2.0 ** -22)
+
+
+def quantize_rows(x: torch.Tensor, qmax: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (integer codes [..., D] as float32, float32 scale [...]) with x ~= code * scale,
+    |code| <= qmax (round to nearest: |x - code * scale| <= scale / 2 up to fp32 rounding)."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1) / QMAX
-    q = torch.round(x32 / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-QMAX, QMAX)
-    return q.to(torch.int8), scale
+    scale = x32.abs().amax(dim=-1) / qmax
+    q = torch.round(x32 / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-qmax, qmax)
+    return q, scale
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def copy_old_tokens(old: State | None, old_length: int, out: State, names) -> None:
+    """Per-token sections ([B, Hkv, L, ...]) of ``old`` into the first ``old_length`` rows of ``out``."""
+    if old is not None:
+        for name in names:
+            out[name][:, :, :old_length].copy_(old[name])
 
 
 @register_scheme(8)
@@ -37,9 +57,7 @@ class Int8:
                 "k_scale": (rows, torch.float32), "v_scale": (rows, torch.float32)}
 
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
-        if old is not None:
-            for name in out:
-                out[name][:, :, :old_length].copy_(old[name])
+        copy_old_tokens(old, old_length, out, out)
         for name, x in (("k", new_k), ("v", new_v)):
             q, scale = quantize_rows(x)
             out[name][:, :, old_length:].copy_(q)
@@ -49,8 +67,20 @@ class Int8:
         return (dequantize_rows(state["k"], state["k_scale"], dtype),
                 dequantize_rows(state["v"], state["v_scale"], dtype))
 
-    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
-        from lowering.reference import exact_attention
+    def error_bound(self, state: State, length: int, dtype):
+        """Per-element bounds of |x - dequantized x| for keys and values (float64, the caches' shapes)."""
+        k, v = self.dequantize(state, length, dtype)
+        return tuple(state[n + "_scale"].double().unsqueeze(-1) / 2 + rounding_slack(x, dtype)
+                     for n, x in (("k", k), ("v", v)))
 
-        k, v = self.dequantize(state, length, q.dtype)
-        return exact_attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1])
+    def kernel_operands(self, q, state: State, length: int):
+        from lowering.decode_attention import KVOperands
+        from lowering.kernels.decode_attention import KV_SCALED_ROWS
+
+        return KVOperands(state["k"], state["v"], length, KV_SCALED_ROWS,
+                          (state["k_scale"], state["v_scale"], None, None, None, None), quant_len=length)
+
+    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
+        from lowering.quant_decode_attention import packed_decode_attention
+
+        return packed_decode_attention(self, q, state, length, attn_mask, scale)
