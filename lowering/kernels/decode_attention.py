@@ -122,7 +122,9 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 def _unpack_nibbles(codes):
     """uint8 [N, BLOCK_D // 2] -> int32 [N, BLOCK_D]: channel 2j is byte j's low nibble, 2j + 1 its high one."""
     c = codes.to(tl.int32)
-    return tl.interleave(c & 15, c >> 4)
+    # tl.join + reshape rather than tl.interleave, which is @triton.jit library code (see _max above).
+    both = tl.join(c & 15, c >> 4)  # [N, BLOCK_D // 2, 2]
+    return tl.reshape(both, [both.shape[0], 2 * both.shape[1]])
 
 
 @triton.jit

@@ -1,0 +1,200 @@
+"""Every quantized storage scheme (lowering/storage): round trip within its stated step, the fused decode
+kernel against float64 oracles, appends, and the CPU reference path.
+
+Two oracles per problem (``kvpass.testing``): the float64 attention over the scheme's *dequantized* cache
+(``quantized_attention``; the kernel must match it within the exact-kernel tolerance ``tolerance_for``,
+since it dequantizes in registers to the very values ``dequantize`` returns), and the float64 attention over
+the unquantized cache, within that tolerance plus the error the quantization step can cause
+(``quantization_bound``). Schemes state their per-element step bound in ``error_bound``:
+int8 scale / 2, int4 scale / 2 (0 in the residual window), fp8 max(|x^| / 15, 2^-10 scale), aligned s / 2,
+each plus the roundings to fp32 and the dtype (``lowering.storage.int8.rounding_slack``).
+The aligned scheme runs here with tau = 0 (every low part read: a 12-bit cache); its skip rule is tested
+in test_storage_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (conftest.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import kvpass.testing as kt
+from kvpass.testing import make_problem
+from kvpass.testing.oracles import F64, grouped_matmul, reference_scores, safe_softmax
+from kvpass.testing.pytest_plugin import triton_interpreter_problem
+from kvpass.testing.tolerance import _weight_spread
+from lowering.packed import allocate
+from lowering.storage import SCHEMES
+
+DEVICE = kt.default_device()
+QUANTIZED = ("8", "4", "fp8", "aligned")
+KERNEL_OPTIONS = {"aligned": {"tau": 0.0}}  # the skip rule is tested on its own
+HEAD_DIMS = (16, 33, 64)  # odd: int4 / aligned nibbles pad the last byte
+
+needs_kernel = pytest.mark.skipif(DEVICE == "cpu" and triton_interpreter_problem() == "TRITON_INTERPRET is not set",
+                                  reason="Triton kernels need TRITON_INTERPRET=1 on the CPU")
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning",
+                                        "ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
+
+
+def pack(scheme, k, v, chunks=None):
+    """The scheme's sections holding k, v [B, Hkv, L, D], appended in ``chunks`` (token counts; one
+    append of everything by default)."""
+    B, H, L, D = k.shape
+    state, done = None, 0
+    for n in chunks or [L]:
+        _, out = allocate(scheme.layout(B, H, done + n, D, v.shape[-1], k.dtype), k.device)
+        scheme.append(state, done, k[:, :, done:done + n], v[:, :, done:done + n], out)
+        state, done = out, done + n
+    return state
+
+
+def kernel(scheme, state, length, **options):
+    """check_kernel's calling convention over a packed state (the k, v it passes are ignored)."""
+    from lowering.quant_decode_attention import kernel_decode_attention
+
+    def fn(q, k, v, attn_mask=None, scale=None, is_causal=False, out=None):
+        assert not is_causal
+        return kernel_decode_attention(scheme, q, state, length, attn_mask, scale, out=out, **options)
+
+    fn.__name__ = f"{scheme.name} kernel {options or ''}"
+    return fn
+
+
+def quantization_bound(problem, ek, ev) -> torch.Tensor:
+    """Per-element bound of |attention over k^, v^ - attention over k, v| when |k - k^| <= ek and
+    |v - v^| <= ev elementwise (float64 [B, Hq, Lq, D]).
+
+    Scores move by at most delta_j = scale sum_d |q_d| ek_jd; the weights then move by at most w_j
+    (the exact softmax interval of kvpass.testing.tolerance, not linearised), so
+    |o^ - o| <= sum_j w_j |v_j| + sum_j (p_j + w_j) ev_j."""
+    p = problem
+    s = reference_scores(p.q, p.k, p.attn_mask, p.is_causal, p.scale)
+    probs = safe_softmax(s)
+    delta = p.softmax_scale * grouped_matmul(p.q.to(F64).abs(), ek.transpose(-1, -2))
+    delta = torch.where(torch.isfinite(s), delta.expand_as(s), torch.zeros_like(s))
+    w = _weight_spread(s, delta, probs)
+    return grouped_matmul(w, p.v.to(F64).abs()) + grouped_matmul(probs + w, ev)
+
+
+def kernel_dequantized(scheme, state, length, dtype, **options):
+    """The values the kernel attends over: ``dequantize`` (fp32 product rounded to the dtype), except that
+    Triton's CPU interpreter truncates fp32 to bf16 instead of rounding (kvpass.testing.tolerance), so
+    under it bf16 tiles are the fp32 values truncated."""
+    if not (DEVICE == "cpu" and dtype == torch.bfloat16):
+        return scheme.dequantize(state, length, dtype, **options)
+    return tuple((x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+                 for x in scheme.dequantize(state, length, torch.float32, **options))
+
+
+def check_scheme(key, problem, chunks=None):
+    """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound)."""
+    scheme = SCHEMES[key]
+    state = pack(scheme, problem.k, problem.v, chunks)
+    L = problem.kv_len
+    kd, vd = kernel_dequantized(scheme, state, L, problem.dtype)
+    deq = dataclasses.replace(problem, k=kd, v=vd)
+    ref_deq = kt.quantized_attention(problem, lambda k: kd, lambda v: vd)
+    out = kt.check_kernel(kernel(scheme, state, L, **KERNEL_OPTIONS.get(key, {})), deq, reference=ref_deq,
+                          out_arg=True)
+    ek, ev = scheme.error_bound(state, L, problem.dtype)
+    allowed = kt.tolerance_for(deq).allowed(ref_deq) + quantization_bound(problem, ek, ev)
+    kt.assert_attention_close(out, kt.reference_attention(problem), kt.Tolerance(
+        atol=allowed, rtol=0.0, why=f"{scheme.name}: exact-kernel tolerance over the dequantized cache + the "
+                                    "quantization step pushed through softmax (quantization_bound)"),
+        context=f"{scheme.name} vs unquantized attention on {problem!r}")
+    return out
+
+
+@pytest.mark.parametrize("key", QUANTIZED)
+@settings(max_examples=8)
+@given(problem=kt.attention_problems(head_dims=(16, 33, 64, 128), q_lens=(1,), kv_lens=st.integers(1, 100),
+                                     causal=(False,)), data=st.sampled_from(("as drawn", "zero rows", "huge value")))
+def test_round_trip_within_the_stated_step(key, problem, data):
+    scheme = SCHEMES[key]
+    k, v = problem.k.clone(), problem.v.clone()
+    if data == "zero rows":  # a zero token (int8/fp8/aligned scale 0) and a zero key group (int4)
+        k[:, :, : min(40, k.shape[2])] = 0
+        v[:, :, -1] = 0
+    elif data == "huge value":  # one element dominates its row / group
+        k[0, 0, -1, 0] = v[0, 0, 0, -1] = 0.25 * torch.finfo(problem.dtype).max
+    state = pack(scheme, k, v)
+    for name, x, x_hat, bound in zip("kv", (k, v), scheme.dequantize(state, problem.kv_len, problem.dtype),
+                                     scheme.error_bound(state, problem.kv_len, problem.dtype)):
+        assert x_hat.shape == x.shape and x_hat.dtype == x.dtype
+        err = (x_hat.double() - x.double()).abs()
+        assert torch.isfinite(x_hat).all() and (err <= bound).all(), (
+            f"{scheme.name} {name}: |x - x^| max {err.max():.3g}, worst err/bound {(err / bound).max():.3g} "
+            f"on {problem!r} ({data})")
+
+
+@needs_kernel
+@pytest.mark.parametrize("key", QUANTIZED)
+@settings(max_examples=6)
+@given(problem=kt.decode_problems(head_dims=HEAD_DIMS, q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
+                                  causal=(False,), device=DEVICE))
+@example(problem=make_problem(batch=2, q_heads=16, kv_heads=2, q_len=1, kv_len=97, head_dim=64, mask="bool",
+                              left_pad=(0, 70), dtype=torch.bfloat16, distribution="outlier_channels",
+                              device=DEVICE))  # GQA 8, left padding past two int4 groups, outlier key channels
+def test_kernel_matches_float64_oracles(key, problem):
+    check_scheme(key, problem)
+
+
+@needs_kernel
+@pytest.mark.parametrize("key", QUANTIZED)
+@pytest.mark.parametrize("distribution", ["one_dominant_key", "equal_scores", "outlier_channels", "zero_values",
+                                          "masked_rows"])
+def test_kernel_on_adversarial_data(key, distribution):
+    mask = "bool" if distribution == "masked_rows" else "none"
+    problem = make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=70, head_dim=32, mask=mask,
+                           dtype=torch.float16, distribution=distribution, seed=7, device=DEVICE)
+    check_scheme(key, problem)
+
+
+@pytest.mark.parametrize("key", QUANTIZED)
+@settings(max_examples=6)
+@given(problem=kt.attention_problems(head_dims=(16, 33), q_lens=(1,), kv_lens=st.integers(1, 100), causal=(False,),
+                                     masks=("none",)), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=6))
+def test_appending_in_pieces_stores_what_one_append_stores(key, problem, cuts):
+    # Token-by-token decode and chunked prefill must leave the same sections, byte for byte, as
+    # quantizing everything at once (int4: groups completed across appends, residual carried).
+    L, chunks = problem.kv_len, []
+    for c in cuts:
+        if sum(chunks) < L:
+            chunks.append(min(c, L - sum(chunks)))
+    if sum(chunks) < L:
+        chunks.append(L - sum(chunks))
+    scheme = SCHEMES[key]
+    whole, pieces = pack(scheme, problem.k, problem.v), pack(scheme, problem.k, problem.v, chunks)
+    for name in whole:
+        assert torch.equal(whole[name].view(torch.uint8), pieces[name].view(torch.uint8)), (name, chunks)
+
+
+@pytest.mark.parametrize("key", QUANTIZED)
+def test_cpu_reference_path_matches_the_dequantized_oracle(key):
+    # What CI runs through the backend: dequantize this layer, torch SDPA.
+    problem = make_problem(batch=2, q_heads=8, kv_heads=2, q_len=1, kv_len=45, head_dim=32, mask="additive",
+                           left_pad=(3, 20), dtype=torch.float32, seed=2)
+    scheme = SCHEMES[key]
+    state = pack(scheme, problem.k, problem.v)
+    kd, vd = scheme.dequantize(state, problem.kv_len, problem.dtype)
+
+    def reference(q, k, v, attn_mask=None, scale=None, is_causal=False):
+        return scheme.decode_attention(q, state, problem.kv_len, attn_mask, scale)
+
+    kt.check_kernel(reference, dataclasses.replace(problem, k=kd, v=vd))
+
+
+@pytest.mark.parametrize("key", QUANTIZED)
+def test_cache_is_smaller_than_the_16_bit_one(key):
+    from lowering.packed import layout_nbytes
+
+    for dtype in (torch.bfloat16, torch.float16):
+        held = layout_nbytes(SCHEMES[key].layout(1, 8, 4096, 128, 128, dtype))
+        full = layout_nbytes(SCHEMES["16"].layout(1, 8, 4096, 128, 128, dtype))
+        # bytes per token and head at D=128: int8/fp8 2 (128 + 4), int4 80 + 68, aligned 2 (192 + 4)
+        expected = {"8": 264, "fp8": 264, "4": 148, "aligned": 392}[key] * 8 * 4096
+        assert held == expected and held < full, (key, held, full)
