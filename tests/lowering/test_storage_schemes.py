@@ -133,7 +133,7 @@ def test_round_trip_within_the_stated_step(key, problem, data):
 
 @needs_kernel
 @pytest.mark.parametrize("key", QUANTIZED)
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(problem=kt.decode_problems(head_dims=HEAD_DIMS, q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
                                   causal=(False,), device=DEVICE))
 @example(problem=make_problem(batch=2, q_heads=16, kv_heads=2, q_len=1, kv_len=97, head_dim=64, mask="bool",
