@@ -177,13 +177,12 @@ def plan_visits(q: torch.Tensor, summaries: dict, length: int, attn_mask, scale:
     row_best = bound.amax(-1, keepdim=True)
     relative = bound - torch.where(torch.isfinite(row_best), row_best, 0.0)
     priority = relative.amax(2)  # [B, Hkv, nb]: the best any row of the group could get from the block
-    recent = torch.zeros(nb, dtype=torch.bool, device=q.device)
-    recent[max(0, nb - RECENT_BLOCKS):] = True
+    block = torch.arange(nb, device=q.device)  # built on the device: no host copy, CUDA-graph capturable
+    recent = block >= nb - RECENT_BLOCKS
     priority = torch.where(recent & torch.isfinite(priority), math.inf, priority)
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices  # [B, Hkv, nb]
 
-    tokens = torch.full((nb,), float(BLOCK), device=q.device)
-    tokens[-1] = length - (nb - 1) * BLOCK
+    tokens = torch.where(block == nb - 1, float(length - (nb - 1) * BLOCK), float(BLOCK))
     weight = (bound + tokens.log()).gather(-1, order[:, :, None, :].expand(B, Hkv, G * Lq, nb))
     log_rest = torch.logcumsumexp(weight.flip(-1), -1).flip(-1) + margin_max
     log_rest = torch.cat([log_rest, log_rest.new_full((B, Hkv, G * Lq, 1), -math.inf)], -1)

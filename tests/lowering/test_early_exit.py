@@ -9,7 +9,7 @@ bool/additive masks with left padding, Lq 1-4, L from 1 to several blocks):
   fp32/dtype rounding, kvpass.testing.tolerance.exact_tolerance); (2) the error against full float64
   attention is within the stated bound: per row, ||out - o||_2 <= tol (||out||_2 + ||delta||_2) +
   ||delta||_2, delta the exact tolerance of (1) (follows from the theorem and the stop rule); (3) with
-  tol = 0 every block holding an attended key is read;
+  tol = 0 every block holding a key of nonzero weight and nonzero value is read;
 - summaries built piecewise on append equal summaries built at once (bit for bit);
 - the Dense format with early_exit through ``kvpass::cache_attention`` (16-bit and int8) and its stats.
 
@@ -96,10 +96,10 @@ def check_against_bound(out, p, plan, read, tol):
     assert kt.early_exit_bound_holds(out, ref, bound), (
         f"{p!r} tol={tol}: max row error {(out.double() - ref).norm(dim=-1).max().item():.3g} > bound, "
         f"blocks read {read.tolist()} of {plan.order.shape[-1]}")
-    # (3) tol = 0: every block with an attended key is read
+    # (3) tol = 0: every block holding a key of nonzero weight and nonzero value is read (a finfo.min bias
+    # hides a key as -inf does: exp underflows to 0 in float64; zero values add exactly nothing)
     if tol == 0:
-        # keys of nonzero weight (a finfo.min bias hides a key as -inf does: exp underflows to 0 in float64)
-        attended = kt.reference_probs(p)[1] > 0  # [B, Hq, Lq, L]
+        attended = (kt.reference_probs(p)[1] > 0) & (p.v != 0).any(-1).repeat_interleave(p.group, 1)[:, :, None]
         per_kv = attended.reshape(p.batch, p.kv_heads, -1, p.kv_len).any(2)
         nb = plan.order.shape[-1]
         padded = torch.nn.functional.pad(per_kv, (0, nb * TEST_BLOCK - p.kv_len))
@@ -116,7 +116,7 @@ def test_theorem_holds_for_any_read_set(problem, data):
     p = problem
     nb = ee.num_blocks(p.kv_len)
     picks = data.draw(st.lists(st.booleans(), min_size=nb, max_size=nb))
-    read_blocks = torch.tensor(picks).repeat_interleave(TEST_BLOCK)[:p.kv_len]
+    read_blocks = torch.tensor(picks, device=p.q.device).repeat_interleave(TEST_BLOCK)[:p.kv_len]
     s = reference_scores(p.q, p.k, p.attn_mask, p.is_causal, p.scale)  # [B, Hq, Lq, L] float64
     probs = safe_softmax(s)
     o = grouped_matmul(probs, p.v.to(F64))
@@ -127,15 +127,16 @@ def test_theorem_holds_for_any_read_set(problem, data):
     kmin, kmax = blocks.nan_to_num(math.inf).amin(3), blocks.nan_to_num(-math.inf).amax(3)
     q = p.q.to(F64) * p.softmax_scale
     bound = grouped_matmul(q.clamp_min(0), kmax.transpose(-1, -2)) + grouped_matmul(q.clamp_max(0), kmin.transpose(-1, -2))
-    bias = torch.nn.functional.pad(logit_bias(p.attn_mask, False, p.q_len, p.kv_len),
+    bias = torch.nn.functional.pad(logit_bias(p.attn_mask, False, p.q_len, p.kv_len, p.q.device),
                                    (0, nb * TEST_BLOCK - p.kv_len), value=-math.inf)
     bound = bound + bias.view(*bias.shape[:-1], nb, TEST_BLOCK).amax(-1)  # [B, Hq, Lq, nb]
     block_max = torch.nn.functional.pad(s, (0, nb * TEST_BLOCK - p.kv_len), value=-math.inf)
     block_max = block_max.view(*s.shape[:-1], nb, TEST_BLOCK).amax(-1)
     hidden = block_max == -math.inf  # (also where the bound is -inf: -inf + inf would be NaN)
     assert (hidden | (block_max <= bound + 1e-9 * bound.abs().clamp_min(1))).all(), "a score exceeds its block's bound"
-    tokens = torch.tensor([min(TEST_BLOCK, p.kv_len - c * TEST_BLOCK) for c in range(nb)], dtype=F64)
-    unread = ~torch.tensor(picks)
+    tokens = torch.tensor([min(TEST_BLOCK, p.kv_len - c * TEST_BLOCK) for c in range(nb)], dtype=F64,
+                          device=p.q.device)
+    unread = ~torch.tensor(picks, device=p.q.device)
     log_w = torch.logsumexp(torch.where(unread, bound + tokens.log(), -math.inf), -1)
     log_z = torch.logsumexp(s_read, -1)
     r = torch.where(log_w == -math.inf, 0.0, torch.sigmoid(log_w - log_z))
@@ -155,15 +156,18 @@ def error_within_the_stated_bound(impl, problem, tol, concentrated):
 
 EXAMPLES = [
     dict(problem=make_problem(batch=2, q_heads=8, kv_heads=2, q_len=2, kv_len=150, head_dim=32, mask="bool",
-                              left_pad=(20, 0), dtype=torch.float16, seed=5), tol=0.0, concentrated=True),
+                              left_pad=(20, 0), dtype=torch.float16, seed=5, device=DEVICE), tol=0.0, concentrated=True),
     # a row with no key (output 0); finfo.min hides keys with a finite bias
     dict(problem=make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=97, head_dim=16, mask="additive",
-                              left_pad=(40,), mask_value="min", distribution="masked_rows", seed=2),
+                              left_pad=(40,), mask_value="min", distribution="masked_rows", seed=2, device=DEVICE),
          tol=1e-3, concentrated=False),
     # tol = 0 with finfo.min padding: those keys weigh exactly 0 and may be skipped (found by hypothesis)
     dict(problem=make_problem(batch=2, q_heads=1, kv_heads=1, q_len=4, kv_len=142, head_dim=16, mask="additive",
-                              left_pad=(0, 54), mask_causal=True, mask_value="min", scale=0.09897),
+                              left_pad=(0, 54), mask_causal=True, mask_value="min", scale=0.09897, device=DEVICE),
          tol=0.0, concentrated=False),
+    # all values zero: nothing can change the output, nothing needs reading (found by hypothesis)
+    dict(problem=make_problem(batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=16,
+                              distribution="zero_values", device=DEVICE), tol=0.0, concentrated=False),
 ]
 
 
@@ -191,7 +195,8 @@ def test_kernel_error_within_the_stated_bound(problem, tol, concentrated):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_concentrated_attention_skips_blocks(impl, dtype):
     # The stop is not vacuous: one key 25 logits above the rest lets the bound drop most blocks.
-    p = peaked(make_problem(batch=2, q_heads=4, kv_heads=2, q_len=1, kv_len=160, head_dim=32, dtype=dtype, seed=9))
+    p = peaked(make_problem(batch=2, q_heads=4, kv_heads=2, q_len=1, kv_len=160, head_dim=32, dtype=dtype, seed=9,
+                                  device=DEVICE))
     out, read, plan = run(impl, p, 1e-3)
     assert (read < plan.order.shape[-1]).all() and (read >= 1).all(), read
     check_against_bound(out, p, plan, read, 1e-3)
