@@ -46,7 +46,9 @@ class KVPassOptions:
     policy: cache compression policy; "full" keeps every token (exact).
     budget: tokens kept per layer and KV head for compressing policies (None with "full").
     kv_bits: cache storage: 16 (the model's own dtype, exact), 8, 4, "fp8", "aligned".
-    early_exit: None (read every KV block) or a relative tolerance for early termination.
+    early_exit: None (read every KV block), True (the default tolerance, 1e-3) or a relative tolerance t:
+        decode attention stops reading KV blocks once a proven bound says the unread ones cannot move
+        each query row's output by more than t in relative L2 norm (lowering/early_exit.py).
     decode_kernel: on CUDA, run decode-sized attention (query length <= 16) through kvpass's Triton
         kernel; False keeps torch's SDPA for every site (exact mode only; useful to compare).
     compiler: "inductor" (default) lowers the rewritten graph with Inductor; "eager" runs it as is,
