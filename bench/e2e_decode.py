@@ -156,6 +156,23 @@ def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
     return times, out.past_key_values
 
 
+def profile_point(forward, cache, batch, position, steps):
+    """Where a decode step's time goes at this point (bench/profile_decode.py's split), on the warm cache."""
+    from bench.profile_decode import profile_steps
+
+    state = {"cache": cache, "position": position}
+    tok = torch.full((batch, 1), 5, device="cuda", dtype=torch.long)
+
+    def step():
+        out = forward(input_ids=tok, past_key_values=state["cache"], use_cache=True,
+                      cache_position=torch.tensor([state["position"]], device="cuda"))
+        state["cache"], state["position"] = out.past_key_values, state["position"] + 1
+
+    with torch.no_grad():
+        row, _, _ = profile_steps(step, steps)
+    return {f"profile_{k}": v for k, v in row.items()}
+
+
 def run_method(model, shape, name, points, new_tokens, device, rows, args):
     import kvpass
     from kvpass import _compat
@@ -189,6 +206,11 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
             if device == "cuda":
                 row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             row["compiles"] = _compat.dynamo_compile_count() - before
+            if device == "cuda" and args.profile_steps:
+                try:  # a profiler failure must not lose the timing above
+                    row.update(profile_point(forward, cache, batch, context + new_tokens + 2, args.profile_steps))
+                except Exception as e:
+                    row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             stats = kvpass.stats()["attention_calls"]
             if stats:
                 row["attention_calls"] = dict(stats)
@@ -204,7 +226,7 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
 
 
 COLUMNS = ["shape", "method", "batch", "context", "ms_per_token", "tokens_per_s", "kv_GiB", "peak_GiB", "compile_s",
-           "compiles", "prefill_s", "error"]
+           "compiles", "prefill_s", "profile_attention_gpu_ms", "profile_other_gpu_ms", "profile_gpu_idle_ms", "error"]
 
 
 def main():
@@ -214,6 +236,7 @@ def main():
     ap.add_argument("--points", default="", help="batch x context list, e.g. 1x4096,8x32768 (default per shape)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled per point (0: none)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"

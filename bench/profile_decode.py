@@ -26,6 +26,37 @@ from bench.e2e_decode import SHAPES, build_model, compiled_forward, make_cache, 
 ATTENTION_KERNELS = re.compile(r"attn|attention|flash|sdpa|fmha|decode|_split|merge|reduce_states|efficient", re.I)
 
 
+def profile_steps(step, steps: int) -> tuple[dict, str, str]:
+    """Profile ``steps`` calls of ``step`` (one decode step each): ms per step of wall time, GPU time in
+    attention kernels, in other kernels, and the rest (the GPU waiting on the host); and the top host
+    and GPU entries as tables."""
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    attention = other = 0.0
+    for event in prof.key_averages():
+        gpu = getattr(event, "self_device_time_total", None)
+        if gpu is None:
+            gpu = getattr(event, "self_cuda_time_total", 0.0)
+        if gpu <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if ATTENTION_KERNELS.search(event.key):
+            attention += gpu
+        else:
+            other += gpu
+    attention, other = attention / steps / 1e3, other / steps / 1e3  # ms per step
+    row = dict(wall_ms=round(wall * 1e3, 3), attention_gpu_ms=round(attention, 3), other_gpu_ms=round(other, 3),
+               gpu_idle_ms=round(wall * 1e3 - attention - other, 3))
+    top_host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    top_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
+    return row, top_host, top_gpu
+
+
 def profile_method(model, name, batch, context, steps, device, vocab):
     import kvpass
 
@@ -49,33 +80,8 @@ def profile_method(model, name, batch, context, steps, device, vocab):
 
         for _ in range(3):
             step()
-        torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - start) / steps
-    attention = other = 0.0
-    for event in prof.key_averages():
-        gpu = getattr(event, "self_device_time_total", None)
-        if gpu is None:
-            gpu = getattr(event, "self_cuda_time_total", 0.0)
-        if gpu <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        if ATTENTION_KERNELS.search(event.key):
-            attention += gpu
-        else:
-            other += gpu
-    attention, other = attention / steps / 1e3, other / steps / 1e3  # ms per step
-    row = dict(method=name, batch=batch, context=context, wall_ms=round(wall * 1e3, 3),
-               attention_gpu_ms=round(attention, 3), other_gpu_ms=round(other, 3),
-               gpu_idle_ms=round(wall * 1e3 - attention - other, 3))
-    top_host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    top_gpu = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
-    return row, top_host, top_gpu
-
+        row, top_host, top_gpu = profile_steps(step, steps)
+    return dict(method=name, batch=batch, context=context, **row), top_host, top_gpu
 
 
 def main():
