@@ -90,6 +90,24 @@ def default_config(programs_per_split: int, sm_count: int) -> DecodeAttentionCon
     return RULE_CONFIGS[grid_regime(programs_per_split, sm_count)]
 
 
+# int4 tiles of one key group (32 tokens): 2 KB of K codes + 2 KB of V codes per D=128 head. Keeping
+# ~16 KB in flight per program (Little's law: 3.35 TB/s x ~0.6 us of DRAM latency over 132 SMs is ~15 KB
+# per SM, one program per SM at B=1) needs 4 loads in flight: 5 stages. Not yet measured on the GPU.
+INT4_STAGES = 5
+
+
+def packed_config(config: DecodeAttentionConfig, kv: "KVOperands") -> DecodeAttentionConfig:
+    """The rule's configuration adjusted to a packed format: int4 takes key-group tiles
+    (BLOCK_N = ``quant_group``) with more stages; int8 / fp8 / full keep the rule's tiles, which now
+    fit shared memory with their 1-byte codes (``fit_shared_memory``'s ``code_bytes``)."""
+    if kv.kv_format == kernels.KV_INT4:
+        return dataclasses.replace(config, block_n=kv.quant_group, num_stages=max(config.num_stages, INT4_STAGES),
+                                   # the same keys per split as the rule's larger blocks
+                                   min_blocks_per_split=max(1, config.min_blocks_per_split * config.block_n
+                                                            // kv.quant_group))
+    return config
+
+
 def choose_num_splits(programs_per_split: int, kv_len: int, sm_count: int,
                       config: DecodeAttentionConfig) -> tuple[int, int]:
     """Return ``(num_splits, keys_per_split)``; ``keys_per_split`` is a multiple of ``block_n``."""
@@ -117,14 +135,21 @@ SMEM_FALLBACK = 232448  # bytes of shared memory a block may opt into on an H100
 
 
 def shared_memory_bound(block_m: int, block_n: int, block_d: int, num_stages: int, elt: int,
-                        gathered_mask: bool) -> int:
+                        gathered_mask: bool, code_bytes: float | None = None) -> int:
     """Upper bound of stage 1's shared memory in bytes: K and V tiles for ``num_stages - 1`` loads
     in flight, the Q tile and an fp32 [BLOCK_M, BLOCK_D] conversion, fp32 [BLOCK_M, BLOCK_N] layout
     conversions (twice as many with a gathered 2D mask). Checked against 180 sm_90 compiles
     (triton 3.9; BLOCK_D 16-256, BLOCK_M 16/64, BLOCK_N 32-128, 2-4 stages, bf16/fp32): never below
-    the compiler's figure, exact at the largest tiles."""
-    return (max(1, num_stages - 1) * 2 * block_n * block_d * elt + block_m * block_d * (elt + 4)
-            + block_m * block_n * 8 * (2 if gathered_mask else 1))
+    the compiler's figure, exact at the largest tiles.
+
+    ``code_bytes``: packed caches, bytes per stored K/V element (int8/fp8 1, int4 0.5): the loads in
+    flight hold codes, plus one K and one V tile converted to ``elt`` for the dots (an estimate: not
+    checked against compiles; the launcher's retry still catches a refusal)."""
+    if code_bytes is None:
+        tiles = max(1, num_stages - 1) * 2 * block_n * block_d * elt
+    else:
+        tiles = int(max(1, num_stages - 1) * 2 * block_n * block_d * code_bytes) + 2 * block_n * block_d * elt
+    return tiles + block_m * block_d * (elt + 4) + block_m * block_n * 8 * (2 if gathered_mask else 1)
 
 
 def _smaller(config: DecodeAttentionConfig) -> DecodeAttentionConfig | None:
@@ -137,10 +162,12 @@ def _smaller(config: DecodeAttentionConfig) -> DecodeAttentionConfig | None:
 
 
 def fit_shared_memory(config: DecodeAttentionConfig, block_m: int, block_d: int, elt: int, gathered_mask: bool,
-                      limit: int) -> DecodeAttentionConfig:
+                      limit: int, code_bytes: float | None = None) -> DecodeAttentionConfig:
     """``config``, shrunk until ``shared_memory_bound`` fits ``limit`` (fp32 or D=256 tiles need it:
-    BLOCK_N=128 with 3 stages takes 270 KB at fp32, D=128)."""
-    while shared_memory_bound(block_m, config.block_n, block_d, config.num_stages, elt, gathered_mask) > limit:
+    BLOCK_N=128 with 3 stages takes 270 KB at fp32, D=128). Packed caches (``code_bytes``) fit larger
+    tiles: the tiny config (BLOCK_N=128, 3 stages) takes 139 KB with int8 codes at bf16, D=128."""
+    while shared_memory_bound(block_m, config.block_n, block_d, config.num_stages, elt, gathered_mask,
+                              code_bytes) > limit:
         smaller = _smaller(config)
         if smaller is None:
             break
@@ -310,10 +337,14 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
 
     sm_count = _sm_count(q.device)
-    config = config or default_config(programs_per_split, sm_count)
+    config = config or packed_config(default_config(programs_per_split, sm_count), kv)
+    code_bytes = None if kv.kv_format == kernels.KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim
     config = fit_shared_memory(config, block_m, block_d, q.element_size(),
-                               mask_kind != kernels.MASK_NONE and not mask_per_key, _smem_limit(q.device))
-    shape_key = (q.device, q.dtype, group, head_dim, block_m, mask_kind, mask_per_key)
+                               mask_kind != kernels.MASK_NONE and not mask_per_key, _smem_limit(q.device), code_bytes)
+    if kv.kv_format == kernels.KV_INT4 and kv.quant_group % config.block_n:
+        # A tile must lie in one key group, so its scales are one [D] row (the kernel's fast path).
+        config = dataclasses.replace(config, block_n=min(config.block_n, kv.quant_group))
+    shape_key = (q.device, q.dtype, group, head_dim, block_m, mask_kind, mask_per_key, kv.kv_format)
     while (config, *shape_key) in _SHRUNK:
         config = _SHRUNK[(config, *shape_key)]
     num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
@@ -345,6 +376,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
                 KV_FORMAT=kv.kv_format, QUANT_GROUP=kv.quant_group,
+                FOLD_V_SCALE=q.dtype != torch.float16,
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 # int4 dequantizes as c * scale + min with two roundings, as its reference does.
                 enable_fp_fusion=kv.kv_format != kernels.KV_INT4,

@@ -19,15 +19,20 @@ to ``-inf`` once multiplied by log2(e), so the exp2 trick is not used. The kerne
 (four multiply-adds per byte of K/V read at most), the extra multiply inside ``tl.exp`` is free.
 
 Packed caches (``KV_FORMAT``, a constexpr switch of the tile loader, so the softmax, masking, split
-and merge code is shared): K/V tiles are loaded in their stored form and dequantized in registers to
-the query's dtype, never written back. ``KV_SCALED_ROWS``: int8 or fp8 codes times a per-token fp32
-scale (``lowering/storage/int8.py``, ``fp8.py``). ``KV_INT4``: KIVI, two 4-bit codes per byte, keys
-per channel in groups of ``QUANT_GROUP`` tokens, values per token, plus the full-precision residual
-window past ``quant_len`` read from its own section (``lowering/storage/int4.py``). ``KV_ALIGNED``:
-12-bit codes split in an int8 high part and a 4-bit low part stored apart; the low parts of a block are
-loaded only when a bound says the block's contribution needs them (``lowering/storage/aligned.py``).
-Dequantization is a product (plus the group minimum for int4) in fp32 rounded once to the dtype, exactly
-as the schemes' ``dequantize`` computes it, so the kernel attends over the same values as the reference.
+and merge code is shared): K/V tiles are loaded in their stored form, never written back.
+``KV_SCALED_ROWS``: int8 or fp8 codes times a per-token fp32 scale (``lowering/storage/int8.py``,
+``fp8.py``). The codes go to the dot converted to the query's dtype (exact: int8 and e4m3 fit bf16 and
+fp16), the key scale multiplies the scores, s_j = (q . c_j) * (scale_k[j] * sm_scale), and the value
+scale the weights, acc += (p * scale_v) @ c_v: no dequantized tile, and the kernel attends over the
+exact products code * scale (not rounded to the dtype; the only rounding p * scale_v to the dtype replaces
+the rounding of p, so the error model of an exact kernel holds over those products).
+``KV_INT4``: KIVI, two 4-bit codes per byte, keys per channel in groups of ``QUANT_GROUP`` tokens, values
+per token, plus the full-precision residual window past ``quant_len`` read from its own section
+(``lowering/storage/int4.py``). With ``BLOCK_N`` dividing ``QUANT_GROUP`` (what the launcher picks) a
+tile lies in one key group, so its scales and minima are one [D] vector each, broadcast over the tile;
+keys are ``code * scale + min`` in fp32 rounded once to the dtype, as the scheme's ``dequantize``.
+``KV_ALIGNED``: 12-bit codes split in an int8 high part and a 4-bit low part stored apart; the low parts of
+a block are loaded only when a bound says the block's contribution needs them (``lowering/storage/aligned.py``).
 
 Follows Dao et al., "Flash-Decoding for long-context inference" (2023) and the state merge of
 Ye et al., FlashInfer (arXiv 2501.01005), section 3.1.
@@ -128,10 +133,29 @@ def _unpack_nibbles(codes):
 
 
 @triton.jit
-def _load_tile(X, XS, XZ, XR, x_base, bh, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
+def _load_codes(x_base, n, kv_ok, d, d_ok, stride_n, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """int8 / fp8 codes of a tile [BLOCK_N, BLOCK_D] converted to ``DTYPE`` (exact), 0 on masked lanes.
+
+    Rows are contiguous runs of D bytes (sections are 64-byte aligned, strides multiples of 16 are
+    specialised), so each thread loads 16 codes at once. ``UPCAST`` (``_mma``'s: bf16 on the CPU
+    interpreter): fp32 instead, equally exact; the interpreter's int8 -> bf16 conversion returns NaN
+    and garbage (triton 3.9: -8 -> nan, 3 -> 5.9e-39), and its bf16 dots upcast anyway."""
+    mask = kv_ok[:, None] & d_ok[None, :]
+    # No ``other=``: fp8 has no literal for it; masked lanes are zeroed after the conversion.
+    c = tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=mask)
+    if UPCAST:
+        x = c.to(tl.float32)
+    else:
+        x = c.to(DTYPE)
+    return tl.where(mask, x, 0.0)
+
+
+@triton.jit
+def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
                DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr,
-               PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] K or V tile of head row ``bh`` (= b * Hkv + kv_head) in ``DTYPE``.
+               PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] K or V tile of keys ``n`` = ``n0`` + 0..BLOCK_N-1 of head row ``bh``
+    (= b * Hkv + kv_head) in ``DTYPE`` (KV_FULL and KV_INT4; KV_SCALED_ROWS tiles stay codes: ``_load_codes``).
 
     ``x_base``: this head's first code (``X`` offset by the head's strides); ``XS``/``XZ``: scale and
     minimum sections; ``XR``: int4's residual window [B, Hkv, res_len, D]. ``PER_CHANNEL`` (int4 keys):
@@ -140,23 +164,28 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n, kv_ok, d, d_ok, stride_n, quant_len
     mask = kv_ok[:, None] & d_ok[None, :]
     if KV_FORMAT == 0:
         x = tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0)
-    elif KV_FORMAT == 1:
-        # No ``other=``: fp8 has no literal for it; masked lanes are zeroed after the conversion.
-        c = tl.where(mask, tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=mask).to(tl.float32), 0.0)
-        scale = tl.load(XS + bh * quant_len + n, mask=kv_ok, other=0.0)
-        x = (c * scale[:, None]).to(DTYPE)
     else:
-        tl.static_assert(KV_FORMAT == 2, "the aligned format loads its tiles in the kernel body")
+        tl.static_assert(KV_FORMAT == 2, "scaled rows and the aligned format load their tiles in the kernel body")
         in_q = n < quant_len
         q_mask = mask & in_q[:, None]
         d2 = tl.arange(0, BLOCK_D // 2)
+        # One uint8 tile, both nibbles unpacked from it with shifts and masks.
         codes = tl.load(x_base + n[:, None] * stride_n + d2[None, :],
                         mask=(kv_ok & in_q)[:, None] & (d2 < (HEAD_DIM + 1) // 2)[None, :], other=0)
         c = _unpack_nibbles(codes).to(tl.float32)
         if PER_CHANNEL:
-            off = (bh * (quant_len // QUANT_GROUP) + n // QUANT_GROUP)[:, None] * HEAD_DIM + d[None, :]
-            scale = tl.load(XS + off, mask=q_mask, other=0.0).to(tl.float32)
-            low = tl.load(XZ + off, mask=q_mask, other=0.0).to(tl.float32)
+            if QUANT_GROUP % BLOCK_N == 0:
+                # The tile lies in one key group (tiles start at multiples of BLOCK_N): its scales and
+                # minima are one [D] row each, loaded once and broadcast, not a [BLOCK_N, D] gather
+                # (which moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
+                grp = bh * (quant_len // QUANT_GROUP) + n0 // QUANT_GROUP
+                g_ok = d_ok & (d * 0 + n0 < quant_len)  # a tensor compare (the interpreter's n0 is an int)
+                scale = tl.load(XS + grp * HEAD_DIM + d, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+                low = tl.load(XZ + grp * HEAD_DIM + d, mask=g_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                off = (bh * (quant_len // QUANT_GROUP) + n // QUANT_GROUP)[:, None] * HEAD_DIM + d[None, :]
+                scale = tl.load(XS + off, mask=q_mask, other=0.0).to(tl.float32)
+                low = tl.load(XZ + off, mask=q_mask, other=0.0).to(tl.float32)
         else:
             scale = tl.load(XS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
             low = tl.load(XZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
@@ -215,6 +244,7 @@ def decode_attention_split_kernel(
     UPCAST_DOT: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0,  # KV_FULL, KV_SCALED_ROWS, KV_INT4 or KV_ALIGNED
     QUANT_GROUP: tl.constexpr = 32,  # KV_INT4: tokens per key group
+    FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS: value scales into the weights (not for fp16)
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -296,13 +326,19 @@ def decode_attention_split_kernel(
             # A key no row attends costs no K/V traffic: predicated-off loads fetch nothing.
             kv_ok = kv_ok & live
 
-        if KV_FORMAT == 3:
-            k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, quant_len)
-            k = (k_code * k_step[:, None]).to(dtype)
+        if KV_FORMAT == 1:
+            # Scores of the codes, then the per-token key scale: s_j = (q . c_j) * (scale_k[j] * sm_scale).
+            k = _load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT)
+            k_scale = tl.load(KS + bh64 * quant_len + n, mask=kv_ok, other=0.0)
+            s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
         else:
-            k = _load_tile(K, KS, KZ, KR, k_base, bh64, n, kv_ok, d, d_ok, stride_kn, quant_len, res_len,
-                           dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP)
-        s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
+            if KV_FORMAT == 3:
+                k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, quant_len)
+                k = (k_code * k_step[:, None]).to(dtype)
+            else:
+                k = _load_tile(K, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, d, d_ok, stride_kn, quant_len, res_len,
+                               dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP, BLOCK_N)
+            s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
         if MASK_KIND == 2:
             s = s + bias
         s = tl.where(keep, s, float("-inf"))
@@ -358,10 +394,24 @@ def decode_attention_split_kernel(
             e_i = e_i * alpha + e_blk
             c_i = c_i * alpha + c_blk
             w_i = w_i * alpha + _sum(p * amp[None, :], axis=1)
+        elif KV_FORMAT == 1:
+            # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
+            # p * scale_v to the dtype in place of the rounding of p.
+            v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
+            v_scale = tl.load(VS + bh64 * quant_len + n, mask=kv_ok, other=0.0)
+            if FOLD_V_SCALE:
+                p_v = p * v_scale[None, :]
+            else:
+                # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
+                # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
+                v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
+                p_v = p
         else:
-            v = _load_tile(V, VS, VZ, VR, v_base, bh64, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
-                           dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+            v = _load_tile(V, VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
+                           dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP, BLOCK_N)
+        if KV_FORMAT != 1:
+            p_v = p
+        acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
     if KV_FORMAT == 3:

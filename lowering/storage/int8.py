@@ -50,6 +50,9 @@ def copy_old_tokens(old: State | None, old_length: int, out: State, names) -> No
 @register_scheme(8)
 class Int8:
     name = "int8, per-token per-head scales"
+    # The fused kernel attends over code * scale as exact products (scales applied to the scores and the
+    # weights, never a dequantized tile rounded to the dtype): its oracle is ``dequantize`` in fp32.
+    kernel_attends_over_products = True
 
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype) -> Layout:
         rows = (batch, kv_heads, length)

@@ -83,7 +83,21 @@ def quantization_bound(problem, ek, ev) -> torch.Tensor:
 def kernel_dequantized(scheme, state, length, dtype, **options):
     """The values the kernel attends over: ``dequantize`` (fp32 product rounded to the dtype), except that
     Triton's CPU interpreter truncates fp32 to bf16 instead of rounding (kvpass.testing.tolerance), so
-    under it bf16 tiles are the fp32 values truncated."""
+    under it bf16 tiles are the fp32 values truncated.
+
+    Schemes with ``kernel_attends_over_products`` (int8, fp8) never round a dequantized tile: the kernel
+    multiplies the scores by the key scales and the weights by the value scales, so it attends over
+    code * scale itself; the oracle is ``dequantize`` in fp32 (one rounding of the product, 2^-24
+    relative, inside the exact model's (D + 4) 2^-24 score term). The exact tolerance still applies
+    unchanged: the scores are a dot of exact dtype values (codes) with fp32 accumulation and two more
+    roundings (times scale_k * sm_scale), and p * scale_v is rounded once to the dtype before the PV
+    product, u p_j scale_j |c_jd| = u p_j |v_jd|, the model's "p rounding" term. fp16 values excepted:
+    there the kernel dequantizes value tiles as before (``FOLD_V_SCALE``)."""
+    if getattr(scheme, "kernel_attends_over_products", False):
+        k, v = scheme.dequantize(state, length, torch.float32, **options)
+        if dtype == torch.float16:  # fp16 keeps dequantized value tiles (subnormal p * scale_v otherwise)
+            v = scheme.dequantize(state, length, dtype, **options)[1]
+        return k, v
     if not (DEVICE == "cpu" and dtype == torch.bfloat16):
         return scheme.dequantize(state, length, dtype, **options)
     return tuple((x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
