@@ -47,6 +47,9 @@ MAX_DECODE_QUERY_LEN = 16  # as lowering.ops and formats.dense: longer queries a
 # finfo(dtype).min (<= -65504), ALiBi-like biases stay far above it.
 MASKED_BELOW = -1e4
 NEVER = torch.finfo(torch.float32).min  # stored score of a token no query may attend (finite: poison-checkable)
+# Fused decode scoring (``lowering.scored_decode_attention``, policies with ``fused_scoring``): None = on
+# CUDA; tests set True to run the Triton kernels under TRITON_INTERPRET=1 on the CPU, False = reference.
+FUSED_SCORING: bool | None = None
 # Prefill scoring by all queries (H2O) works on query chunks holding at most this many fp32 weights:
 # 2^26 * 4 B = 256 MB at 32k context instead of Lq * L * Hq * 4 B = 128 GB at once.
 SCORE_CHUNK_ELEMENTS = 1 << 26
@@ -215,12 +218,25 @@ class Candidates:
 
     def weights(self, **kw) -> torch.Tensor:
         """Weights from this step's queries (all of them), [B, Hkv, C]."""
+        if self.extra.get("fused"):
+            from lowering.scored_decode_attention import KeySegment
+
+            return self.fused_weights([KeySegment(self.k)], **kw)
         if self.q.shape[2] > MAX_DECODE_QUERY_LEN:
             return all_query_weights(self.q, self.k, self.attn_mask, self.is_causal, self.pos, self.length, self.full,
                                      self.scale)
         bias = candidate_bias(self.attn_mask, self.is_causal, slice(None), self.q.shape[2], self.length, self.pos,
                               self.full, self.q.shape[1])
         return key_weights(self.q, self.k, bias, self.scale, **kw)
+
+    def fused_weights(self, segments, *, mean: bool = False) -> torch.Tensor:
+        """``weights`` of a decode step from the fused kernel, over the candidates' keys given in column
+        ``segments``; the raw scores stay in ``extra["scored"]`` for the attention after selection."""
+        from lowering.scored_decode_attention import score_keys
+
+        scored = score_keys(self.q, segments, self.pos, self.attn_mask, self.scale, self.length, mean=mean)
+        self.extra["scored"] = scored
+        return scored.weights
 
     def newest(self, count) -> torch.Tensor:
         """bool [B, Hkv, C]: the candidates among the ``count`` newest logical positions."""
@@ -257,6 +273,7 @@ def by_position(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def write_hot(c: Candidates, score: torch.Tensor, idx: torch.Tensor, out: State) -> None:
     """Kept candidates ``idx`` [B, Hkv, hot] into the hot sections of ``out``, in position order."""
     idx = by_position(c.pos, idx)
+    c.extra["kept"] = idx  # the fused path attends over these candidates' stored scores
     for name, t in c.stored.items():
         out[name].copy_(take(t, idx))
     out["pos"].copy_(take(c.pos, idx))
@@ -268,6 +285,7 @@ class BudgetedFormat:
     and implements ``score`` (and ``protected``); ADORE overrides ``keep`` to add its cold store."""
 
     policy: str = ""
+    fused_scoring: bool = False  # decode weights and attention from one pass over the keys (h2o, adore)
 
     def __init__(self, spec: FormatSpec, storage: StorageScheme):
         if spec.early_exit is not None:
@@ -321,6 +339,21 @@ class BudgetedFormat:
         return Candidates(q, k, v, stored, pos, score, visible, attn_mask, is_causal, scale, n, length,
                           hot_old == old_length, prefill, site)
 
+    def use_fused_scoring(self, c: Candidates) -> bool:
+        """Decode steps that drop a token (with nothing dropped the step stays bit for bit the dense
+        format's), on CUDA (or when tests force ``FUSED_SCORING``), with keys stored in the model's dtype
+        (the scores must be those of the stored rows: kv_bits=16) and a query the kernels take."""
+        enabled = c.q.is_cuda if FUSED_SCORING is None else FUSED_SCORING
+        if not (enabled and self.fused_scoring and not c.prefill and c.length > self.budget):
+            return False
+        if set(c.stored) != {"k", "v"} or c.stored["k"].dtype != c.q.dtype or c.k.shape[-1] != c.v.shape[-1]:
+            return False
+        try:
+            from lowering.decode_attention import query_unsupported_reason
+        except ImportError:  # triton missing
+            return False
+        return query_unsupported_reason(c.q, c.k.shape[1], c.length, c.attn_mask) is None
+
     def selection_key(self, c: Candidates, score: torch.Tensor) -> torch.Tensor:
         key = score.clone()
         protect = self.protected(c)
@@ -337,6 +370,7 @@ class BudgetedFormat:
     def step(self, q, old: State | None, old_length: int, new_k, new_v, attn_mask, is_causal, scale, site: str,
              out: State) -> torch.Tensor:
         c = self.candidates(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
+        c.extra["fused"] = self.use_fused_scoring(c)
         hot = min(c.length, self.budget)
         result = None
         if c.prefill:  # attend exactly over every candidate, then select
@@ -350,6 +384,10 @@ class BudgetedFormat:
         stats.set_last(site, "kept", hot)
         if result is not None:
             return result
+        if c.extra.get("scored") is not None:  # the kept tokens' scores are computed: read their values only
+            from lowering.scored_decode_attention import kept_attention
+
+            return kept_attention(c.extra["scored"], c.extra["kept"], out["v"])
         mask = attn_mask if hot == c.length else gather_model_mask(attn_mask, out["pos"], q.shape[1], q.shape[2],
                                                                    c.length)
         state = {name: out[name] for name in c.stored}

@@ -71,7 +71,7 @@ def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def score_keys(q: torch.Tensor, segments: list[KeySegment], pos: torch.Tensor, attn_mask, scale: float | None,
-               length: int, *, mean: bool = False, config=None) -> ScoredKeys:
+               length: int, *, mean: bool = False, weights_out=None, scores_out=None, config=None) -> ScoredKeys:
     """Weights each candidate key receives from the query rows of its KV head, in one pass over the keys.
 
     q [B, Hq, Lq, D] (Lq <= 16); ``segments``: the candidates' keys, in column order, C columns in all;
@@ -79,6 +79,7 @@ def score_keys(q: torch.Tensor, segments: list[KeySegment], pos: torch.Tensor, a
     bool (True = attend) or additive (< -1e4: not attended), broadcastable to [B, Hq, Lq, length].
     Returns weights fp32 [B, Hkv, C]: sum over the group's query heads and the query rows of
     softmax over all C candidates (divided by Lq with ``mean``), as ``lowering.policies.key_weights``.
+    ``weights_out`` / ``scores_out``: contiguous fp32 buffers to fill (tests poison them).
     """
     reason = scoring_unsupported_reason(q, segments, attn_mask, length)
     if reason is not None:
@@ -105,9 +106,9 @@ def score_keys(q: torch.Tensor, segments: list[KeySegment], pos: torch.Tensor, a
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
     pos = _contiguous_last(pos)
-    scores = torch.empty(batch, num_heads, q_len, cols, device=q.device, dtype=torch.float32)
+    scores = _buffer(scores_out, (batch, num_heads, q_len, cols), q.device)
+    weights = _buffer(weights_out, (batch, num_kv_heads, cols), q.device)
     lse = torch.empty(batch * num_heads * q_len * total_splits, device=q.device, dtype=torch.float32)
-    weights = torch.empty(batch, num_kv_heads, cols, device=q.device, dtype=torch.float32)
     common = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
                   MASK_KIND=mask_kind, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
@@ -175,6 +176,14 @@ def kept_attention(scored: ScoredKeys, idx: torch.Tensor, v: torch.Tensor, *, ou
                 part, out, num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 SPLIT_BLOCK=min(config.split_block, max(16, _next_power_of_2(num_splits))),
                 num_warps=config.merge_num_warps)
+    return out
+
+
+def _buffer(out, shape, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"output buffer must be a contiguous float32 {shape} tensor on {device}")
     return out
 
 

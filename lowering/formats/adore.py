@@ -53,6 +53,7 @@ COLD = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale", "cold_pos", "cold_sc
 @register_format("adore")
 class Adore(BudgetedFormat):
     policy = "adore"
+    fused_scoring = True
     gamma = GAMMA
 
     @property
@@ -96,18 +97,32 @@ class Adore(BudgetedFormat):
             stored={name: splice(t, cold_stored[name]) for name, t in c.stored.items()},
             pos=splice(c.pos, old["cold_pos"].long()), score=splice(c.score, old["cold_score"]),
             visible=splice(c.visible, old["cold_score"] > torch.finfo(torch.float32).min),
-            extra={"regions": (n_hot, n_cold), "int8": int8})
+            extra={"regions": (n_hot, n_cold), "int8": int8, "cold_k": (old["cold_k"], old["cold_k_scale"])})
 
     def score(self, c: Candidates) -> torch.Tensor:
-        full = c.full and c.extra["regions"][1] == 0
-        Lq = c.q.shape[2]
-        rows = slice(Lq - min(WINDOW, Lq), Lq) if c.prefill else slice(None)
-        bias = candidate_bias(c.attn_mask, c.is_causal, rows, Lq, c.length, c.pos, full, c.q.shape[1])
-        w = key_weights(c.q[:, :, rows], c.k, bias, c.scale, mean=True)
+        if c.extra.get("fused"):  # decode on CUDA: one pass over hot keys and int8 cold codes
+            w = c.fused_weights(self.key_segments(c), mean=True)
+        else:
+            full = c.full and c.extra["regions"][1] == 0
+            Lq = c.q.shape[2]
+            rows = slice(Lq - min(WINDOW, Lq), Lq) if c.prefill else slice(None)
+            bias = candidate_bias(c.attn_mask, c.is_causal, rows, Lq, c.length, c.pos, full, c.q.shape[1])
+            w = key_weights(c.q[:, :, rows], c.k, bias, c.scale, mean=True)
         return torch.where(c.is_new, w, self.gamma * c.score + (1 - self.gamma) * w)
 
     def protected(self, c: Candidates) -> torch.Tensor:
         return c.newest(self.recent)
+
+    def key_segments(self, c: Candidates) -> list:
+        """The candidates' keys for the fused scoring kernel: old hot, the cold store's int8 codes with
+        their scales (dequantized in registers, never materialised), new."""
+        from lowering.scored_decode_attention import KeySegment
+
+        n_hot, n_cold = c.extra["regions"]
+        if not n_cold:
+            return [KeySegment(c.k)]
+        codes, scales = c.extra["cold_k"]
+        return [KeySegment(c.k[:, :, :n_hot]), KeySegment(codes, scales), KeySegment(c.k[:, :, n_hot + n_cold:])]
 
     def keep(self, c: Candidates, score: torch.Tensor, out) -> None:
         idx, rest = select(self.selection_key(c, score), min(c.length, self.budget))

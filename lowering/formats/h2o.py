@@ -7,8 +7,10 @@ query at prefill, each decode query since) and over the query heads of its KV he
 per KV head). The newest ``budget - budget // 2`` tokens are always kept (the paper's balanced split:
 half heavy hitters, half recent); the rest of the budget goes to the highest scores.
 
-Cost: decode computes the weights over budget + 1 keys explicitly (reference path: q.K softmax in fp32,
-one extra read of the hot keys next to the fused decode attention); prefill sums weights over all
+Cost: decode computes the weights over budget + 1 keys; on CUDA with kv_bits=16 in one pass over the
+keys that also leaves the scores the attention over the kept tokens reuses (``lowering.scored_decode_attention``),
+elsewhere explicitly (reference path: q.K softmax in fp32, one extra read of the hot keys next to the
+fused decode attention); prefill sums weights over all
 queries in chunks of <= 2^26 fp32 weights (lowering.policies.SCORE_CHUNK_ELEMENTS).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lowering.policies import BudgetedFormat, Candidates
 @register_format("h2o")
 class HeavyHitters(BudgetedFormat):
     policy = "h2o"
+    fused_scoring = True
 
     @property
     def recent(self) -> int:
