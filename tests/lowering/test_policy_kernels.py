@@ -28,14 +28,15 @@ from kvpass.testing.tolerance import UNIT_ROUNDOFF, _bf16_truncates
 from lowering import policies
 from lowering import scored_decode_attention as sda
 from lowering.storage.int8 import dequantize_rows, quantize_rows
-from test_policies import decode_sequence, fmt_for, run_sequence  # tests/lowering: the same sequences
+from lowering import packed
+from test_policies import decode_sequence, fmt_for  # tests/lowering: the same sequences
 
 U32 = 2.0 ** -24
 MASKED_BELOW = -1e4  # lowering.policies.MASKED_BELOW: additive entries below it are "not attended"
 
 
 def problems():
-    return kt.decode_problems(gqa_ratios=(1, 2, 4), head_dims=(16, 40, 64), kv_heads=(1, 2), causal=(False,),
+    return kt.decode_problems(gqa_ratios=(1, 2, 4), head_dims=(16, 40, 64), kv_heads=(1, 2), causal=(False,), device="auto",
                               distributions=("normal", "one_dominant_key", "outlier_channels", "equal_scores",
                                              "masked_rows"))
 
@@ -106,12 +107,12 @@ def test_score_keys_gives_the_float64_weights_over_segments_and_candidate_positi
     int8_segment = data.draw(st.sampled_from([-1, *range(n_cuts + 1)]))
     segments, k_seen = segment_keys(p, cuts, int8_segment)
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
-    pos = torch.stack([torch.randperm(p.kv_len, generator=g) for _ in range(p.batch * p.kv_heads)])
+    pos = torch.stack([torch.randperm(p.kv_len, generator=g) for _ in range(p.batch * p.kv_heads)]).to(p.device)
     pos = pos.reshape(p.batch, p.kv_heads, p.kv_len) if data.draw(st.booleans()) else \
-        torch.arange(p.kv_len).expand(p.batch, p.kv_heads, p.kv_len).contiguous()
+        torch.arange(p.kv_len, device=p.device).expand(p.batch, p.kv_heads, p.kv_len).contiguous()
     mean = data.draw(st.booleans())
-    w_out = kt.poisoned_like(torch.empty(p.batch, p.kv_heads, p.kv_len))
-    s_out = kt.poisoned_like(torch.empty(p.batch, p.q_heads, p.q_len, p.kv_len))
+    w_out = kt.poisoned_like(torch.empty(p.batch, p.kv_heads, p.kv_len, device=p.device))
+    s_out = kt.poisoned_like(torch.empty(p.batch, p.q_heads, p.q_len, p.kv_len, device=p.device))
     before = p.q.clone(), p.k.clone()
     scored = sda.score_keys(p.q, segments, pos.to(torch.int32), p.attn_mask, p.scale, p.kv_len, mean=mean,
                             weights_out=w_out, scores_out=s_out)
@@ -135,11 +136,11 @@ def test_kept_attention_attends_over_the_kept_subset_from_the_stored_scores(prob
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
     kept = data.draw(st.integers(1, p.kv_len))
     idx = torch.stack([torch.randperm(p.kv_len, generator=g)[:kept] for _ in range(p.batch * p.kv_heads)])
-    idx = idx.reshape(p.batch, p.kv_heads, kept)
-    pos = torch.arange(p.kv_len).expand(p.batch, p.kv_heads, p.kv_len)
+    idx = idx.reshape(p.batch, p.kv_heads, kept).to(p.device)
+    pos = torch.arange(p.kv_len, device=p.device).expand(p.batch, p.kv_heads, p.kv_len)
     scored = sda.score_keys(p.q, [sda.KeySegment(p.k)], pos, p.attn_mask, p.scale, p.kv_len)
     take = lambda t: t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))  # noqa: E731
-    out = kt.poisoned_like(torch.empty(p.q.shape, dtype=p.dtype))
+    out = kt.poisoned_like(torch.empty(p.q.shape, dtype=p.dtype, device=p.device))
     got = sda.kept_attention(scored, idx.to(torch.int32), take(p.v), out=out)
     assert got is out
     kt.assert_all_written(out)
@@ -155,13 +156,14 @@ def test_kept_attention_attends_over_the_kept_subset_from_the_stored_scores(prob
 
 
 def test_launchers_refuse_what_the_kernels_do_not_take():
-    q = torch.randn(1, 4, 1, 16)
-    k = torch.randn(1, 2, 8, 16)
-    pos = torch.arange(8).expand(1, 2, 8)
+    device = kt.default_device()
+    q = torch.randn(1, 4, 1, 16, device=device)
+    k = torch.randn(1, 2, 8, 16, device=device)
+    pos = torch.arange(8, device=device).expand(1, 2, 8)
     with pytest.raises(ValueError, match="int8 codes"):
-        sda.score_keys(q, [sda.KeySegment(k, torch.ones(1, 2, 8))], pos, None, None, 8)
+        sda.score_keys(q, [sda.KeySegment(k, torch.ones(1, 2, 8, device=device))], pos, None, None, 8)
     with pytest.raises(ValueError, match="query length"):
-        sda.score_keys(torch.randn(1, 4, 17, 16), [sda.KeySegment(k)], pos, None, None, 8)
+        sda.score_keys(torch.randn(1, 4, 17, 16, device=device), [sda.KeySegment(k)], pos, None, None, 8)
     with pytest.raises(ValueError, match="pos"):
         sda.score_keys(q, [sda.KeySegment(k)], pos[..., :7], None, None, 8)
 
@@ -171,8 +173,23 @@ def test_launchers_refuse_what_the_kernels_do_not_take():
 def run_policy(policy, fused, monkeypatch, seed, group, budget):
     """Prefill 20 tokens (row 1 left-padded by 5), then 4 decode steps; per step (out, sections)."""
     monkeypatch.setattr(policies, "FUSED_SCORING", fused)
+    device = kt.default_device()  # CUDA: compiled kernels; CPU: the interpreter (tests/lowering/conftest.py)
     q, k, v, calls = decode_sequence(group=group, seed=seed, prompt=20, steps=4, pads=(0, 5))
-    outs, states = run_sequence(fmt_for(policy, budget), q, k, v, calls)
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    calls = [(lo, hi, mask.to(device)) for lo, hi, mask in calls]
+    fmt, old, outs, states = fmt_for(policy, budget), None, [], []
+    for lo, hi, mask in calls:  # test_policies.run_sequence, on the test device
+        B, Hkv, _, D = k.shape
+        _, sections = packed.allocate(fmt.layout(B, Hkv, hi, D, D, q.dtype), device)
+        for t in sections.values():
+            t.copy_(kt.poisoned_like(t))
+        out = fmt.step(q[:, :, lo:hi], old, lo, k[:, :, lo:hi], v[:, :, lo:hi], mask, False, None, "site", sections)
+        kt.assert_all_written(out, "attention output")
+        for name, t in sections.items():
+            kt.assert_all_written(t, f"section {name}")
+        outs.append(out)
+        states.append(sections)
+        old = sections
     return q, k, v, calls, outs, states
 
 
