@@ -31,6 +31,8 @@ per token, plus the full-precision residual window past ``quant_len`` read from 
 (``lowering/storage/int4.py``). With ``BLOCK_N`` dividing ``QUANT_GROUP`` (what the launcher picks) a
 tile lies in one key group, so its scales and minima are one [D] vector each, broadcast over the tile;
 keys are ``code * scale + min`` in fp32 rounded once to the dtype, as the scheme's ``dequantize``.
+Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), codes 0..15 exact in the
+dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
 ``KV_ALIGNED``: 12-bit codes split in an int8 high part and a 4-bit low part stored apart; the low parts of
 a block are loaded only when a bound says the block's contribution needs them (``lowering/storage/aligned.py``).
 
@@ -198,6 +200,31 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
 
 
 @triton.jit
+def _load_int4_values(VS, VZ, VR, v_base, bh, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
+                      DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """int4 value tile for the folded product: (x [BLOCK_N, BLOCK_D], scale [BLOCK_N], min [BLOCK_N]) with
+    value = x * scale + min: codes 0..15 (exact in ``DTYPE``; fp32 under ``UPCAST``, see ``_load_codes``)
+    with the token's scale and minimum for quantized tokens, the stored row with scale 1, min 0 for the
+    residual window past ``quant_len``; masked keys give zeros."""
+    in_q = n < quant_len
+    mask = kv_ok[:, None] & d_ok[None, :]
+    d2 = tl.arange(0, BLOCK_D // 2)
+    codes = tl.load(v_base + n[:, None] * stride_n + d2[None, :],
+                    mask=(kv_ok & in_q)[:, None] & (d2 < (HEAD_DIM + 1) // 2)[None, :], other=0)
+    c = _unpack_nibbles(codes)
+    if UPCAST:
+        c = c.to(tl.float32)
+    else:
+        c = c.to(DTYPE)
+    res = tl.load(VR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :],
+                  mask=mask & (n >= quant_len)[:, None], other=0.0)
+    x = tl.where(in_q[:, None], c, res.to(c.dtype))
+    scale = tl.load(VS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
+    low = tl.load(VZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
+    return x, tl.where(in_q, scale, 1.0), low
+
+
+@triton.jit
 def _load_aligned(x_base, XS, bh, n, kv_ok, d, d_ok, stride_n, kv_rows):
     """Aligned high parts of a tile as fp32 codes 16 h [BLOCK_N, BLOCK_D] and the per-token steps [BLOCK_N]."""
     code = tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0)
@@ -244,7 +271,7 @@ def decode_attention_split_kernel(
     UPCAST_DOT: tl.constexpr,
     KV_FORMAT: tl.constexpr = 0,  # KV_FULL, KV_SCALED_ROWS, KV_INT4 or KV_ALIGNED
     QUANT_GROUP: tl.constexpr = 32,  # KV_INT4: tokens per key group
-    FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS: value scales into the weights (not for fp16)
+    FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS, KV_INT4: value scales into the weights (not fp16)
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -406,12 +433,21 @@ def decode_attention_split_kernel(
                 # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
                 v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
                 p_v = p
+        elif KV_FORMAT == 2 and FOLD_V_SCALE:
+            # int4 values c * scale_v + min_v per token: acc += (p * scale_v) @ c_v + (p . min_v), the
+            # codes 0..15 exact in the dtype; residual tokens are their stored rows with scale 1, min 0.
+            v, v_scale, v_min = _load_int4_values(VS, VZ, VR, v_base, bh64, n, kv_ok, d, d_ok, stride_vn,
+                                                  quant_len, res_len, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT)
+            p_v = p * v_scale[None, :]
+            min_term = _sum(p * v_min[None, :], axis=1)  # [BLOCK_M], in fp32
         else:
             v = _load_tile(V, VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
                            dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP, BLOCK_N)
-        if KV_FORMAT != 1:
+        if KV_FORMAT == 0 or KV_FORMAT == 3 or (KV_FORMAT == 2 and not FOLD_V_SCALE):
             p_v = p
         acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
+        if KV_FORMAT == 2 and FOLD_V_SCALE:
+            acc = acc + min_term[:, None]
         m_i = m_new
 
     if KV_FORMAT == 3:

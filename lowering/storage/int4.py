@@ -80,6 +80,18 @@ def split_length(length):
 class Int4Kivi:
     name = "int4 KIVI, keys per channel (groups of 32 tokens), values per token, residual window"
     group = GROUP
+    # The fused kernel folds the value scale and minimum into the weights (bf16 / fp32 queries): it attends
+    # over the exact values code * scale + min (``kernel_values``), keys as ``dequantize`` rounds them.
+    kernel_folds_values = True
+
+    def kernel_values(self, state: State, length: int):
+        """(values the folded kernel attends over, float64 [B, Hkv, L, Dv]: c * scale + min exactly, the
+        residual as stored; the magnitude its roundings scale with: |c * scale| + |min|, |residual|)."""
+        Dv = state["v_res"].shape[-1]
+        cs = unpack_nibbles(state["v"], Dv).double() * state["v_scale"].double()[..., None]
+        low = state["v_min"].double()[..., None]
+        res = state["v_res"].double()
+        return torch.cat([cs + low, res], 2), torch.cat([cs.abs() + low.abs(), res.abs()], 2)
 
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype) -> Layout:
         quant, res = split_length(length)

@@ -104,18 +104,36 @@ def kernel_dequantized(scheme, state, length, dtype, **options):
                  for x in scheme.dequantize(state, length, torch.float32, **options))
 
 
+def kernel_tolerance(scheme, state, length, deq):
+    """(values the kernel attends over, the exact-kernel tolerance over them) for ``deq`` (the problem
+    holding ``kernel_dequantized``'s k, v).
+
+    int4 values with bf16 / fp32 queries (``kernel_folds_values``): the kernel computes
+    (p * scale_v) @ c + p . min_v, so the oracle is the exact c * scale_v + min_v, and the rounding of
+    p * scale_v to the dtype errs by u p_j |c_jd scale_j| rather than the model's u p_j |v_jd| (|c scale|
+    exceeds |v| where the minimum cancels it); the fp32 sum p . min_v adds L u32 p_j |min_j|. The exact
+    model with |v_jd| replaced by |c_jd scale_j| + |min_j| (>= |v_jd|) covers both: its p-rounding,
+    accumulation and softmax-spread terms all scale with that magnitude."""
+    if not (getattr(scheme, "kernel_folds_values", False) and deq.dtype != torch.float16):
+        return deq.v, kt.tolerance_for(deq)
+    v_exact, magnitude = scheme.kernel_values(state, length)
+    tol = kt.tolerance_for(dataclasses.replace(deq, v=magnitude))
+    return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
+
+
 def check_scheme(key, problem, chunks=None):
     """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound)."""
     scheme = SCHEMES[key]
     state = pack(scheme, problem.k, problem.v, chunks)
     L = problem.kv_len
     kd, vd = kernel_dequantized(scheme, state, L, problem.dtype)
+    vd, tolerance = kernel_tolerance(scheme, state, L, dataclasses.replace(problem, k=kd, v=vd))
     deq = dataclasses.replace(problem, k=kd, v=vd)
     ref_deq = kt.quantized_attention(problem, lambda k: kd, lambda v: vd)
     out = kt.check_kernel(kernel(scheme, state, L, **KERNEL_OPTIONS.get(key, {})), deq, reference=ref_deq,
-                          out_arg=True)
+                          tolerance=tolerance, out_arg=True)
     ek, ev = scheme.error_bound(state, L, problem.dtype)
-    allowed = kt.tolerance_for(deq).allowed(ref_deq) + quantization_bound(problem, ek, ev)
+    allowed = tolerance.allowed(ref_deq) + quantization_bound(problem, ek, ev)
     kt.assert_attention_close(out, kt.reference_attention(problem), kt.Tolerance(
         atol=allowed, rtol=0.0, why=f"{scheme.name}: exact-kernel tolerance over the dequantized cache + the "
                                     "quantization step pushed through softmax (quantization_bound)"),
