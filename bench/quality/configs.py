@@ -3,13 +3,28 @@
 kvpass configurations are plain option dicts for ``torch.compile(..., backend="kvpass",
 options=...)``. Today only the exact mode compiles; every other value raises NotImplementedError at
 compile time, which the runner records as a "not implemented" row, so each later issue (policies,
-quantized caches, early exit) only reruns ``bench/eval_quality.py``. If an option name here drifts
-from ``kvpass``'s options dataclass, the row says "invalid options" with the backend's message:
-update the names below, in this one place.
+quantized caches, early exit) only reruns its own rows (``--only 'kvpass/kv_bits*'``). If an option
+name here drifts from ``kvpass``'s options dataclass, the row says "invalid options" with the
+backend's message: update the names below, in this one place.
 
-Budgets are fractions of the prompt kept in the cache (1/4, 1/8, 1/16). For kvpress they apply to
-the context part of the prompt (its protocol compresses the context, then reads the question
-uncompressed); the question is 20-50 tokens, so the two differ by at most 10% of the prompt.
+Budgets are fractions of the prompt kept in the cache (1/4, 1/8, 1/16): ``round(b * L)`` tokens per
+layer and KV head, 128 / 64 / 32 at L = 512.
+
+The kvpress peer runs two protocols on the same token ids:
+- ``kvpress/...`` (the main rows, compared with kvpass): the whole prompt, question included, is
+  prefilled under the press and compressed to ``int(b * L)`` tokens, then the answer is decoded;
+  this is what kvpass's policies do (query-aware: the question ends the prompt, inside SnapKV's
+  observation window).
+- ``kvpress-ctx/...`` (kvpress's own pipeline): the context (the prompt minus the batch's longest
+  question) is compressed to ``int(b * context)`` tokens, then the question is read uncompressed at
+  its original positions and the answer decoded. The press never sees the question.
+
+SnapKV and PyramidKV run with an observation window of 8 tokens, not kvpress's default 64: at
+1/8 and 1/16 of 512 tokens the budget (64, 32) is no larger than a 64-token window, which SnapKV
+always keeps whole (its scores pad the window with max + 1), so the default keeps only the last
+64 (or 32 of them, tie-broken arbitrarily) positions, with no attention sinks and no selection at
+all (that run measured +160% perplexity at 1/8, against +22% for StreamingLLM). 8 is what the
+PyramidKV authors' harness (KVCache-Factory, ``run_longbench.py``) uses for budgets 64 to 2048.
 """
 
 from __future__ import annotations
@@ -24,10 +39,17 @@ except ImportError:  # the runner then records kvpass rows as unavailable
     _POLICIES, _KV_BITS = ("full", "streaming", "h2o", "snapkv", "asl", "adore"), (16, 8, 4, "fp8", "aligned")
 POLICIES = tuple(p for p in _POLICIES if p != "full")
 KV_BITS = tuple(b for b in _KV_BITS if b != 16)
-# kvpass defines early_exit as a relative tolerance with no default value yet; 1e-3 is ART's
-# direction threshold (1 - cosine, shared/papers.md). Follow kvpass's default once it has one.
-EARLY_EXIT_DEFAULT = 1e-3
-KVPRESS_PRESSES = ("snapkv", "streaming_llm", "expected_attention", "pyramidkv")
+# early_exit=True is kvpass's default tolerance (lowering.early_exit.DEFAULT_TOLERANCE, 1e-3 relative
+# today), so the row follows the default if it changes.
+EARLY_EXIT_DEFAULT = True
+# Press name -> constructor arguments besides compression_ratio (see the module docstring).
+KVPRESS_PRESSES = {
+    "snapkv": {"window_size": 8},
+    "streaming_llm": {},
+    "expected_attention": {},
+    "pyramidkv": {"window_size": 8},
+}
+PROTOCOLS = {"prompt": "kvpress", "context": "kvpress-ctx"}  # protocol -> name prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +58,20 @@ class Config:
     engine: str  # "eager" | "kvpass" | "kvpress"
     options: dict | None = None  # kvpass options
     press: str | None = None  # kvpress press name
-    budget: float | None = None  # fraction of the prompt (context for kvpress) kept
+    budget: float | None = None  # fraction of the prompt (kvpress-ctx: of the context) kept
+    press_kwargs: dict | None = None  # kvpress press arguments besides compression_ratio
+    protocol: str | None = None  # kvpress: "prompt" (query-aware) or "context" (its pipeline's)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    def options_for(self, length: int) -> dict:
+    def options_for(self, length: int, compiler: str | None = None) -> dict:
         """kvpass options at a prompt length: the budget fraction becomes tokens per layer and KV head."""
         opts = dict(self.options or {})
         if self.budget is not None:
             opts["budget"] = max(1, round(self.budget * length))
+        if compiler is not None:
+            opts["compiler"] = compiler
         return opts
 
 
@@ -82,11 +108,18 @@ def main_configs() -> list[Config]:
 
 
 def kvpress_configs() -> list[Config]:
-    """The peer's configurations: its full cache, then each press at each budget."""
-    out = [Config("kvpress/none", "kvpress", press=None)]
-    out += [
-        Config(f"kvpress/{press}@{_budget_tag(b)}", "kvpress", press=press, budget=b)
-        for press in KVPRESS_PRESSES
-        for b in BUDGETS
-    ]
+    """The peer's configurations: its full cache, then each press at each budget, in both protocols."""
+    out = [Config("kvpress/none", "kvpress", protocol="prompt")]
+    for protocol, prefix in PROTOCOLS.items():
+        out += [
+            Config(f"{prefix}/{press}@{_budget_tag(b)}", "kvpress", press=press, budget=b,
+                   press_kwargs=dict(kwargs), protocol=protocol)
+            for press, kwargs in KVPRESS_PRESSES.items()
+            for b in BUDGETS
+        ]
     return out
+
+
+def all_configs() -> list[Config]:
+    """Every configuration, in the order tables list them."""
+    return main_configs() + kvpress_configs()

@@ -82,11 +82,18 @@ def teacher_forced_nll(forward, model, input_ids: torch.Tensor, prefix: int) -> 
 
 
 def cache_bytes(cache) -> int:
-    """Bytes held by the cache's tensors (keys, values and anything else a layer stores)."""
+    """Bytes of storage behind the cache's keys and values, each storage counted once.
+
+    Storage, not ``numel * element_size``: a kvpass packed cache hands the model slots, tensors shaped
+    like the full-precision cache with zero strides whose storage is the packed buffer
+    (kvpass/variants/packed.py), so only the storage says what is held.
+    """
     total, seen = 0, set()
     for layer in getattr(cache, "layers", []):
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor) and value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                total += value.numel() * value.element_size()
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
     return total

@@ -48,6 +48,24 @@ def _budget_label(budget: float | None) -> str:
     return "full" if budget is None else f"1/{round(1 / budget)}"
 
 
+def _runs_line(meta: dict) -> str:
+    runs = meta.get("runs") or [{"date": meta["date"], "wall_s": meta.get("wall_s", 0), "argv": [], "configs": []}]
+    parts = []
+    for r in runs:
+        only = [a for a in r.get("argv", []) if not a.startswith("-")][1:] if "--only" in r.get("argv", []) else []
+        what = f"`--only {' '.join(only)}`" if only else "every configuration"
+        parts.append(f"{r['date'][:16].replace('T', ' ')} UTC ({what}, {len(r['configs'])} rows, {r.get('wall_s', 0) / 60:.0f} min)")
+    return "; ".join(parts)
+
+
+def _peer_versions(results: dict) -> str:
+    for c in results["configs"]:
+        if c["engine"] == "kvpress" and c.get("versions"):
+            v = c["versions"]
+            return f" (kvpress rows: kvpress {v.get('kvpress')}, transformers {v.get('transformers')}, torch {v.get('torch')})"
+    return ""
+
+
 def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
     meta = results["meta"]
     tasks, lengths = meta["tasks"], meta["lengths"]
@@ -56,27 +74,33 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
     other = [c for c in results["configs"] if c["status"] != "ok"]
     cols = [(t, L) for L in lengths for t in tasks]
     v = meta["versions"]
+    budgets = ", ".join(f"{_budget_label(b)}: {round(b * lengths[0])}" for b in meta.get("budgets", []))
     lines = [
         BEGIN,
         "## Quality on SmolLM2-135M",
         "",
-        f"`python bench/eval_quality.py` on {meta['date']}: model `{meta['model']}` "
+        f"`python bench/eval_quality.py`: model `{meta['model']}` "
         f"({meta.get('model_params', 0) / 1e6:.1f}M parameters, float32, CPU: {meta.get('machine', '?')}); "
-        f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}; "
-        f"{meta['n_per_task_length']} prompts per task and length, seed {meta['seed']}; "
-        f"wall time {meta['wall_s'] / 60:.0f} min. Every number: [`{json_rel}`]({json_rel}); "
-        f"plots: `{plot_rel}`.",
+        f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}{_peer_versions(results)}; "
+        f"{meta['n_per_task_length']} prompts per task and length, seed {meta['seed']}; kvpass rows compiled "
+        f"with `compiler=\"{meta.get('kvpass_compiler') or 'inductor'}\"`. Runs: {_runs_line(meta)}. "
+        f"Every number: [`{json_rel}`]({json_rel}); plots: `{plot_rel}`.",
         "",
         "Tasks (bench/quality/tasks.py, completion style): passkey, multikey (3 distractor keys), multivalue "
         "(recall of 3 values), vartrack (recall of a 3-variable chain), docqa (next 4 words after a quoted "
-        "opening). The budget is the fraction of the prompt kept (kvpress: of the context; its question is "
-        "read uncompressed, its own protocol).",
+        f"opening). Budget: the fraction of the prompt kept per layer and KV head ({budgets} tokens at "
+        f"{lengths[0]}). kvpress, two protocols on the same token ids: `kvpress/` compresses the whole prompt "
+        "at prefill, question included (query-aware, as kvpass's policies do); `kvpress-ctx/` is its own "
+        "pipeline's: the context is compressed (budget: a fraction of the context), the question is then read "
+        "uncompressed. SnapKV and PyramidKV use an 8-token observation window (kvpress's default 64 is the "
+        "whole budget at 1/8 and 1/16 of 512; bench/quality/configs.py).",
         "",
         "### Accuracy (%) per task and context length",
         "",
-        "| method | budget | " + " | ".join(f"{t} @{L}" for t, L in cols) + " | mean | KV cache / prompt |",
-        "|---|---|" + "---|" * len(cols) + "---|---|",
+        "| method | budget | " + " | ".join(f"{t} @{L}" for t, L in cols) + " | mean | KV cache / prompt | run min |",
+        "|---|---|" + "---|" * len(cols) + "---|---|---|",
     ]
+    twins = []
     for c in ok:
         cells, vals, nbytes = [], [], []
         for t, L in cols:
@@ -87,7 +111,21 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
                 nbytes.append(g["cache_bytes"])
         mean = f"{100 * sum(vals) / len(vals):.1f}" if vals else "-"
         kb = f"{sum(nbytes) / len(nbytes) / 2**20:.1f} MiB" if nbytes else "-"
-        lines.append(f"| {_method(c['name'])} | {_budget_label(c['budget'])} | " + " | ".join(cells) + f" | {mean} | {kb} |")
+        cost = f"{c['wall_s'] / 60:.1f}" if c.get("wall_s") else ("shared" if c["engine"] == "kvpress" else "-")
+        lines.append(
+            f"| {_method(c['name'])} | {_budget_label(c['budget'])} | " + " | ".join(cells) + f" | {mean} | {kb} | {cost} |"
+        )
+        if c.get("same_cache_as"):
+            twins.append(f"{c['name']} = {c['same_cache_as']}")
+    peer_wall = next((c["peer_wall_s"] for c in ok if c.get("peer_wall_s")), None)
+    if peer_wall:
+        lines += ["", f"The kvpress rows share one prefill per prompt and took {peer_wall / 60:.0f} min together."]
+    if twins:
+        lines += [
+            "",
+            "Bitwise identical caches on every prompt (decoded once; PyramidKV falls back to SnapKV while its "
+            "smallest layer budget, budget / 20, is under the window): " + "; ".join(twins) + ".",
+        ]
 
     lines += _exact_agreement(results)
     lines += ["", "### Perplexity through the cache", ""]
@@ -98,7 +136,7 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
             f"{meta.get('ppl_texts', '?')} texts of {meta.get('ppl_text_tokens', '?')} tokens; the first "
             f"{meta.get('ppl_prefix', '?')} prefilled (and, for a budget, compressed), every later token "
             "scored as it is fed through the cache (kvpress: as one chunk, which equals token-by-token since "
-            "its presses act at prefill only).",
+            "its presses act at prefill only; the texts have no question, so its two protocols coincide).",
             "",
             "| method | budget | perplexity | vs eager |",
             "|---|---|---|---|",
@@ -113,7 +151,8 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
             "",
             "### Not run",
             "",
-            "Rerun `python bench/eval_quality.py` as each lands; these rows then fill in.",
+            "As each variant lands, its issue reruns its rows, e.g. `python bench/eval_quality.py --only "
+            "'kvpass/kv_bits*'` (about one prefill pass, 5-10 min, per row here).",
             "",
             "| config | options | status | message |",
             "|---|---|---|---|",
@@ -149,6 +188,14 @@ def update_results_md(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+# kvpass solid, the peer's query-aware rows dashed, its own protocol dotted.
+_STYLE = {
+    "kvpass": {"marker": "o"},
+    "kvpress": {"marker": "s", "ls": "--"},
+    "kvpress-ctx": {"marker": "^", "ls": ":"},
+}
+
+
 def plots(results: dict, out_dir: Path) -> list[Path]:
     """One PNG per task: accuracy against budget, a line per method, a panel per context length."""
     import matplotlib
@@ -160,10 +207,10 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     budget_of = {c["name"]: c["budget"] for c in results["configs"]}
     acc = {(g["config"], g["task"], g["length"]): g["accuracy"] for g in results["groups"]}
     # Budgeted methods get their full-cache point from their engine's exact configuration.
-    full_of = {"kvpass": "kvpass/exact", "kvpress": "kvpress/none"}
+    full_of = {"kvpass": "kvpass/exact", "kvpress": "kvpress/none", "kvpress-ctx": "kvpress/none"}
     written = []
     for task in meta["tasks"]:
-        fig, axes = plt.subplots(1, len(meta["lengths"]), figsize=(5 * len(meta["lengths"]), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(meta["lengths"]), figsize=(5 * len(meta["lengths"]) + 2.5, 4.5), squeeze=False)
         for ax, L in zip(axes[0], meta["lengths"]):
             series = defaultdict(list)
             for name, budget in budget_of.items():
@@ -174,17 +221,18 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
                 if full is not None:
                     points.append((1.0, full))
                 points.sort()
-                ax.plot([b for b, _ in points], [100 * a for _, a in points], marker="o", label=method)
+                engine = method.split("/")[0]
+                ax.plot([b for b, _ in points], [100 * a for _, a in points], label=method, **_STYLE.get(engine, {}))
             if ("eager/full", task, L) in acc:
                 ax.axhline(100 * acc[("eager/full", task, L)], color="black", ls="--", label="eager, full cache")
             ax.set_xscale("log", base=2)
             ax.set_xticks([1 / 16, 1 / 8, 1 / 4, 1], ["1/16", "1/8", "1/4", "full"])
             ax.set_ylim(-3, 103)
-            ax.set_xlabel("KV budget (fraction of the context kept)")
+            ax.set_xlabel("KV budget (fraction of the prompt kept; kvpress-ctx: of the context)")
             ax.set_ylabel("accuracy (%)")
             ax.set_title(f"{task}, {L} tokens, n={meta['n_per_task_length']}")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(f"{meta['model']}: {task}")
         fig.tight_layout()
         path = out_dir / f"quality_{task}.png"

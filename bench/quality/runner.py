@@ -1,10 +1,14 @@
-"""Run every configuration over the same prompts and texts, and collect every number in one dict.
+"""Run the selected configurations over the same prompts and texts, and collect every number in one dict.
 
 Main environment: eager (``model.forward``) and kvpass (``torch.compile(model.forward,
-backend="kvpass", options=...)``). Each kvpass option dict is first checked with
-``kvpass.validate_options``: a configuration the backend does not implement yet raises there at
-once, instead of after tracing the 30-layer model, and becomes a "not implemented" row. The kvpress peer runs in its
-own environment (``kvpress_peer.py``) on the same token ids; its outputs are scored here.
+backend="kvpass", options=...)``). kvpass rows compile with ``compiler="eager"`` by default: the
+rewritten graph with the same kvpass ops, run without Inductor. On this CPU the variant's numbers
+are what is measured here, and with Inductor the exact row took 2245 s against eager's 575 s in the
+first recorded run (compiling the 30-layer graphs, and Inductor's CPU code); ``--kvpass-compiler
+inductor`` restores it. Each kvpass option dict is first checked with ``kvpass.validate_options``: a
+configuration the backend does not implement yet raises there at once, instead of after tracing the
+30-layer model, and becomes a "not implemented" row. The kvpress peer runs in its own environment
+(``kvpress_peer.py``) on the same token ids; its outputs are scored here.
 """
 
 from __future__ import annotations
@@ -49,13 +53,13 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(root).__name__}: {root}".strip()[:300]
 
 
-def make_forward(model, config: Config, length: int):
+def make_forward(model, config: Config, length: int, compiler: str | None):
     if config.engine == "eager":
         return model.forward
-    import kvpass
+    import kvpass  # noqa: F401  (registers the backend)
 
     torch._dynamo.reset()
-    return torch.compile(model.forward, backend="kvpass", options=config.options_for(length))
+    return torch.compile(model.forward, backend="kvpass", options=config.options_for(length, compiler))
 
 
 def kvpass_report() -> dict:
@@ -69,20 +73,20 @@ def kvpass_report() -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def probe(config: Config, length: int) -> tuple[str, str]:
+def probe(config: Config, length: int, compiler: str | None) -> tuple[str, str]:
     """("ok", "") if the backend accepts ``config``'s options, else the failure's (status, message)."""
     if config.engine == "eager":
         return "ok", ""
     try:
         import kvpass
 
-        kvpass.validate_options(config.options_for(length))
+        kvpass.validate_options(config.options_for(length, compiler))
     except Exception as e:
         return classify_failure(e)
     return "ok", ""
 
 
-def run_config(model, tokenizer, config: Config, prompts, ppl: dict, batch_size: int) -> dict:
+def run_config(model, tokenizer, config: Config, prompts, ppl: dict, batch_size: int, compiler: str | None) -> dict:
     """One configuration over every prompt (grouped by task and length) and the perplexity texts."""
     outputs, groups, forwards = {}, [], {}
     by_key: dict[tuple, list] = {}
@@ -92,7 +96,7 @@ def run_config(model, tokenizer, config: Config, prompts, ppl: dict, batch_size:
         # A budget is in tokens, so a budgeted configuration compiles once per length.
         key = length if config.budget is not None else None
         if key not in forwards:
-            forwards[key] = make_forward(model, config, length)
+            forwards[key] = make_forward(model, config, length, compiler)
         forward = forwards[key]
         t0, prefill_s, nbytes = time.perf_counter(), 0.0, 0.0
         for start in range(0, len(group), batch_size):
@@ -113,7 +117,7 @@ def run_config(model, tokenizer, config: Config, prompts, ppl: dict, batch_size:
     ppl_row = None
     if ppl["texts"]:
         t0 = time.perf_counter()
-        forward = forwards.get(None) or make_forward(model, config, ppl["prefix"])
+        forward = forwards.get(None) or make_forward(model, config, ppl["prefix"], compiler)
         ppl_row = perplexity(forward, model, ppl["texts"], ppl["prefix"], batch_size)
         ppl_row["wall_s"] = time.perf_counter() - t0
         log.info("%s perplexity %.3f (%.0f s)", config.name, ppl_row["ppl"], ppl_row["wall_s"])
@@ -124,11 +128,11 @@ def prompt_id(p) -> str:
     return f"{p.task}/{p.length}/{p.index}"
 
 
-def run_kvpress(python: str, model_path: Path, prompts, ppl: dict, batch_size: int) -> dict:
+def run_kvpress(python: str, model_path: Path, configs: list[Config], prompts, ppl: dict, batch_size: int) -> dict:
     """The peer in its own interpreter; returns its JSON (outputs per configuration and prompt)."""
     spec = {
         "model_path": str(model_path),
-        "configs": [c.to_json() for c in configs_mod.kvpress_configs()],
+        "configs": [c.to_json() for c in configs],
         "prompts": [{"id": prompt_id(p), **p.to_json()} for p in prompts],
         "batch_size": batch_size,
         "ppl_texts": ppl["texts"],
@@ -139,24 +143,25 @@ def run_kvpress(python: str, model_path: Path, prompts, ppl: dict, batch_size: i
         src.write_text(json.dumps(spec))
         env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
         cmd = [python, "-m", "bench.quality.kvpress_peer", str(src), str(dst)]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        # stderr (the peer's progress log) passes through to ours; stdout is unused.
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=None)
         if proc.returncode != 0:
-            raise RuntimeError(f"kvpress peer failed ({proc.returncode}): {proc.stderr[-2000:]}")
+            raise RuntimeError(f"kvpress peer failed with exit code {proc.returncode} (its log is above)")
         return json.loads(dst.read_text())
 
 
 def evaluate(
     model, tokenizer, *, model_name: str, model_path: Path | None, task_names, lengths, n: int, seed: int,
-    batch_size: int, ppl_texts: int, ppl_prefix: int, ppl_length: int, config_filter=None,
-    kvpress_python: str | None = None, on_update=None,
+    batch_size: int, ppl_texts: int, ppl_prefix: int, ppl_length: int, configs: list[Config],
+    kvpass_compiler: str | None = "eager", kvpress_python: str | None = None, on_update=None,
 ) -> dict:
-    """Every configuration over the same prompts; returns the results dict (``report.py`` renders it)."""
+    """Run ``configs`` over the same prompts; returns the results dict (``store.py`` merges it,
+    ``report.py`` renders it). ``on_update(results)`` is called after each configuration."""
     t_start = time.perf_counter()
     prompts = [p for t in task_names for L in lengths for p in tasks_mod.make_prompts(t, tokenizer, L, n, seed)]
     ppl = {"texts": make_texts(tokenizer, ppl_texts, ppl_length, seed) if ppl_texts else [], "prefix": ppl_prefix}
-    main = [c for c in configs_mod.main_configs() if config_filter is None or config_filter(c)]
     results = {
-        "meta": _meta(model_name, model_path, model, task_names, lengths, n, seed, batch_size, ppl),
+        "meta": _meta(model_name, model_path, model, task_names, lengths, n, seed, batch_size, ppl, kvpass_compiler),
         "configs": [],
         "prompts": [{"id": prompt_id(p), "task": p.task, "length": p.length, "answers": p.answers} for p in prompts],
         "groups": [],
@@ -165,12 +170,13 @@ def evaluate(
     }
 
     def record(config: Config, status: str, message: str = "", extra: dict | None = None) -> None:
-        results["configs"].append({**config.to_json(), "status": status, "message": message, **(extra or {})})
+        row = {**config.to_json(), "status": status, "message": message, "date": _now(), **(extra or {})}
+        results["configs"].append(row)
         if on_update:
             on_update(results)
 
-    for config in main:
-        status, message = probe(config, min(lengths))
+    for config in [c for c in configs if c.engine != "kvpress"]:
+        status, message = probe(config, min(lengths), kvpass_compiler)
         if status != "ok":
             log.info("%s: %s (%s)", config.name, status, message[:120])
             record(config, status, message)
@@ -181,36 +187,51 @@ def evaluate(
                 import kvpass
 
                 kvpass.reset()
-            out = run_config(model, tokenizer, config, prompts, ppl, batch_size)
+            out = run_config(model, tokenizer, config, prompts, ppl, batch_size, kvpass_compiler)
         except Exception as e:
             record(config, *classify_failure(e))
             log.exception("%s failed", config.name)
             continue
         _merge(results, config.name, tokenizer, prompts, out)
-        extra = {"wall_s": time.perf_counter() - t0}
+        extra = {"wall_s": time.perf_counter() - t0, "versions": results["meta"]["versions"]}
         if config.engine == "kvpass":
             extra["kvpass_report"] = kvpass_report()
+            extra["compiler"] = kvpass_compiler
         record(config, "ok", "", extra)
+        log.info("%s done in %.1f min", config.name, extra["wall_s"] / 60)
 
-    if kvpress_python is None:
-        for c in configs_mod.kvpress_configs():
-            record(c, "unavailable", "no kvpress environment: run bench/setup_kvpress_env.sh")
-    elif model_path is None:
-        for c in configs_mod.kvpress_configs():
-            record(c, "unavailable", "the peer needs a model folder on disk")
-    else:
-        try:
-            peer = run_kvpress(kvpress_python, model_path, prompts, ppl, batch_size)
-        except Exception as e:
-            log.exception("kvpress peer failed")
-            for c in configs_mod.kvpress_configs():
-                record(c, *classify_failure(e))
-        else:
-            _merge_peer(results, tokenizer, prompts, peer)
-            for c in configs_mod.kvpress_configs():
-                record(c, "ok", "", {"versions": peer["versions"]})
+    peer_configs = [c for c in configs if c.engine == "kvpress"]
+    if peer_configs:
+        _run_peer(results, record, peer_configs, kvpress_python, model_path, tokenizer, prompts, ppl, batch_size)
     results["meta"]["wall_s"] = time.perf_counter() - t_start
     return results
+
+
+def _run_peer(results, record, configs, kvpress_python, model_path, tokenizer, prompts, ppl, batch_size) -> None:
+    if kvpress_python is None:
+        for c in configs:
+            record(c, "unavailable", "no kvpress environment: run bench/setup_kvpress_env.sh")
+        return
+    if model_path is None:
+        for c in configs:
+            record(c, "unavailable", "the peer needs a model folder on disk")
+        return
+    t0 = time.perf_counter()
+    try:
+        peer = run_kvpress(kvpress_python, model_path, configs, prompts, ppl, batch_size)
+    except Exception as e:
+        log.exception("kvpress peer failed")
+        for c in configs:
+            record(c, *classify_failure(e))
+        return
+    _merge_peer(results, tokenizer, prompts, peer)
+    wall = time.perf_counter() - t0
+    for c in configs:
+        extra = {"versions": peer["versions"], "peer_wall_s": wall}
+        if c.name in peer["same_cache_as"]:
+            extra["same_cache_as"] = peer["same_cache_as"][c.name]
+        record(c, "ok", "", extra)
+    log.info("kvpress peer (%d configurations) done in %.1f min", len(configs), wall / 60)
 
 
 def _merge(results: dict, name: str, tokenizer, prompts, out: dict) -> None:
@@ -243,8 +264,9 @@ def _merge_peer(results: dict, tokenizer, prompts, peer: dict) -> None:
             "outputs": {pid: r["output_ids"] for pid, r in by_prompt.items()},
             "groups": [
                 {
-                    "task": t, "length": L, "n": g["n"], "wall_s": g["prefill"] + g["decode"],
-                    # One shared prefill serves all 13 peer configurations (see kvpress_peer.py).
+                    # One shared prefill serves every peer configuration (kvpress_peer.py): its
+                    # share is counted in each row's wall_s, its speed in none of them.
+                    "task": t, "length": L, "n": g["n"], "wall_s": g["prefill"] + g["decode"], "decode_s": g["decode"],
                     "prefill_tok_s": None, "cache_bytes": g["bytes"] / g["n"],
                     "context_tokens": sum(g["ctx"]) / len(g["ctx"]),
                 }
@@ -263,11 +285,15 @@ def _exp_mean(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens)
 
 
-def _meta(model_name, model_path, model, task_names, lengths, n, seed, batch_size, ppl) -> dict:
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _meta(model_name, model_path, model, task_names, lengths, n, seed, batch_size, ppl, kvpass_compiler) -> dict:
     import transformers
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": _now(),
         "model": model_name,
         "model_path": str(model_path) if model_path else None,
         "model_params": sum(p.numel() for p in model.parameters()),
@@ -280,6 +306,7 @@ def _meta(model_name, model_path, model, task_names, lengths, n, seed, batch_siz
         "ppl_text_tokens": len(ppl["texts"][0]) if ppl["texts"] else 0,
         "ppl_prefix": ppl["prefix"],
         "budgets": list(configs_mod.BUDGETS),
+        "kvpass_compiler": kvpass_compiler,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

