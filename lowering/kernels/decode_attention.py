@@ -192,16 +192,23 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
             scale = tl.load(XS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
             low = tl.load(XZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
         # Two roundings (product, sum) as the scheme's dequantize: the launch disables FMA contraction.
-        deq = (c * scale + low).to(DTYPE)
-        res = tl.load(XR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :],
-                      mask=mask & (n >= quant_len)[:, None], other=0.0)
-        x = tl.where(in_q[:, None], deq, res)
+        x = (c * scale + low).to(DTYPE)
+        res_ptrs = XR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
+        if QUANT_GROUP % BLOCK_N == 0:
+            # The tile is all codes or all residual window (quant_len is a multiple of the group): a
+            # branch, so the (unpipelined) residual load is issued for that one tile only, not as a
+            # predicated-off load (a zero-filled [BLOCK_N, D] shared-memory stage) on every tile.
+            if n0 >= quant_len:
+                x = tl.load(res_ptrs, mask=mask, other=0.0)
+        else:
+            x = tl.where(in_q[:, None], x, tl.load(res_ptrs, mask=mask & (n >= quant_len)[:, None], other=0.0))
     return x
 
 
 @triton.jit
-def _load_int4_values(VS, VZ, VR, v_base, bh, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
-                      DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
+                      DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                      QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """int4 value tile for the folded product: (x [BLOCK_N, BLOCK_D], scale [BLOCK_N], min [BLOCK_N]) with
     value = x * scale + min: codes 0..15 (exact in ``DTYPE``; fp32 under ``UPCAST``, see ``_load_codes``)
     with the token's scale and minimum for quantized tokens, the stored row with scale 1, min 0 for the
@@ -216,12 +223,18 @@ def _load_int4_values(VS, VZ, VR, v_base, bh, n, kv_ok, d, d_ok, stride_n, quant
         c = c.to(tl.float32)
     else:
         c = c.to(DTYPE)
-    res = tl.load(VR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :],
-                  mask=mask & (n >= quant_len)[:, None], other=0.0)
-    x = tl.where(in_q[:, None], c, res.to(c.dtype))
+    res_ptrs = VR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
     scale = tl.load(VS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
     low = tl.load(VZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
-    return x, tl.where(in_q, scale, 1.0), low
+    if QUANT_GROUP % BLOCK_N == 0:  # all codes or all residual: a branch, as in _load_tile
+        x = c
+        if n0 >= quant_len:
+            x = tl.load(res_ptrs, mask=mask, other=0.0).to(c.dtype)
+            scale = scale * 0.0 + 1.0
+    else:
+        x = tl.where(in_q[:, None], c, tl.load(res_ptrs, mask=mask & (n >= quant_len)[:, None], other=0.0).to(c.dtype))
+        scale = tl.where(in_q, scale, 1.0)
+    return x, scale, low
 
 
 @triton.jit
@@ -416,6 +429,7 @@ def decode_attention_split_kernel(
         alpha = tl.exp(m_i - shift)
         p = tl.exp(s - shift[:, None])
         l_i = l_i * alpha + _sum(p, axis=1)
+        p_v = p  # the weights of the PV product; packed formats may fold their value scales in below
         if KV_FORMAT == 3:
             # A skipped block kept the high-part scores, so its e_blk, c_blk are in this frame.
             e_i = e_i * alpha + e_blk
@@ -432,19 +446,17 @@ def decode_attention_split_kernel(
                 # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
                 # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
                 v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
-                p_v = p
         elif KV_FORMAT == 2 and FOLD_V_SCALE:
             # int4 values c * scale_v + min_v per token: acc += (p * scale_v) @ c_v + (p . min_v), the
             # codes 0..15 exact in the dtype; residual tokens are their stored rows with scale 1, min 0.
-            v, v_scale, v_min = _load_int4_values(VS, VZ, VR, v_base, bh64, n, kv_ok, d, d_ok, stride_vn,
-                                                  quant_len, res_len, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT)
+            v, v_scale, v_min = _load_int4_values(VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn,
+                                                  quant_len, res_len, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT,
+                                                  QUANT_GROUP, BLOCK_N)
             p_v = p * v_scale[None, :]
             min_term = _sum(p * v_min[None, :], axis=1)  # [BLOCK_M], in fp32
         else:
             v = _load_tile(V, VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
                            dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP, BLOCK_N)
-        if KV_FORMAT == 0 or KV_FORMAT == 3 or (KV_FORMAT == 2 and not FOLD_V_SCALE):
-            p_v = p
         acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
         if KV_FORMAT == 2 and FOLD_V_SCALE:
             acc = acc + min_term[:, None]
