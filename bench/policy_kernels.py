@@ -17,8 +17,10 @@ Rows:
 Selection (a sort of the scores) is the same in both paths and not timed.
 Floor: bytes the step must move (keys of every candidate, values of the kept ones, q, out; write_hot: the
 kept rows read and written once) over the copy bandwidth measured in the same run; the kernel's own extra
-traffic, the fp32 scores written once and read twice, is shown in ``extra MB``. Timing: eager calls with
-events after an L2 flush, median (``bench.common.time_cold``). GPU time about a minute.
+traffic, the fp32 scores written once and read twice, is shown in ``extra MB``. Timing: CUDA-graph replay
+of 20 calls, median per call (``bench.common.time_graph``: the device time of a graphed decode loop; one
+input set, so part of it may sit in the 50 MB L2), and eager calls after an L2 flush (``*_eager_us``,
+``time_cold``: host launch cost included where it exceeds the device time). GPU time about a minute.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 import lowering.formats  # noqa: E402,F401  (registers the formats; lowering.policies needs them)
-from bench.common import copy_bandwidth, environment, format_table, time_cold, write_json  # noqa: E402
+from bench.common import copy_bandwidth, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
 from lowering.decode_attention import decode_attention  # noqa: E402
 from lowering.policies import key_weights, take  # noqa: E402
 from lowering.scored_decode_attention import KeySegment, kept_attention, score_keys  # noqa: E402
@@ -96,14 +98,15 @@ def run_row(name, args, device, bandwidth):
     key_bytes = B * Hkv * (budget + 1) * D * 2 + (B * Hkv * cold * (D + 4) if cold else 0)
     floor_bytes = key_bytes + B * Hkv * budget * D * 2 + 2 * q.numel() * 2
     extra = 3 * B * Hq * C * 4
-    t_ker, t_ref = time_cold(kernel), time_cold(reference)
+    t_ker, t_ref = time_graph([kernel]), time_graph([reference])
     row = dict(row=name, C=C, kernel_us=round(t_ker.us, 1), ref_us=round(t_ref.us, 1),
+               kernel_eager_us=round(time_cold(kernel).us, 1), ref_eager_us=round(time_cold(reference).us, 1),
                speedup=round(t_ref.median / t_ker.median, 2), floor_us=round(floor_bytes / bandwidth * 1e6, 1),
                of_floor=f"{floor_bytes / bandwidth / t_ker.median:.0%}", extra_MB=round(extra / 1e6, 1),
                w_rel_err=f"{((w_ker.double() - w_ref.double()).norm() / w_ref.double().norm()).item():.1e}",
                out_max_err=f"{(o_ker.double() - o_ref.double()).abs().max().item():.1e}")
     if cold:
-        t_deq = time_cold(reference_dequant)
+        t_deq = time_graph([reference_dequant])
         row.update(ref_deq_us=round(t_deq.us, 1), speedup_deq=round(t_deq.median / t_ker.median, 2))
     return row
 
@@ -123,7 +126,7 @@ def write_hot_row(args, device, bandwidth):
         torch.gather(v, 2, full_idx, out=out_v)
 
     floor_bytes = 2 * 2 * B * Hkv * budget * D * 2 + 2 * idx.numel() * 8
-    t_ref, t_gat = time_cold(reference), time_cold(gather_out)
+    t_ref, t_gat = time_graph([reference]), time_graph([gather_out])
     return dict(row="write_hot", C=budget + 1, kernel_us=round(t_gat.us, 1), ref_us=round(t_ref.us, 1),
                 speedup=round(t_ref.median / t_gat.median, 2), floor_us=round(floor_bytes / bandwidth * 1e6, 1),
                 of_floor=f"{floor_bytes / bandwidth / t_gat.median:.0%}", extra_MB=0)
@@ -148,7 +151,7 @@ def main():
         rows.append(run_row(name, args, device, bandwidth))
         print(f"done {name}", file=sys.stderr, flush=True)
     rows.append(write_hot_row(args, device, bandwidth))
-    columns = ["row", "C", "kernel_us", "ref_us", "speedup", "ref_deq_us", "speedup_deq", "floor_us", "of_floor",
+    columns = ["row", "C", "kernel_us", "ref_us", "speedup", "kernel_eager_us", "ref_eager_us", "ref_deq_us", "speedup_deq", "floor_us", "of_floor",
                "extra_MB", "w_rel_err", "out_max_err"]
     env = environment()
     print(f"{env.get('gpu', 'cpu')}  B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} D={args.dim} "

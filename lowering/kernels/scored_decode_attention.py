@@ -37,7 +37,7 @@ KEYS_INT8_ROWS = 1  # int8 codes [B, Hkv, n, D] times fp32 scales [B, Hkv, n]
 MASK_NONE = 0
 MASK_BOOL = 1
 MASK_ADDITIVE = 2
-MASKED_BELOW = -1e4  # as lowering.policies.MASKED_BELOW
+MASKED_BELOW = tl.constexpr(-1e4)  # as lowering.policies.MASKED_BELOW (a constexpr: jit code reads no other globals)
 
 
 @triton.jit

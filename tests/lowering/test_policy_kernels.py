@@ -65,7 +65,7 @@ def oracle_scores(problem, k, pos):
     (mask read there, entries below -1e4 not attended), and the score error bound of an fp32 kernel."""
     p = problem
     B, Hq, Lq, C = p.batch, p.q_heads, p.q_len, k.shape[2]
-    bias = logit_bias(p.attn_mask, False, Lq, p.kv_len).expand(B, Hq, Lq, p.kv_len)
+    bias = logit_bias(p.attn_mask, False, Lq, p.kv_len, p.device).expand(B, Hq, Lq, p.kv_len)
     bias = bias.gather(-1, pos.repeat_interleave(p.group, 1)[:, :, None, :].expand(B, Hq, Lq, C))
     bias = bias.masked_fill(bias < MASKED_BELOW, -math.inf)
     s = grouped_matmul(p.q.to(F64), k.to(F64).transpose(-1, -2)) * p.softmax_scale + bias
@@ -147,7 +147,7 @@ def test_kept_attention_attends_over_the_kept_subset_from_the_stored_scores(prob
     # float64 attention over the kept keys, their mask gathered, "not attended" below -1e4 (a kept set
     # may lose a row's every attended key: output 0, as lowering.policies' masks say)
     B, Hq, Lq = p.batch, p.q_heads, p.q_len
-    bias = logit_bias(p.attn_mask, False, Lq, p.kv_len).expand(B, Hq, Lq, p.kv_len)
+    bias = logit_bias(p.attn_mask, False, Lq, p.kv_len, p.device).expand(B, Hq, Lq, p.kv_len)
     bias = bias.gather(-1, idx.repeat_interleave(p.group, 1)[:, :, None, :].expand(B, Hq, Lq, kept))
     bias = bias.masked_fill(bias < MASKED_BELOW, -math.inf)
     spec = dataclasses.replace(p.spec, kv_len=kept, left_pad=(), mask_causal=False)
