@@ -227,6 +227,17 @@ def test_tiles_shrink_to_fit_shared_memory():
         assert shared_memory_bound(block_m, fitted.block_n, block_d, fitted.num_stages, elt, gathered) <= SMEM_FALLBACK
 
 
+def test_packed_tiles_fit_by_their_code_bytes():
+    # Packed caches pipeline 1-byte (int8/fp8) or half-byte (int4) codes plus one converted K and V tile:
+    # the bound stays above what sm_90 compiles took (triton 3.9, bf16, D=128, BLOCK_M=16, measured with
+    # triton.compile for GPUTarget("cuda", 90, 32)) and below the H100's limit, so no retry is needed.
+    for block_n, stages, code_bytes, compiled in [(128, 3, 1, 108544), (128, 4, 1, 142336), (32, 5, 0.5, 29696)]:
+        bound = shared_memory_bound(16, block_n, 128, stages, 2, False, code_bytes)
+        assert compiled <= bound <= SMEM_FALLBACK, (block_n, stages, code_bytes, bound)
+    tiny = RULE_CONFIGS["tiny"]
+    assert fit_shared_memory(tiny, 16, 128, 2, False, SMEM_FALLBACK, 1) == tiny
+
+
 def test_shared_memory_refusal_is_retried_smaller_and_remembered(monkeypatch):
     # A Triton version that allocates more than shared_memory_bound: the launch raises before
     # running anything; the launcher retries with fewer stages / smaller blocks and goes straight
