@@ -19,7 +19,7 @@ Targets (issue 5): int8 >= 1.8x and int4 >= 3.0x faster than SDPA, each >= 80% o
 Default rows: int8, fp8, int4 (the targets' schemes); ``--schemes 8 4 fp8 aligned`` adds the aligned rows.
 Robustness: a failing row (OOM included) is reported and the others still run; each row is printed and
 the JSON rewritten as soon as it is done, so a run cut off keeps what it measured; rows past
-``--budget-s`` (default 120 s) are listed as skipped. Extra input sets for the timing are copies of the
+``--budget-s`` (default 100 s) are listed as skipped. Extra input sets for the timing are copies of the
 packed buffer (``lowering.packed.views``), not fresh quantizations. GPU time about 1 minute by default.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main():
     parser.add_argument("--json", default=None, help="output path (default: $OUT/attention_quant.json)")
     parser.add_argument("--schemes", nargs="*", default=list(DEFAULT_SCHEMES),
                         help=f"kv_bits values (default {' '.join(DEFAULT_SCHEMES)}; 'aligned' adds its two rows)")
-    parser.add_argument("--budget-s", type=float, default=120.0,
+    parser.add_argument("--budget-s", type=float, default=100.0,
                         help="rows not started within this many seconds are listed as skipped")
     args = parser.parse_args()
     if args.smoke or not torch.cuda.is_available():
