@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout
 from lowering.storage import State, register_scheme
-from lowering.storage.int8 import Int8, copy_old_tokens, dequantize_rows, rounding_slack
+from lowering.storage.int8 import Int8, rounding_slack
 
 E4M3_MAX = 448.0
 
@@ -34,22 +33,8 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @register_scheme("fp8")
 class Fp8(Int8):
     name = "fp8 e4m3, per-token per-head scales"
-
-    def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype) -> Layout:
-        rows = (batch, kv_heads, length)
-        return {"k": ((*rows, k_dim), torch.float8_e4m3fn), "v": ((*rows, v_dim), torch.float8_e4m3fn),
-                "k_scale": (rows, torch.float32), "v_scale": (rows, torch.float32)}
-
-    def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
-        copy_old_tokens(old, old_length, out, out)
-        for name, x in (("k", new_k), ("v", new_v)):
-            q, scale = quantize_rows_fp8(x)
-            out[name][:, :, old_length:].copy_(q)
-            out[name + "_scale"][:, :, old_length:].copy_(scale)
-
-    def dequantize(self, state: State, length: int, dtype):
-        return (dequantize_rows(state["k"], state["k_scale"], dtype),
-                dequantize_rows(state["v"], state["v_scale"], dtype))
+    code_dtype = torch.float8_e4m3fn
+    quantize = staticmethod(quantize_rows_fp8)
 
     def error_bound(self, state: State, length: int, dtype):
         k, v = self.dequantize(state, length, dtype)

@@ -53,16 +53,19 @@ class Int8:
     # The fused kernel attends over code * scale as exact products (scales applied to the scores and the
     # weights, never a dequantized tile rounded to the dtype): its oracle is ``dequantize`` in fp32.
     kernel_attends_over_products = True
+    # One code per element and one fp32 scale per token and head; fp8 reuses all of it with its own two.
+    code_dtype = torch.int8
+    quantize = staticmethod(quantize_rows)
 
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype) -> Layout:
         rows = (batch, kv_heads, length)
-        return {"k": ((*rows, k_dim), torch.int8), "v": ((*rows, v_dim), torch.int8),
+        return {"k": ((*rows, k_dim), self.code_dtype), "v": ((*rows, v_dim), self.code_dtype),
                 "k_scale": (rows, torch.float32), "v_scale": (rows, torch.float32)}
 
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
         copy_old_tokens(old, old_length, out, out)
         for name, x in (("k", new_k), ("v", new_v)):
-            q, scale = quantize_rows(x)
+            q, scale = self.quantize(x)
             out[name][:, :, old_length:].copy_(q)
             out[name + "_scale"][:, :, old_length:].copy_(scale)
 
