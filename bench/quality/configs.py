@@ -23,8 +23,11 @@ SnapKV and PyramidKV run with an observation window of 8 tokens, not kvpress's d
 1/8 and 1/16 of 512 tokens the budget (64, 32) is no larger than a 64-token window, which SnapKV
 always keeps whole (its scores pad the window with max + 1), so the default keeps only the last
 64 (or 32 of them, tie-broken arbitrarily) positions, with no attention sinks and no selection at
-all (that run measured +160% perplexity at 1/8, against +22% for StreamingLLM). 8 is what the
-PyramidKV authors' harness (KVCache-Factory, ``run_longbench.py``) uses for budgets 64 to 2048.
+all (the first recorded run measured +160% perplexity at 1/8, against +22% for StreamingLLM).
+8 is what the PyramidKV authors' harness (KVCache-Factory, ``run_longbench.py``) uses for budgets 64
+to 2048. Measured on SmolLM2 at 512 tokens (query-aware protocol, 2026-11-23): perplexity at 1/8
+38.48 with window 64, 18.40 with window 8 (StreamingLLM 18.44; eager 14.6); at 1/4 17.61 and
+17.81; passkey (25 prompts) at 1/4 0% and 16%.
 """
 
 from __future__ import annotations
