@@ -155,6 +155,8 @@ def main():
                         help=f"kv_bits values (default {' '.join(DEFAULT_SCHEMES)}; 'aligned' adds its two rows)")
     parser.add_argument("--budget-s", type=float, default=100.0,
                         help="rows not started within this many seconds are listed as skipped")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time a grid of tile configurations per scheme and shape instead (tuning the rule)")
     args = parser.parse_args()
     if args.smoke or not torch.cuda.is_available():
         smoke()
@@ -163,6 +165,8 @@ def main():
     env["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
     print("environment:", env, flush=True)
     l2_bytes = int(env.get("l2_mib", 50) * 2**20) if DEVICE == "cuda" else 0  # smoke: one input set
+    if args.sweep:
+        return sweep(args, env, bw, l2_bytes)
     rows, sdpa_cache = [], {}
     started = time.monotonic()
     path = args.json
@@ -187,6 +191,57 @@ def main():
     print(f"\n{env.get('gpu')}; torch {env['torch']}; triton {env['triton']}; copy bandwidth {bw / 1e12:.2f} TB/s;"
           f" Hq={HQ} Hkv={HKV} D={HEAD_DIM} bf16; json: {path}")
     print(format_table(rows, COLUMNS))
+
+
+# Tile grids of the sweep: int4 tiles stay inside one key group (the launcher caps BLOCK_N at the group).
+SWEEP_GRID = {
+    "8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
+    "fp8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
+    "4": dict(block_n=(32,), num_warps=(2, 4, 8), num_stages=(3, 5, 7), programs_per_sm=(1, 2, 4, 8)),
+}
+
+
+def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
+    """Every configuration of ``SWEEP_GRID`` per scheme and shape: kernel time (CUDA-graph replay, as the
+    table) and its fraction of the scheme's byte floor; prints the best per (scheme, shape)."""
+    import dataclasses
+    import itertools
+
+    from lowering.decode_attention import DecodeAttentionConfig
+
+    rows, started = [], time.monotonic()
+    for batch, kv_len in SHAPES:
+        for key in [s for s in args.schemes if s in SWEEP_GRID]:
+            scheme = SCHEMES[key]
+            q, k, v = make_cache(batch, kv_len, "normal", seed=1)
+            buffer, state = pack(scheme, k, v)
+            floor_b = floor_bytes(key, state, q, 1.0)
+            sets = [(q, state)] + [(q.clone(), st) for st in copies(scheme, buffer, k, extra_sets(buffer.numel(), l2_bytes))]
+            ref = None
+            grid = SWEEP_GRID[key]
+            for values in itertools.product(*grid.values()):
+                if time.monotonic() - started > args.budget_s:
+                    break
+                config = DecodeAttentionConfig(**dict(zip(grid, values)))
+                row = {"scheme": key, "B": batch, "L": kv_len, **dataclasses.asdict(config)}
+                try:
+                    out = kernel_decode_attention(scheme, q, state, kv_len, config=config)
+                    ref = out if ref is None else ref
+                    row["max_diff_vs_first"] = (out.float() - ref.float()).abs().max().item()
+                    fns = [lambda q=q, st=st: kernel_decode_attention(scheme, q, st, kv_len, config=config)
+                           for q, st in sets]
+                    t = time_graph(fns).median
+                    row.update(kernel_us=round(t * 1e6, 1), of_floor=round(floor_b / bw / t, 3))
+                except Exception as e:  # noqa: BLE001 - out of resources and the like: record, go on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append(row)
+            del sets, buffer, state, q, k, v
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            done = [r for r in rows if r["scheme"] == key and (r["B"], r["L"]) == (batch, kv_len) and "kernel_us" in r]
+            for r in sorted(done, key=lambda r: r["kernel_us"])[:3]:
+                print("best:", r, flush=True)
+            save({"environment": env, "sweep": rows}, args.json or None)
 
 
 def save(payload: dict, path: str | None) -> str | None:

@@ -90,22 +90,32 @@ def default_config(programs_per_split: int, sm_count: int) -> DecodeAttentionCon
     return RULE_CONFIGS[grid_regime(programs_per_split, sm_count)]
 
 
-# int4 tiles of one key group (32 tokens): 2 KB of K codes + 2 KB of V codes per D=128 head. Keeping
-# ~16 KB in flight per program (Little's law: 3.35 TB/s x ~0.6 us of DRAM latency over 132 SMs is ~15 KB
-# per SM, one program per SM at B=1) needs 4 loads in flight: 5 stages. Not yet measured on the GPU.
-INT4_STAGES = 5
+# Packed formats' tiles, by format and regime, from the H100 sweep of 2026-11-23 16:04 UTC
+# (``bench/attention_quant.py --sweep``, Hq=32 Hkv=8 D=128 bf16, B x L in 1 x 32k, 8 x 32k, 32 x 8k;
+# bench/data/attention_quant_sweep_h100.json). The codes are 1/2 (int8) or 1/4 (int4) of bf16's bytes, so
+# a tile of the bf16 rule keeps too few bytes in flight: int8 / fp8 take 256-key tiles and 4 programs per
+# SM (46.9 / 318.6 / 292.5 us against 53.2 / 380.6 / 327.8 with the bf16 rule's 64-key tiles); int4 keeps
+# one key group per tile (32 keys: its scales are then one [D] row) and makes it up with programs: 2 warps
+# each, 4 per SM (8 when B * Hkv is between SMs / 8 and SMs), 51.3 / 371.7 / 305.7 us against 153.6 /
+# 554.5 / 617.6 with 4 warps, 5 stages and the rule's program count.
+PACKED_RULES = {
+    kernels.KV_SCALED_ROWS: {
+        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4)
+        for regime in RULE_CONFIGS},
+    kernels.KV_INT4: {
+        regime: dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=8 if regime == "small" else 4,
+                     min_blocks_per_split=4)
+        for regime in RULE_CONFIGS},
+}
 
 
-def packed_config(config: DecodeAttentionConfig, kv: "KVOperands") -> DecodeAttentionConfig:
-    """The rule's configuration adjusted to a packed format: int4 takes key-group tiles
-    (BLOCK_N = ``quant_group``) with more stages; int8 / fp8 / full keep the rule's tiles, which now
-    fit shared memory with their 1-byte codes (``fit_shared_memory``'s ``code_bytes``)."""
-    if kv.kv_format == kernels.KV_INT4:
-        return dataclasses.replace(config, block_n=kv.quant_group, num_stages=max(config.num_stages, INT4_STAGES),
-                                   # the same keys per split as the rule's larger blocks
-                                   min_blocks_per_split=max(1, config.min_blocks_per_split * config.block_n
-                                                            // kv.quant_group))
-    return config
+def packed_config(programs_per_split: int, sm_count: int, kv: "KVOperands") -> DecodeAttentionConfig:
+    """The rule's configuration for a packed format (``PACKED_RULES``; the bf16 rule for the others). int4
+    tiles are capped at the key group by the launcher whatever the rule says."""
+    regime = grid_regime(programs_per_split, sm_count)
+    rule = PACKED_RULES.get(kv.kv_format)
+    config = RULE_CONFIGS[regime]
+    return config if rule is None else dataclasses.replace(config, **rule[regime])
 
 
 def choose_num_splits(programs_per_split: int, kv_len: int, sm_count: int,
@@ -267,6 +277,8 @@ class KVOperands:
     quant_len: int = 0
     res_len: int = 0
     quant_group: int = 32
+    rows_cap: int = 0  # rows per head of the per-token sections (0: quant_len; more: a capacity prefix)
+    res_cap: int = 0  # rows per head of int4's residual section (0: res_len)
     stats: torch.Tensor | None = None
     skip_error: float = 0.0
     value_bound: float = 0.0
@@ -337,7 +349,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
 
     sm_count = _sm_count(q.device)
-    config = config or packed_config(default_config(programs_per_split, sm_count), kv)
+    config = config or packed_config(programs_per_split, sm_count, kv)
     code_bytes = None if kv.kv_format == kernels.KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim
     config = fit_shared_memory(config, block_m, block_d, q.element_size(),
                                mask_kind != kernels.MASK_NONE and not mask_per_key, _smem_limit(q.device), code_bytes)
@@ -368,7 +380,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 q, kv.k, kv.v, mask, out, part, *extra, q if kv.stats is None else kv.stats,
                 qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
                 num_kv_heads, q_len, kv_len_read, keys_per_split, scale,
-                kv.quant_len, kv.res_len, kv.skip_error, kv.value_bound, 0.5 * kv.tau,
+                kv.quant_len, kv.res_len, kv.rows_cap or kv.quant_len, kv.res_cap or kv.res_len, kv.skip_error, kv.value_bound, 0.5 * kv.tau,
                 GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
                 MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key, IS_CAUSAL=bool(is_causal),
                 SKIP_MASKED_KEYS=config.skip_masked_keys and mask_kind != kernels.MASK_NONE,

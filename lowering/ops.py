@@ -64,12 +64,43 @@ def _old_length(past: torch.Tensor) -> int:
     return past.shape[2] if past.dim() == 4 else 0
 
 
-def _spec_layout(spec: str, q, past_k, new_k, new_v, length):
+def _format(spec: str):
     from lowering.formats import build_format
 
-    fmt = build_format(spec)
+    return build_format(spec)
+
+
+def _layout_of(fmt, q, new_k, new_v):
+    """length -> the format's sections for this layer's sizes."""
     b, h, _, dk = new_k.shape
-    return fmt, fmt.layout(b, h, length, dk, new_v.shape[-1], q.dtype)
+    return lambda length: fmt.layout(b, h, length, dk, new_v.shape[-1], q.dtype)
+
+
+def _sections(buffer: torch.Tensor, fmt, layout_of, length: int) -> dict[str, torch.Tensor]:
+    """The sections of ``length`` tokens in ``buffer`` (laid out for their capacity where the format grows
+    in place)."""
+    from lowering import packed
+
+    if not getattr(fmt, "grows_in_place", False):
+        return packed.views(buffer, layout_of(length))
+    return packed.trimmed(_capacity_views(buffer, layout_of, packed.capacity(length)), layout_of(length))
+
+
+def _capacity_views(buffer: torch.Tensor, layout_of, cap: int) -> dict[str, torch.Tensor]:
+    """``views`` of a buffer laid out for ``cap`` tokens, kept on the buffer tensor: a decode step that
+    appends in place reuses them instead of re-slicing every section (each view op costs the host
+    microseconds, per layer and step). The views hold the buffer's storage, not the tensor object, so
+    they go with it."""
+    from lowering import packed
+
+    layout = packed.capacity_layout(layout_of, cap)
+    key = tuple(layout.items())
+    cached = getattr(buffer, "_kvpass_views", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    sections = packed.views(buffer, layout)
+    buffer._kvpass_views = (key, sections)
+    return sections
 
 
 @torch.library.custom_op("kvpass::cache_attention", mutates_args=())
@@ -80,34 +111,40 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
 
     past_k, past_v: what the model's cache held (a kvpass slot, HF's empty start, or a plain full-precision
     cache, which is converted); new_k, new_v [B, Hkv, n, D]: this step's tokens; q [B, Hq, Lq, D].
-    Returns (attention output [B, Hq, Lq, Dv], the new packed buffer, the values slot's buffer); the
-    graph wraps the buffers into slots (``lowering.packed.slot_view``) and writes them back."""
-    from lowering import packed
+    Returns (attention output [B, Hq, Lq, Dv], a 1-element view of the new packed buffer, a 1-element
+    marker buffer for the values slot); the graph wraps the buffers into slots
+    (``lowering.packed.slot_view``; the slot's storage is the whole buffer) and writes them back.
+    Formats that grow in place (``lowering.packed``) append into the past slot's buffer while it has room
+    and the slot is its last writer; otherwise the old tokens are copied into a new buffer."""
+    from lowering import packed, stats
 
     old_length = _old_length(past_k)
-    old = None
+    fmt = _format(spec)
+    layout_of = _layout_of(fmt, q, new_k, new_v)
+    old, root = None, None
     if packed.is_slot(past_k):
         packed.slot_buffer(past_v)  # raises if the values slot was rebuilt outside kvpass
-        _, old_layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length)
-        old = packed.views(packed.slot_buffer(past_k), old_layout)
+        if getattr(fmt, "grows_in_place", False) and packed.capacity(old_length) >= old_length + new_k.shape[2]:
+            root = packed.growable_root(past_k, old_length)
+        old = _sections(packed.slot_buffer(past_k) if root is None else root, fmt, layout_of, old_length)
     elif past_k.dtype == torch.uint8 and old_length:
         packed.slot_buffer(past_k)  # a materialised copy of a slot (beam search reordering): raises, never guesses
     elif old_length:  # a full-precision cache filled before kvpass took over: store it in the new form
         new_k, new_v, old_length = torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), 0
-    fmt, layout = _spec_layout(spec, q, past_k, new_k, new_v, old_length + new_k.shape[2])
-    buffer, sections = packed.allocate(layout, q.device)
-    out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site, sections)
-    from lowering import stats
-
-    stats.set_last(site, "cache_bytes", buffer.numel())
-    stats.set_last(site, "tokens", old_length + new_k.shape[2])
-    return out.contiguous(), buffer, packed.marker_buffer(q.device)
+    length = old_length + new_k.shape[2]
+    if root is None:
+        grows = getattr(fmt, "grows_in_place", False)
+        root = torch.empty(packed.layout_nbytes(packed.capacity_layout(layout_of, packed.capacity(length)) if grows
+                                                else layout_of(length)), dtype=torch.uint8, device=q.device)
+    out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site,
+                   _sections(root, fmt, layout_of, length))
+    packed.commit(root, length)
+    stats.set_last(site, "cache_bytes", root.numel())
+    stats.set_last(site, "tokens", length)
+    return out.contiguous(), packed.alias(root)[:1], packed.marker_buffer(q.device)
 
 
 @cache_attention.register_fake
 def _cache_attention_fake(q, past_k, past_v, new_k, new_v, attn_mask, is_causal, scale, spec, site):
-    from lowering.packed import layout_nbytes
-
-    _, layout = _spec_layout(spec, q, past_k, new_k, new_v, _old_length(past_k) + new_k.shape[2])
-    return (q.new_empty((*q.shape[:-1], new_v.shape[-1])), q.new_empty(layout_nbytes(layout), dtype=torch.uint8),
+    return (q.new_empty((*q.shape[:-1], new_v.shape[-1])), q.new_empty(1, dtype=torch.uint8),
             q.new_empty(1, dtype=torch.uint8))

@@ -15,10 +15,21 @@ knows (batch, heads, head dim, L, dtype), so no device value is ever read to fin
 
 Keys hold the buffer; the values slot is a stride-0 view of a 1-byte buffer (nothing to store, but it
 must be a fresh tensor each step: ops may not return their inputs).
+
+Growth in place. A format whose sections only grow at the end (``grows_in_place``) gets a buffer laid
+out for a *capacity* of tokens (``capacity``: a geometric grid, at most 1/8 above the length), and the
+sections of ``length`` tokens are prefix views of the capacity's (``trimmed``). Appending a token then
+writes it into the same buffer; a new buffer (and one copy of the cache) is needed only when the length
+crosses a grid point, so a decode step moves the bytes of its new token, not of the whole cache. Ops may
+not return (an alias of) their inputs, so the op hands the grown buffer back as a fresh tensor over the
+same memory (``alias``: a DLPack import, which keeps the allocation alive). A buffer is grown in place
+only by the slot that last wrote it (``heads``): a slot reused after its buffer grew on (two
+continuations of one prompt) appends into a fresh copy instead, so no slot ever sees another's tokens.
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -72,8 +83,9 @@ def slot_view(buffer: torch.Tensor, shape: tuple) -> torch.Tensor:
 
 
 def marker_buffer(device: torch.device | str) -> torch.Tensor:
-    """Storage of the values slot: one byte (the keys slot's buffer holds both keys and values)."""
-    return torch.zeros(1, dtype=torch.uint8, device=device)
+    """Storage of the values slot: one byte, never read (the keys slot's buffer holds keys and values;
+    ``empty``, not ``zeros``: no fill kernel on the decode path)."""
+    return torch.empty(1, dtype=torch.uint8, device=device)
 
 
 def is_slot(t: torch.Tensor) -> bool:
@@ -90,5 +102,86 @@ def slot_buffer(slot: torch.Tensor) -> torch.Tensor:
             f"kvpass: this layer's cache tensor ({slot.dtype}, shape {tuple(slot.shape)}, strides {slot.stride()}) "
             "is not a kvpass packed slot; it was copied or rebuilt outside kvpass (e.g. beam search's cache "
             "reordering), so the packed cache behind it is gone")
+    return whole_buffer(slot)
+
+
+def whole_buffer(t: torch.Tensor) -> torch.Tensor:
+    """The flat byte tensor over all of ``t``'s storage (the op returns a 1-byte view of its buffer)."""
+    storage = t.untyped_storage()
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),))
+
+
+# Capacity grid: multiples of a step that doubles with every octave of the length (8 steps per octave), so
+# the slack is < 1/8 of the length and a cache is copied about 8 times per doubling. Grid points are
+# multiples of 64, hence of every group size a scheme uses (int4's 32), so ``capacity_layout`` can size
+# residual sections from ``length = capacity - 1``.
+MIN_CAPACITY_STEP = 64
+
+
+def capacity(length: int) -> int:
+    """The smallest grid point >= ``length`` (concrete ints: called on real lengths only). For L0 < L1 <=
+    capacity(L0), capacity(L1) == capacity(L0): the buffer of L0 serves every length up to its capacity."""
+    step = max(MIN_CAPACITY_STEP, 1 << max(0, int(length).bit_length() - 4))
+    return max(step, -(-int(length) // step) * step)
+
+
+def capacity_layout(layout_of, cap: int) -> Layout:
+    """The buffer layout for up to ``cap`` tokens: each section as large as in ``layout_of(cap)`` and
+    ``layout_of(cap - 1)`` (the latter holds the largest residual of schemes that keep ``length % G``
+    tokens apart), so every length <= cap has its sections as prefixes (``trimmed``)."""
+    full, below = layout_of(cap), layout_of(cap - 1)
+    if full.keys() != below.keys():
+        raise ValueError(f"layout sections change with the length: {sorted(full)} vs {sorted(below)}")
+    out = {}
+    for name, (shape, dtype) in full.items():
+        other_shape, other_dtype = below[name]
+        if other_dtype != dtype or len(other_shape) != len(shape):
+            raise ValueError(f"section {name!r} changes dtype or rank with the length")
+        out[name] = (tuple(max(a, b) for a, b in zip(shape, other_shape)), dtype)
+    return out
+
+
+def trimmed(sections: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """Prefix views of capacity ``sections`` with the shapes of ``layout`` (the sections of a length)."""
+    out = {}
+    for name, (shape, _) in layout.items():
+        t = sections[name]
+        if tuple(t.shape) != tuple(shape):
+            if any(n > m for n, m in zip(shape, t.shape)):
+                raise ValueError(f"section {name!r}: {tuple(shape)} does not fit the capacity {tuple(t.shape)}")
+            t = t[tuple(slice(0, n) for n in shape)]
+        out[name] = t
+    return out
+
+
+# Buffer address -> (weak reference to the tensor that allocated it, length last written into it).
+heads: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def commit(root: torch.Tensor, length: int) -> None:
+    """Record that ``root``'s buffer now holds ``length`` tokens, written by the newest slot."""
+    heads[root.data_ptr()] = (weakref.ref(root), length)
+
+
+def growable_root(slot: torch.Tensor, length: int) -> torch.Tensor | None:
+    """The allocation behind ``slot`` if ``slot`` is the last writer of its buffer (it holds ``length``
+    tokens and nothing appended since), else None (the caller copies into a fresh buffer)."""
     storage = slot.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8, device=slot.device).set_(storage, 0, (storage.nbytes(),))
+    entry = heads.get(storage.data_ptr())
+    if entry is None or entry[1] != length:
+        return None
+    root = entry[0]()
+    if root is None or root.untyped_storage().nbytes() != storage.nbytes():
+        return None
+    return root
+
+
+def copy_unless_same(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, skipped when both are the same memory (old tokens of a buffer grown in place)."""
+    if dst.data_ptr() != src.data_ptr() or dst.stride() != src.stride() or dst.shape != src.shape:
+        dst.copy_(src)
+
+
+def alias(root: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor object over ``root``'s memory, with storage of its own that keeps ``root`` alive."""
+    return torch.from_dlpack(root)

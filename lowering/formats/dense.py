@@ -27,6 +27,9 @@ class Dense:
     def __init__(self, spec: FormatSpec, storage: StorageScheme):
         self.spec, self.storage = spec, storage
         self.tolerance = early_exit.resolve_tolerance(spec.early_exit)
+        # Appends go into the buffer's spare capacity (``lowering.packed``); early exit's block summaries
+        # are rewritten per step and its kernel reads them densely, so that form copies.
+        self.grows_in_place = self.tolerance is None
 
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype):
         layout = self.storage.layout(batch, kv_heads, length, k_dim, v_dim, dtype)

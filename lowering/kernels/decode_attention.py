@@ -153,7 +153,7 @@ def _load_codes(x_base, n, kv_ok, d, d_ok, stride_n, DTYPE: tl.constexpr, UPCAST
 
 
 @triton.jit
-def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
+def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len, rows_cap, res_cap,
                DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr,
                PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """A [BLOCK_N, BLOCK_D] K or V tile of keys ``n`` = ``n0`` + 0..BLOCK_N-1 of head row ``bh``
@@ -162,7 +162,9 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
     ``x_base``: this head's first code (``X`` offset by the head's strides); ``XS``/``XZ``: scale and
     minimum sections; ``XR``: int4's residual window [B, Hkv, res_len, D]. ``PER_CHANNEL`` (int4 keys):
     scales and minima per (group of ``QUANT_GROUP`` tokens, channel) [B, Hkv, quant_len / G, D], else
-    per token [B, Hkv, quant_len]. Keys past ``quant_len`` come from the residual window."""
+    per token [B, Hkv, quant_len]. Keys past ``quant_len`` come from the residual window. The sections may
+    be prefixes of larger ones (a buffer grown in place): ``rows_cap`` and ``res_cap`` are their rows per
+    head (int4 key groups: ``rows_cap / G``)."""
     mask = kv_ok[:, None] & d_ok[None, :]
     if KV_FORMAT == 0:
         x = tl.load(x_base + n[:, None] * stride_n + d[None, :], mask=mask, other=0.0)
@@ -180,20 +182,20 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
                 # The tile lies in one key group (tiles start at multiples of BLOCK_N): its scales and
                 # minima are one [D] row each, loaded once and broadcast, not a [BLOCK_N, D] gather
                 # (which moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
-                grp = bh * (quant_len // QUANT_GROUP) + n0 // QUANT_GROUP
+                grp = bh * (rows_cap // QUANT_GROUP) + n0 // QUANT_GROUP
                 g_ok = d_ok & (d * 0 + n0 < quant_len)  # a tensor compare (the interpreter's n0 is an int)
                 scale = tl.load(XS + grp * HEAD_DIM + d, mask=g_ok, other=0.0).to(tl.float32)[None, :]
                 low = tl.load(XZ + grp * HEAD_DIM + d, mask=g_ok, other=0.0).to(tl.float32)[None, :]
             else:
-                off = (bh * (quant_len // QUANT_GROUP) + n // QUANT_GROUP)[:, None] * HEAD_DIM + d[None, :]
+                off = (bh * (rows_cap // QUANT_GROUP) + n // QUANT_GROUP)[:, None] * HEAD_DIM + d[None, :]
                 scale = tl.load(XS + off, mask=q_mask, other=0.0).to(tl.float32)
                 low = tl.load(XZ + off, mask=q_mask, other=0.0).to(tl.float32)
         else:
-            scale = tl.load(XS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
-            low = tl.load(XZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
+            scale = tl.load(XS + bh * rows_cap + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
+            low = tl.load(XZ + bh * rows_cap + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
         # Two roundings (product, sum) as the scheme's dequantize: the launch disables FMA contraction.
         x = (c * scale + low).to(DTYPE)
-        res_ptrs = XR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
+        res_ptrs = XR + (bh * res_cap + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
         if QUANT_GROUP % BLOCK_N == 0:
             # The tile is all codes or all residual window (quant_len is a multiple of the group): a
             # branch, so the (unpipelined) residual load is issued for that one tile only, not as a
@@ -206,8 +208,8 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
 
 
 @triton.jit
-def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len,
-                      DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len, rows_cap,
+                      res_cap, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                       QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """int4 value tile for the folded product: (x [BLOCK_N, BLOCK_D], scale [BLOCK_N], min [BLOCK_N]) with
     value = x * scale + min: codes 0..15 (exact in ``DTYPE``; fp32 under ``UPCAST``, see ``_load_codes``)
@@ -223,9 +225,9 @@ def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, q
         c = c.to(tl.float32)
     else:
         c = c.to(DTYPE)
-    res_ptrs = VR + (bh * res_len + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
-    scale = tl.load(VS + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
-    low = tl.load(VZ + bh * quant_len + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
+    res_ptrs = VR + (bh * res_cap + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
+    scale = tl.load(VS + bh * rows_cap + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
+    low = tl.load(VZ + bh * rows_cap + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)
     if QUANT_GROUP % BLOCK_N == 0:  # all codes or all residual: a branch, as in _load_tile
         x = c
         if n0 >= quant_len:
@@ -256,7 +258,7 @@ def _load_aligned_low(XL, bh, n, kv_ok, kv_rows, HEAD_DIM: tl.constexpr, BLOCK_D
     return (_unpack_nibbles(low) - 8).to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["kv_len", "keys_per_split", "quant_len", "res_len"])
+@triton.jit(do_not_specialize=["kv_len", "keys_per_split", "quant_len", "res_len", "rows_cap", "res_cap"])
 def decode_attention_split_kernel(
     Q, K, V, Mask,  #
     Out,  # [B, Hq, Lq, D] contiguous; written only when SPLIT_OUTPUT is off
@@ -269,6 +271,7 @@ def decode_attention_split_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,  # mask viewed as [B, Hq, Lq, L], 0 on broadcast dims
     num_kv_heads, q_len, kv_len, keys_per_split, sm_scale,  #
     quant_len, res_len,  # packed: tokens in the quantized sections (int4: full groups) and in the residual
+    rows_cap, res_cap,  # packed: rows per head of those sections (>= quant_len, res_len: capacity prefixes)
     skip_error, value_bound, half_tau,  # KV_ALIGNED: see the skip rule in the loop
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
@@ -369,14 +372,15 @@ def decode_attention_split_kernel(
         if KV_FORMAT == 1:
             # Scores of the codes, then the per-token key scale: s_j = (q . c_j) * (scale_k[j] * sm_scale).
             k = _load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT)
-            k_scale = tl.load(KS + bh64 * quant_len + n, mask=kv_ok, other=0.0)
+            k_scale = tl.load(KS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
         else:
             if KV_FORMAT == 3:
-                k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, quant_len)
+                k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, rows_cap)
                 k = (k_code * k_step[:, None]).to(dtype)
             else:
                 k = _load_tile(K, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, d, d_ok, stride_kn, quant_len, res_len,
+                               rows_cap, res_cap,
                                dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP, BLOCK_N)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
         if MASK_KIND == 2:
@@ -392,7 +396,7 @@ def decode_attention_split_kernel(
             # E = sum p ((e^dk - 1) A + dv) <= tau/2 W and C = sum p (e^dk - 1) <= tau/2 l, W = sum p A:
             # both ratios only fall as further blocks add to W and l, and splits merge by mediants,
             # so the final output is within tau * sum_j p_j A_j of the all-low-parts output.
-            v_code, v_step = _load_aligned(v_base, VS, bh64, n, kv_ok, d, d_ok, stride_vn, quant_len)
+            v_code, v_step = _load_aligned(v_base, VS, bh64, n, kv_ok, d, d_ok, stride_vn, rows_cap)
             m_hi = tl.maximum(m_i, _max(s, axis=1))
             shift_hi = tl.where(m_hi == float("-inf"), 0.0, m_hi)
             alpha_hi = tl.exp(m_i - shift_hi)
@@ -412,8 +416,8 @@ def decode_attention_split_kernel(
             read_tokens += count
             low_tokens += tl.where(read_low, count, 0)
             if read_low:
-                k_code = k_code + _load_aligned_low(KR, bh64, n, kv_ok, quant_len, HEAD_DIM, BLOCK_D)
-                v_code = v_code + _load_aligned_low(VR, bh64, n, kv_ok, quant_len, HEAD_DIM, BLOCK_D)
+                k_code = k_code + _load_aligned_low(KR, bh64, n, kv_ok, rows_cap, HEAD_DIM, BLOCK_D)
+                v_code = v_code + _load_aligned_low(VR, bh64, n, kv_ok, rows_cap, HEAD_DIM, BLOCK_D)
                 k = (k_code * k_step[:, None]).to(dtype)
                 s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
                 if MASK_KIND == 2:
@@ -439,7 +443,7 @@ def decode_attention_split_kernel(
             # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
             # p * scale_v to the dtype in place of the rounding of p.
             v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
-            v_scale = tl.load(VS + bh64 * quant_len + n, mask=kv_ok, other=0.0)
+            v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
             if FOLD_V_SCALE:
                 p_v = p * v_scale[None, :]
             else:
@@ -450,12 +454,13 @@ def decode_attention_split_kernel(
             # int4 values c * scale_v + min_v per token: acc += (p * scale_v) @ c_v + (p . min_v), the
             # codes 0..15 exact in the dtype; residual tokens are their stored rows with scale 1, min 0.
             v, v_scale, v_min = _load_int4_values(VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn,
-                                                  quant_len, res_len, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT,
+                                                  quant_len, res_len, rows_cap, res_cap, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT,
                                                   QUANT_GROUP, BLOCK_N)
             p_v = p * v_scale[None, :]
             min_term = _sum(p * v_min[None, :], axis=1)  # [BLOCK_M], in fp32
         else:
             v = _load_tile(V, VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
+                           rows_cap, res_cap,
                            dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP, BLOCK_N)
         acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
         if KV_FORMAT == 2 and FOLD_V_SCALE:

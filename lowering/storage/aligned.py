@@ -94,7 +94,8 @@ class Aligned:
             stats = torch.zeros(2, dtype=torch.int64, device=q.device)
         return KVOperands(state["k"], state["v"], length, KV_ALIGNED,
                           (state["k_scale"], state["v_scale"], None, None, state["k_low"], state["v_low"]),
-                          quant_len=length, stats=stats, skip_error=skip_error, value_bound=value_bound,
+                          quant_len=length, rows_cap=state["k_scale"].stride(1), stats=stats,
+                          skip_error=skip_error, value_bound=value_bound,
                           tau=self.tau if tau is None else tau)
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):

@@ -35,6 +35,7 @@ class Fp8(Int8):
     name = "fp8 e4m3, per-token per-head scales"
     code_dtype = torch.float8_e4m3fn
     quantize = staticmethod(quantize_rows_fp8)
+    fused_append = False  # see lowering/kernels/quantize_rows.py
 
     def error_bound(self, state: State, length: int, dtype):
         k, v = self.dequantize(state, length, dtype)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout
+from lowering.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
 
 
@@ -16,8 +16,8 @@ class FullPrecision:
 
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
         if old is not None:
-            out["k"][:, :, :old_length].copy_(old["k"])
-            out["v"][:, :, :old_length].copy_(old["v"])
+            copy_unless_same(out["k"][:, :, :old_length], old["k"])
+            copy_unless_same(out["v"][:, :, :old_length], old["v"])
         out["k"][:, :, old_length:].copy_(new_k)
         out["v"][:, :, old_length:].copy_(new_v)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout
+from lowering.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
 from lowering.storage.int8 import rounding_slack
 
@@ -106,9 +106,10 @@ class Int4Kivi:
         old_quant, old_res = split_length(old_length)
         if old is not None:  # full groups stay as they were
             for name in ("k", "v", "v_scale", "v_min"):
-                out[name][:, :, :old_quant].copy_(old[name])
+                copy_unless_same(out[name][:, :, :old_quant], old[name])
             for name in ("k_scale", "k_min"):
-                out[name][:, :, :old_quant // GROUP].copy_(old[name])
+                copy_unless_same(out[name][:, :, :old_quant // GROUP], old[name])
+            # cat copies: the residual is read before ``out`` (maybe the same buffer) is written
             k, v = torch.cat([old["k_res"], new_k], 2), torch.cat([old["v_res"], new_v], 2)
         else:
             k, v = new_k, new_v
@@ -159,7 +160,8 @@ class Int4Kivi:
         quant, res = split_length(length)
         return KVOperands(state["k"], state["v"], length, KV_INT4,
                           tuple(state[n] for n in ("k_scale", "v_scale", "k_min", "v_min", "k_res", "v_res")),
-                          quant_len=quant, res_len=res, quant_group=GROUP)
+                          quant_len=quant, res_len=res, quant_group=GROUP, rows_cap=state["v_scale"].stride(1),
+                          res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]))
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout
+from lowering.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
 
 QMAX = 127.0
@@ -44,7 +44,15 @@ def copy_old_tokens(old: State | None, old_length: int, out: State, names) -> No
     """Per-token sections ([B, Hkv, L, ...]) of ``old`` into the first ``old_length`` rows of ``out``."""
     if old is not None:
         for name in names:
-            out[name][:, :, :old_length].copy_(old[name])
+            copy_unless_same(out[name][:, :, :old_length], old[name])
+
+
+def _fused_append_ok(x: torch.Tensor, codes: torch.Tensor) -> bool:
+    try:
+        from lowering.quantize_rows import unsupported_reason
+    except ImportError:  # triton missing
+        return False
+    return unsupported_reason(x, codes) is None
 
 
 @register_scheme(8)
@@ -62,9 +70,17 @@ class Int8:
         return {"k": ((*rows, k_dim), self.code_dtype), "v": ((*rows, v_dim), self.code_dtype),
                 "k_scale": (rows, torch.float32), "v_scale": (rows, torch.float32)}
 
+    # Whether CUDA appends go through the fused quantize-on-append kernel (lowering/quantize_rows.py).
+    fused_append = True
+
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
         copy_old_tokens(old, old_length, out, out)
         for name, x in (("k", new_k), ("v", new_v)):
+            if self.fused_append and x.is_cuda and _fused_append_ok(x, out[name]):
+                from lowering.quantize_rows import append_rows
+
+                append_rows(x, out[name], out[name + "_scale"], old_length, QMAX)
+                continue
             q, scale = self.quantize(x)
             out[name][:, :, old_length:].copy_(q)
             out[name + "_scale"][:, :, old_length:].copy_(scale)
@@ -84,7 +100,8 @@ class Int8:
         from lowering.kernels.decode_attention import KV_SCALED_ROWS
 
         return KVOperands(state["k"], state["v"], length, KV_SCALED_ROWS,
-                          (state["k_scale"], state["v_scale"], None, None, None, None), quant_len=length)
+                          (state["k_scale"], state["v_scale"], None, None, None, None), quant_len=length,
+                          rows_cap=state["k_scale"].stride(1))
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

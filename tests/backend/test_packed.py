@@ -16,7 +16,7 @@ from transformers import DynamicCache
 import kvpass
 import zoo
 from lowering.formats import FORMATS
-from lowering.packed import is_slot, layout_nbytes
+from lowering.packed import capacity, capacity_layout, is_slot, layout_nbytes
 from lowering.storage import SCHEMES
 
 QUANTIZED = [k for k in SCHEMES if k != "16"]
@@ -83,9 +83,60 @@ def test_cache_holds_the_packed_bytes_and_the_right_length(kv_bits):
         b, h, length, d = ref_layer.keys.shape
         held = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
         full = ref_layer.keys.untyped_storage().nbytes() + ref_layer.values.untyped_storage().nbytes()
-        expected = layout_nbytes(scheme.layout(b, h, length, d, d, ref_layer.keys.dtype))
+        # Dense formats hold their capacity: the grid point at or above the length (< 1/8 more, or 64 tokens)
+        expected = layout_nbytes(capacity_layout(lambda n: scheme.layout(b, h, n, d, d, ref_layer.keys.dtype),
+                                                 capacity(length)))
         assert held == expected + 1, (held, expected)  # + the values slot's one byte
         assert held < full, f"kv_bits={kv_bits} holds {held} bytes, the full-precision cache {full}"
+
+
+def _step(model, cache, token, mask):
+    return model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+@pytest.mark.parametrize("kv_bits", QUANTIZED)
+def test_decode_appends_in_place_and_a_reused_prefix_is_copied(kv_bits):
+    """Decode steps write into the buffer's spare capacity (the buffer stays put); two continuations of one
+    prefix (the second starting from slots whose buffer the first grew) each see only their own tokens."""
+    model = zoo.build("llama")
+    ids, mask = zoo.prompt(2, left_padding=True)
+    g = torch.Generator().manual_seed(5)
+    branch_a, branch_b = (torch.randint(1, zoo.VOCAB, (2, 3), generator=g).to(ids) for _ in range(2))
+    model.forward = torch.compile(model.forward, backend="kvpass", options=_options(kv_bits))
+
+    def continue_from(cache, tokens, m):
+        logits = []
+        for t in range(tokens.shape[1]):
+            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+            logits.append(_step(model, cache, tokens[:, t:t + 1], m))
+        return torch.stack(logits, 1), m
+
+    def prefill():
+        cache = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        return cache
+
+    with torch.no_grad():
+        cache = prefill()
+        prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        before = [layer.keys.untyped_storage().data_ptr() for layer in cache.layers]
+        got_a, mask_a = continue_from(cache, branch_a, mask)
+        assert [layer.keys.untyped_storage().data_ptr() for layer in cache.layers] == before  # grown in place
+        branch_a_slots = [(layer.keys, layer.values) for layer in cache.layers]
+        for layer, (k, v) in zip(cache.layers, prefix):  # back to the prefix, as a cache reused for a new prompt
+            layer.keys, layer.values = k, v
+        got_b, _ = continue_from(cache, branch_b, mask)
+        for layer, (k, v) in zip(cache.layers, branch_a_slots):  # and branch A goes on, one more token
+            layer.keys, layer.values = k, v
+        got_a_more, _ = continue_from(cache, branch_b[:, :1], mask_a)
+
+        fresh_cache = prefill()
+        fresh_a, fresh_mask_a = continue_from(fresh_cache, branch_a, mask)
+        fresh_a_more, _ = continue_from(fresh_cache, branch_b[:, :1], fresh_mask_a)
+        fresh_b, _ = continue_from(prefill(), branch_b, mask)
+    assert torch.equal(got_a, fresh_a)
+    assert torch.equal(got_b, fresh_b)
+    assert torch.equal(got_a_more, fresh_a_more)
 
 
 def test_quantized_cache_through_inductor_compiles_a_bounded_number_of_graphs():

@@ -273,8 +273,9 @@ def test_dense_format_decodes_within_the_bound_and_counts_blocks(kv_bits):
         out, kbuf, vbuf = torch.ops.kvpass.cache_attention(q_all[:, :, t:t + 1], past_k, past_v,
                                                            k_all[:, :, t:t + 1], v_all[:, :, t:t + 1], None, False,
                                                            None, spec, "layer0")
+        sections = packed.views(packed.whole_buffer(kbuf), fmt.layout(B, Hkv, t + 1, D, D, torch.float32))
         k_seen, v_seen = fmt.storage.dequantize(
-            {n: s for n, s in packed.views(kbuf, fmt.layout(B, Hkv, t + 1, D, D, torch.float32)).items()
+            {n: s for n, s in sections.items()
              if n not in ee.SECTIONS}, t + 1, torch.float32)
         ref = kt.reference_attention(q_all[:, :, t:t + 1], k_seen, v_seen)
         # tol relative to the output, plus 1e-5 for fp32 rounding over 73 keys (exact_tolerance: < 1e-5 here)

@@ -77,8 +77,10 @@ def test_skipping_happens_where_weights_are_negligible_and_counts_are_exact():
     # One key holds all the weight (a sink): the other blocks' contributions are far below tau, so
     # their low parts are skipped; the counts are tokens, the same for every split layout.
     B, H, L, D = 1, 1, 256, 16
-    k, v = torch.randn(B, H, L, D, device=DEVICE), torch.randn(B, H, L, D, device=DEVICE)
-    q = torch.randn(B, 4, 1, D, device=DEVICE)
+    # Seeded: on some draws the sink's weight leaves no block skippable (it failed 1 run in ~10 unseeded).
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, H, L, D, generator=g).to(DEVICE) for _ in range(2))
+    q = torch.randn(B, 4, 1, D, generator=g).to(DEVICE)
     k[0, 0, 0] = 60.0 * q[0, :, 0].mean(0) / q[0, :, 0].mean(0).norm()  # logit ~ 60 / sqrt(D) x |q|
     problem = kt.make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=L, head_dim=D, device=DEVICE)
     problem = dataclasses.replace(problem, q=q, k=k, v=v)

@@ -1,0 +1,45 @@
+"""Quantize-on-append for the int8 cache (per-token scales): device code only.
+
+One program per new token row of one KV head: it reads the row [D] once, takes its largest |x|, writes the
+fp32 scale amax / QMAX and the codes x / scale, rounded half to even and clamped to +-QMAX, straight into
+the cache's sections at row ``start + t``. (fp8 keeps its torch path: Triton's CPU interpreter converts
+fp32 to e4m3 wrongly for some values, e.g. -126.06 to -64, so a fused fp8 path could not be tested here.) This
+replaces the ~12 torch ops per tensor of ``lowering.storage.int8.quantize_rows`` plus the two copies
+into the sections: a decode step appends one token per layer, and every op is host time.
+"""
+
+import triton
+import triton.language as tl
+
+from lowering.kernels.decode_attention import _max
+
+# y + 1.5 * 2^23 - 1.5 * 2^23 rounds fp32 |y| < 2^22 to the nearest integer, ties to even (torch.round's
+# rule) in the default rounding mode, with no libdevice call (the same code under the CPU interpreter).
+ROUND_MAGIC = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def quantize_rows_append_kernel(
+    X, Codes, Scales,  #
+    heads, new_rows, start,  #
+    stride_xb, stride_xh, stride_xn,  # x [B, Hkv, n, D], last dim contiguous
+    stride_cb, stride_ch, stride_cn,  # codes [B, Hkv, >= start + n, D], last dim contiguous
+    stride_sb, stride_sh, stride_sn,  # scales [B, Hkv, >= start + n] fp32
+    QMAX: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid % new_rows
+    bh = pid // new_rows
+    b = bh // heads
+    h = bh % heads
+    d = tl.arange(0, BLOCK_D)
+    ok = d < HEAD_DIM
+    x = tl.load(X + b * stride_xb + h * stride_xh + t * stride_xn + d, mask=ok, other=0.0).to(tl.float32)
+    scale = _max(tl.abs(x), 0) / QMAX
+    y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
+    code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)
+    row = start + t
+    tl.store(Codes + b * stride_cb + h * stride_ch + row * stride_cn + d, code, mask=ok)
+    tl.store(Scales + b * stride_sb + h * stride_sh + row * stride_sn, scale)
