@@ -17,7 +17,7 @@ Keys hold the buffer; the values slot is a stride-0 view of a 1-byte buffer (not
 must be a fresh tensor each step: ops may not return their inputs).
 
 Growth in place. A format whose sections only grow at the end (``grows_in_place``) gets a buffer laid
-out for a *capacity* of tokens (``capacity``: a geometric grid, at most 1/8 above the length), and the
+out for a *capacity* of tokens (``capacity``: a geometric grid, less than 1/32 above the length past 2k tokens), and the
 sections of ``length`` tokens are prefix views of the capacity's (``trimmed``). Appending a token then
 writes it into the same buffer; a new buffer (and one copy of the cache) is needed only when the length
 crosses a grid point, so a decode step moves the bytes of its new token, not of the whole cache. Ops may
@@ -111,8 +111,9 @@ def whole_buffer(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),))
 
 
-# Capacity grid: multiples of a step that doubles with every octave of the length (8 steps per octave), so
-# the slack is < 1/8 of the length and a cache is copied about 8 times per doubling. Grid points are
+# Capacity grid: multiples of a step that doubles with every octave of the length (32 steps per octave), so
+# the slack is < 1/32 of the length (or one 64-token step below 2048) and a cache is copied about 32 times
+# per doubling: at 32k tokens, one copy of the cache per 1024 steps. Grid points are
 # multiples of 64, hence of every group size a scheme uses (int4's 32), so ``capacity_layout`` can size
 # residual sections from ``length = capacity - 1``.
 MIN_CAPACITY_STEP = 64
@@ -121,7 +122,7 @@ MIN_CAPACITY_STEP = 64
 def capacity(length: int) -> int:
     """The smallest grid point >= ``length`` (concrete ints: called on real lengths only). For L0 < L1 <=
     capacity(L0), capacity(L1) == capacity(L0): the buffer of L0 serves every length up to its capacity."""
-    step = max(MIN_CAPACITY_STEP, 1 << max(0, int(length).bit_length() - 4))
+    step = max(MIN_CAPACITY_STEP, 1 << max(0, int(length).bit_length() - 6))
     return max(step, -(-int(length) // step) * step)
 
 

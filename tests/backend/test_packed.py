@@ -83,7 +83,7 @@ def test_cache_holds_the_packed_bytes_and_the_right_length(kv_bits):
         b, h, length, d = ref_layer.keys.shape
         held = layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
         full = ref_layer.keys.untyped_storage().nbytes() + ref_layer.values.untyped_storage().nbytes()
-        # Dense formats hold their capacity: the grid point at or above the length (< 1/8 more, or 64 tokens)
+        # Dense formats hold their capacity: the grid point at or above the length (< 1/32 more, or 64 tokens)
         expected = layout_nbytes(capacity_layout(lambda n: scheme.layout(b, h, n, d, d, ref_layer.keys.dtype),
                                                  capacity(length)))
         assert held == expected + 1, (held, expected)  # + the values slot's one byte

@@ -14,7 +14,7 @@ from lowering.storage import SCHEMES
 def test_capacity_is_stable_up_to_itself_and_has_little_slack(length, data):
     cap = packed.capacity(length)
     assert cap >= length and cap % packed.MIN_CAPACITY_STEP == 0
-    assert cap - length < max(packed.MIN_CAPACITY_STEP, length / 8), (length, cap)  # slack < 1/8 (or a step)
+    assert cap - length < max(packed.MIN_CAPACITY_STEP, length / 32), (length, cap)  # slack < 1/32 (or a step)
     later = data.draw(st.integers(length, cap))
     assert packed.capacity(later) == cap  # a buffer of `length` serves every length up to its capacity
 
