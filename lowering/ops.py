@@ -2,6 +2,7 @@
 Inductor trace them through their fake implementations (dynamic sequence lengths included)."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 
@@ -73,7 +74,19 @@ def _format(spec: str):
 def _layout_of(fmt, q, new_k, new_v):
     """length -> the format's sections for this layer's sizes."""
     b, h, _, dk = new_k.shape
-    return lambda length: fmt.layout(b, h, length, dk, new_v.shape[-1], q.dtype)
+    return functools.partial(_layout, fmt, b, h, dk, new_v.shape[-1], q.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(fmt, b, h, dk, dv, dtype, length):
+    return fmt.layout(b, h, length, dk, dv, dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _capacity_layout(fmt, b, h, dk, dv, dtype, cap):
+    from lowering import packed
+
+    return packed.capacity_layout(functools.partial(_layout, fmt, b, h, dk, dv, dtype), cap)
 
 
 def _sections(buffer: torch.Tensor, fmt, layout_of, length: int) -> dict[str, torch.Tensor]:
@@ -93,7 +106,7 @@ def _capacity_views(buffer: torch.Tensor, layout_of, cap: int) -> dict[str, torc
     they go with it."""
     from lowering import packed
 
-    layout = packed.capacity_layout(layout_of, cap)
+    layout = _capacity_layout(*layout_of.args, cap)
     key = tuple(layout.items())
     cached = getattr(buffer, "_kvpass_views", None)
     if cached is not None and cached[0] == key:
@@ -134,7 +147,7 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
     length = old_length + new_k.shape[2]
     if root is None:
         grows = getattr(fmt, "grows_in_place", False)
-        root = torch.empty(packed.layout_nbytes(packed.capacity_layout(layout_of, packed.capacity(length)) if grows
+        root = torch.empty(packed.layout_nbytes(_capacity_layout(*layout_of.args, packed.capacity(length)) if grows
                                                 else layout_of(length)), dtype=torch.uint8, device=q.device)
     out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site,
                    _sections(root, fmt, layout_of, length))
