@@ -139,6 +139,11 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
         packed.slot_buffer(past_v)  # raises if the values slot was rebuilt outside kvpass
         if getattr(fmt, "grows_in_place", False) and packed.capacity(old_length) >= old_length + new_k.shape[2]:
             root = packed.growable_root(past_k, old_length)
+        if root is not None and q.is_cuda:
+            out = _decode_in_place(fmt, q, root, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale)
+            if out is not None:
+                calls["packed_decode_in_place"] += 1
+                return _finish(out, root, old_length + new_k.shape[2], site)
         old = _sections(packed.slot_buffer(past_k) if root is None else root, fmt, layout_of, old_length)
     elif past_k.dtype == torch.uint8 and old_length:
         packed.slot_buffer(past_k)  # a materialised copy of a slot (beam search reordering): raises, never guesses
@@ -151,10 +156,30 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                                                 else layout_of(length)), dtype=torch.uint8, device=q.device)
     out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site,
                    _sections(root, fmt, layout_of, length))
+    return _finish(out, root, length, site)
+
+
+def _finish(out: torch.Tensor, root: torch.Tensor, length: int, site: str):
+    """The op's outputs once ``root`` holds ``length`` tokens, recorded as its last writer."""
+    from lowering import packed, stats
+
     packed.commit(root, length)
     stats.set_last(site, "cache_bytes", root.numel())
     stats.set_last(site, "tokens", length)
-    return out.contiguous(), packed.alias(root)[:1], packed.marker_buffer(q.device)
+    return out.contiguous(), packed.alias(root)[:1], packed.marker_buffer(out.device)
+
+
+def _decode_in_place(fmt, q, root, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale):
+    """A decode step appended into ``root``'s spare capacity by the format's fused path
+    (``decode_in_place``: append kernels and the decode kernel straight on the capacity sections, no
+    per-step views), or None where the format or these inputs have none (the general path runs)."""
+    from lowering import packed
+
+    decode = getattr(fmt, "decode_in_place", None)
+    if decode is None or is_causal or q.shape[2] > MAX_KERNEL_QUERY_LEN:
+        return None
+    sections = _capacity_views(root, layout_of, packed.capacity(old_length))
+    return decode(q, sections, old_length, new_k, new_v, attn_mask, scale)
 
 
 @cache_attention.register_fake

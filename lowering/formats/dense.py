@@ -75,6 +75,14 @@ class Dense:
         return result
 
 
+    def decode_in_place(self, q, sections, old_length: int, new_k, new_v, attn_mask, scale):
+        """The storage scheme's fused decode step on capacity ``sections`` (``lowering.ops``), or None."""
+        decode = getattr(self.storage, "decode_in_place", None)
+        if decode is None or self.tolerance is not None:
+            return None
+        return decode(q, sections, old_length, new_k, new_v, attn_mask, scale)
+
+
 def _scheme_part(state: State | None) -> State | None:
     """The storage scheme's own sections (schemes may iterate over every section they are given)."""
     return None if state is None else {n: t for n, t in state.items() if n not in early_exit.SECTIONS}

@@ -85,6 +85,24 @@ class Int8:
             out[name][:, :, old_length:].copy_(q)
             out[name + "_scale"][:, :, old_length:].copy_(scale)
 
+    def decode_in_place(self, q, sections: State, old_length: int, new_k, new_v, attn_mask, scale):
+        """A decode step on capacity ``sections`` (rows beyond the length allowed): the new rows quantized
+        into them at ``old_length`` by the fused kernel, then the decode kernel over ``old_length + n``
+        rows; None where either kernel refuses the inputs (the general path then runs)."""
+        if not self.fused_append:
+            return None
+        from lowering.decode_attention import launch
+        from lowering.quant_decode_attention import kernel_unsupported_reason
+        from lowering.quantize_rows import append_rows, unsupported_reason
+
+        length = old_length + new_k.shape[2]
+        if (unsupported_reason(new_k, sections["k"]) or unsupported_reason(new_v, sections["v"])
+                or kernel_unsupported_reason(q, sections, length, attn_mask)):
+            return None
+        append_rows(new_k, sections["k"], sections["k_scale"], old_length, QMAX)
+        append_rows(new_v, sections["v"], sections["v_scale"], old_length, QMAX)
+        return launch(q, self.kernel_operands(q, sections, length), attn_mask, scale, False)
+
     def dequantize(self, state: State, length: int, dtype):
         return (dequantize_rows(state["k"], state["k_scale"], dtype),
                 dequantize_rows(state["v"], state["v_scale"], dtype))

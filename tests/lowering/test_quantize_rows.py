@@ -1,4 +1,4 @@
-"""The fused int8 quantize-on-append kernel (Triton, interpreter on CPU) against ``quantize_rows``.
+"""The fused int8 quantize-on-append kernel and the in-place decode step it serves (Triton, interpreter on CPU).
 
 Exact equality is owed: the kernel computes the same fp32 operations (amax / 127, an IEEE division,
 round half to even, clamp), so codes and scales must match bit for bit; rows outside the written range
@@ -47,3 +47,40 @@ def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start
     assert torch.equal(scales[:, :, start:start + new], want_scales)
     assert (codes[:, :, :start] == -128).all() and (codes[:, :, start + new:] == -128).all()
     assert scales[:, :, :start].isnan().all() and scales[:, :, start + new:].isnan().all()
+
+
+@settings(max_examples=12, deadline=None)
+@given(old_length=st.integers(1, 70), heads=st.sampled_from([(4, 2), (2, 2), (8, 1)]), masked=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_decode_in_place_equals_the_general_path(old_length, heads, masked, dtype, seed):
+    """int8's fused decode step on capacity sections (the op's CUDA fast path) against the general path
+    (append into trimmed views, then the same kernel): the same codes in the buffer, the same output."""
+    from lowering import packed
+    from lowering.quant_decode_attention import kernel_decode_attention
+    from lowering.storage import SCHEMES
+
+    scheme, (hq, hkv), d, b = SCHEMES["8"], heads, 16, 2
+    g = torch.Generator().manual_seed(seed)
+    k0, v0 = (torch.randn(b, hkv, old_length, d, generator=g).to(dtype) for _ in range(2))
+    k1, v1 = (torch.randn(b, 1, hkv, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype).transpose(1, 2)
+    length = old_length + 1
+    mask = None
+    if masked:  # HF's decode mask [B, 1, 1, L] with left padding in the first row
+        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        mask[0, ..., : old_length // 2] = False
+    layout_of = lambda n: scheme.layout(b, hkv, n, d, d, dtype)  # noqa: E731
+    cap_layout = packed.capacity_layout(layout_of, packed.capacity(old_length))
+    buffer, cap = packed.allocate(cap_layout, "cpu")
+    buffer.fill_(0)
+    scheme.append(None, 0, k0, v0, packed.trimmed(cap, layout_of(old_length)))
+    other = buffer.clone()
+    # general path
+    out_state = packed.trimmed(cap, layout_of(length))
+    scheme.append(packed.trimmed(cap, layout_of(old_length)), old_length, k1, v1, out_state)
+    want = kernel_decode_attention(scheme, q, out_state, length, mask, None)
+    # fast path on the other copy
+    other_cap = packed.views(other, cap_layout)
+    got = scheme.decode_in_place(q, other_cap, old_length, k1, v1, mask, None)
+    assert got is not None and torch.equal(got, want)
+    assert torch.equal(other, buffer)
