@@ -224,3 +224,25 @@ def test_a_batch_of_one_keeps_its_packed_cache():
     ref, got, _, cache = _run(_options(QUANTIZED[0]), batch=1, left_padding=False, steps=3)
     assert all(is_slot(layer.keys) for layer in cache.layers)
     assert _relative_error(got, ref) <= 8 * RELATIVE_STEP[QUANTIZED[0]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the in-place decode fast path runs on CUDA only")
+@pytest.mark.parametrize("kv_bits", QUANTIZED)
+def test_cuda_decode_steps_stay_in_their_buffer_and_within_the_scheme_error(kv_bits):
+    """On CUDA (kernels compiled, int8's fused in-place decode step): 40 teacher-forced steps in bf16 stay
+    within the scheme's error of eager and keep one buffer per layer (40 steps fit one capacity)."""
+    from lowering import ops
+
+    eager, compiled = (zoo.build("llama").cuda().to(torch.bfloat16) for _ in range(2))
+    ids, mask = (t.cuda() for t in zoo.prompt(3, left_padding=True))
+    continuation = torch.randint(1, zoo.VOCAB, (3, 40), generator=torch.Generator().manual_seed(3)).cuda()
+    compiled.forward = torch.compile(compiled.forward, backend="kvpass",
+                                     options=_options(kv_bits, compiler="inductor"))
+    ops.calls.clear()
+    with torch.no_grad():
+        ref, _ = teacher_forced_logits(eager, ids, mask, continuation)
+        got, cache = teacher_forced_logits(compiled, ids, mask, continuation)
+    assert not got.isnan().any()
+    assert _relative_error(got.float(), ref.float()) <= 8 * RELATIVE_STEP[kv_bits] + 0.02  # + bf16 logits
+    if kv_bits == "8":
+        assert ops.calls["packed_decode_in_place"] >= 39 * len(cache.layers), dict(ops.calls)
