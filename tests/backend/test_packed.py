@@ -230,7 +230,8 @@ def test_a_batch_of_one_keeps_its_packed_cache():
 @pytest.mark.parametrize("kv_bits", QUANTIZED)
 def test_cuda_decode_steps_stay_in_their_buffer_and_within_the_scheme_error(kv_bits):
     """On CUDA (kernels compiled, int8's fused in-place decode step): 40 teacher-forced steps in bf16 stay
-    within the scheme's error of eager and keep one buffer per layer (40 steps fit one capacity)."""
+    within the scheme's error of eager (+0.02 for bf16 logits), and int8's steps after the first take
+    the in-place path (the prompt's capacity of 64 holds all 40)."""
     from lowering import ops
 
     eager, compiled = (zoo.build("llama").cuda().to(torch.bfloat16) for _ in range(2))
