@@ -260,8 +260,14 @@ def select(key: torch.Tensor, hot: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order[..., :hot], order[..., hot:]
 
 
+# gather has no float8 kernel (torch 2.13 CPU): their rows are moved as bytes, which is exact.
+MOVED_AS_BYTES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows of t [B, H, N, ...] at idx [B, H, K] -> [B, H, K, ...]."""
+    if t.dtype in MOVED_AS_BYTES:
+        return take(t.view(torch.uint8), idx).view(t.dtype)
     return t.gather(2, idx.reshape(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:]))
 
 
@@ -289,13 +295,14 @@ class BudgetedFormat:
 
     def __init__(self, spec: FormatSpec, storage: StorageScheme):
         if spec.early_exit is not None:
-            raise NotImplementedError("early_exit is not implemented yet (the early-termination issue)")
+            raise NotImplementedError("early_exit with a token policy is not implemented (early exit runs on "
+                                      "policy='full', with any kv_bits)")
         if spec.budget is None or spec.budget < 1:
             raise ValueError(f"policy {spec.policy!r} needs a positive budget, got {spec.budget!r}")
         if not per_token(storage):
             raise NotImplementedError(
                 f"policy {spec.policy!r} with kv_bits={spec.kv_bits!r}: the {storage.name} scheme does not store "
-                "one row per token, so kept tokens cannot be moved by index (per-token schemes: 16, 8)")
+                "one row per token, so kept tokens cannot be moved by index (per-token schemes: 16, 8, fp8, aligned)")
         self.spec, self.storage, self.budget = spec, storage, spec.budget
 
     # -- layout

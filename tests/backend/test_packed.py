@@ -17,6 +17,7 @@ import kvpass
 import zoo
 from lowering.formats import FORMATS
 from lowering.packed import capacity, capacity_layout, is_slot, layout_nbytes
+from lowering.policies import per_token
 from lowering.storage import SCHEMES
 
 QUANTIZED = [k for k in SCHEMES if k != "16"]
@@ -204,6 +205,27 @@ def test_a_copied_slot_raises_instead_of_reading_garbage():
 def test_policy_with_budget_above_length_equals_the_full_cache(policy):
     ref, got, _, _ = _run({"policy": policy, "budget": 4096, "compiler": "eager"})
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+PER_TOKEN_QUANTIZED = [k for k in QUANTIZED if per_token(SCHEMES[k])]
+
+
+@pytest.mark.parametrize("kv_bits", PER_TOKEN_QUANTIZED)
+def test_a_policy_over_a_quantized_scheme_is_within_its_error_when_nothing_is_dropped(kv_bits):
+    ref, got, _, _ = _run(_options(kv_bits, policy="adore", budget=4096), steps=3)
+    assert _relative_error(got, ref) <= 8 * RELATIVE_STEP[kv_bits]
+
+
+@pytest.mark.parametrize("kv_bits", PER_TOKEN_QUANTIZED)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policies_compose_with_every_per_token_scheme(policy, kv_bits):
+    """Kept tokens stored quantized, at a budget of 6: the cache holds the budget's share (codes moved by
+    index, fp8's as bytes), the length reads right and nothing is NaN."""
+    _, got, ref_cache, cache = _run(_options(kv_bits, policy=policy, budget=6), steps=4)
+    assert not got.isnan().any() and cache.get_seq_length() == ref_cache.get_seq_length()
+    layer, ref_layer = cache.layers[0], ref_cache.layers[0]
+    full_tokens = ref_layer.keys.untyped_storage().nbytes() + ref_layer.values.untyped_storage().nbytes()
+    assert layer.keys.untyped_storage().nbytes() < full_tokens * 6 / ref_layer.keys.shape[2] * 2 + 4096
 
 
 @pytest.mark.parametrize("policy", POLICIES)
