@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -47,11 +48,29 @@ def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict 
     _erase_dead_pure_nodes(gm.graph)
     gm.graph.lint()
     gm.recompile()
+    mode = mode or opts.mode
+    if mode in CUDAGRAPH_MODES and any(r.variant == "packed" and r.lowering.startswith("cache_attention")
+                                       for r in record.sites):
+        record.sites = [_with_note(r, NO_CUDAGRAPHS_NOTE.format(mode=mode)) if r.variant == "packed" else r
+                        for r in record.sites]
+        mode = None  # Inductor's default mode for this graph (named in the report)
     record.compile_seconds = time.perf_counter() - start
     record_graph(record)
     if opts.compiler == "eager":
         return _compat.eager_compile(gm, example_inputs)
-    return _compat.inductor_compile(gm, example_inputs, mode or opts.mode)
+    return _compat.inductor_compile(gm, example_inputs, mode)
+
+
+# Inductor modes that capture CUDA graphs.
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+NO_CUDAGRAPHS_NOTE = (
+    "mode={mode!r} not applied (Inductor's default mode instead): a packed cache's slots are new tensors "
+    "of a new length every step and its buffer is allocated inside the op when it grows, so CUDA graphs "
+    "would record a new graph each step")
+
+
+def _with_note(record: SiteRecord, note: str) -> SiteRecord:
+    return dataclasses.replace(record, reason="; ".join(filter(None, [record.reason, note])))
 
 
 def _erase_dead_pure_nodes(graph: fx.Graph) -> None:

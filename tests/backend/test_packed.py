@@ -269,3 +269,10 @@ def test_cuda_decode_steps_stay_in_their_buffer_and_within_the_scheme_error(kv_b
     assert _relative_error(got.float(), ref.float()) <= 8 * RELATIVE_STEP[kv_bits] + 0.02  # + bf16 logits
     if kv_bits == "8":
         assert ops.calls["packed_decode_in_place"] >= 39 * len(cache.layers), dict(ops.calls)
+
+
+def test_cuda_graph_modes_are_not_applied_to_packed_graphs_and_the_report_says_why():
+    _, got, _, cache = _run(_options(QUANTIZED[0], mode="reduce-overhead"), steps=2)
+    assert all(is_slot(layer.keys) for layer in cache.layers)
+    sites = kvpass.report().sites
+    assert sites and all("mode='reduce-overhead' not applied" in s.reason for s in sites), str(kvpass.report())
