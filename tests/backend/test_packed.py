@@ -276,3 +276,30 @@ def test_cuda_graph_modes_are_not_applied_to_packed_graphs_and_the_report_says_w
     assert all(is_slot(layer.keys) for layer in cache.layers)
     sites = kvpass.report().sites
     assert sites and all("mode='reduce-overhead' not applied" in s.reason for s in sites), str(kvpass.report())
+
+
+@pytest.mark.parametrize("kv_bits", QUANTIZED)
+def test_a_deep_copied_prompt_cache_serves_two_continuations(kv_bits):
+    """HF's prefix-caching recipe (``copy.deepcopy(prompt_cache)`` per new request): each copy holds the
+    whole packed buffer and continues as the original would."""
+    import copy
+
+    model = zoo.build("llama")
+    ids, mask = zoo.prompt(2, left_padding=True)
+    tokens = torch.randint(1, zoo.VOCAB, (2, 3), generator=torch.Generator().manual_seed(8)).to(ids)
+    model.forward = torch.compile(model.forward, backend="kvpass", options=_options(kv_bits))
+
+    def run(cache):
+        m, logits = mask, []
+        for t in range(tokens.shape[1]):
+            m = torch.cat([m, torch.ones_like(m[:, :1])], dim=1)
+            logits.append(_step(model, cache, tokens[:, t:t + 1], m))
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        prompt_cache = DynamicCache()
+        model(input_ids=ids, attention_mask=mask, past_key_values=prompt_cache, use_cache=True)
+        first, second = copy.deepcopy(prompt_cache), copy.deepcopy(prompt_cache)
+        assert all(is_slot(layer.keys) for layer in first.layers)
+        got_first, got_second, got_original = run(first), run(second), run(prompt_cache)
+    assert torch.equal(got_first, got_original) and torch.equal(got_second, got_original)
