@@ -62,8 +62,18 @@ def capture(tokens: int = TOKENS, layers=LAYERS, queries: int = QUERIES) -> dict
             "layers": {str(i): recorded[i] for i in layers}}
 
 
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="prompt length")
+    parser.add_argument("--out", default=OUT, help="output .pt path")
+    args = parser.parse_args(argv)
+    data = capture(tokens=args.tokens)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    torch.save(data, args.out)
+    print(f"wrote {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MB")
+
+
 if __name__ == "__main__":
-    data = capture()
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    torch.save(data, OUT)
-    print(f"wrote {OUT}: {os.path.getsize(OUT) / 2**20:.1f} MB")
+    main()
