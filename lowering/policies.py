@@ -299,6 +299,8 @@ class BudgetedFormat:
                                       "policy='full', with any kv_bits)")
         if spec.budget is None or spec.budget < 1:
             raise ValueError(f"policy {spec.policy!r} needs a positive budget, got {spec.budget!r}")
+        if not per_token(storage) and getattr(storage, "per_token_variant", None) is not None:
+            storage = storage.per_token_variant  # e.g. int4: per-token rows instead of KIVI's key groups
         if not per_token(storage):
             raise NotImplementedError(
                 f"policy {spec.policy!r} with kv_bits={spec.kv_bits!r}: the {storage.name} scheme does not store "

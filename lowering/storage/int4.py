@@ -84,6 +84,13 @@ class Int4Kivi:
     # over the exact values code * scale + min (``kernel_values``), keys as ``dequantize`` rounds them.
     kernel_folds_values = True
 
+    @property
+    def per_token_variant(self):
+        """The per-token form token policies store (``int4_rows.py``): KIVI's key groups span 32 tokens."""
+        from lowering.storage.int4_rows import Int4Rows
+
+        return Int4Rows()
+
     def kernel_values(self, state: State, length: int):
         """(values the folded kernel attends over, float64 [B, Hkv, L, Dv]: c * scale + min exactly, the
         residual as stored; the magnitude its roundings scale with: |c * scale| + |min|, |residual|)."""

@@ -207,7 +207,8 @@ def test_policy_with_budget_above_length_equals_the_full_cache(policy):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-PER_TOKEN_QUANTIZED = [k for k in QUANTIZED if per_token(SCHEMES[k])]
+# Schemes a token policy can store: per-token ones, and those with a per-token form (int4's rows).
+PER_TOKEN_QUANTIZED = [k for k in QUANTIZED if per_token(SCHEMES[k]) or getattr(SCHEMES[k], "per_token_variant", None)]
 
 
 @pytest.mark.parametrize("kv_bits", PER_TOKEN_QUANTIZED)

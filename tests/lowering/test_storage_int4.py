@@ -6,6 +6,8 @@ over the dequantized cache, step bound vs the unquantized cache).
 """
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvpass.testing import make_problem
 from lowering.storage import SCHEMES
@@ -42,3 +44,36 @@ def test_kernel_across_the_residual_boundary(length, chunks):
                            left_pad=(0, length // 2), dtype=torch.float16, distribution="outlier_channels",
                            seed=length, device=DEVICE)
     check_scheme("4", problem, chunks=[1] * length if chunks == "token by token" else None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, 40), dim=st.sampled_from([2, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       kind=st.sampled_from(["normal", "outlier_channel", "zero_rows", "one_huge"]), seed=st.integers(0, 99))
+def test_per_token_rows_round_trip_within_their_bound(length, dim, dtype, kind, seed):
+    """int4 under a token policy (``int4_rows.py``): per-token rows, appended in two parts, give back every
+    element within scale / 2 + roundings of the float64 input, and move with the kept tokens (per-token)."""
+    import lowering.formats  # noqa: F401  (the formats package imports lowering.policies in its order)
+    from lowering.packed import allocate
+    from lowering.policies import per_token
+    from lowering.storage.int4_rows import Int4Rows
+
+    scheme = Int4Rows()
+    assert per_token(scheme)
+    g = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(2, 3, length, dim, generator=g) for _ in range(2))
+    if kind == "outlier_channel":
+        k[..., 0] *= 100
+    elif kind == "zero_rows":
+        v[:, :, ::2] = 0
+    elif kind == "one_huge":
+        k[0, 0, 0, 0] = 1e6
+    k, v = k.to(dtype), v.to(dtype)
+    _, state = allocate(scheme.layout(2, 3, length, dim, dim, dtype), "cpu")
+    half = length // 2
+    scheme.append(None, 0, k[:, :, :half], v[:, :, :half], {n: t[:, :, :half] for n, t in state.items()})
+    scheme.append({n: t[:, :, :half] for n, t in state.items()}, half, k[:, :, half:], v[:, :, half:], state)
+    k_hat, v_hat = scheme.dequantize(state, length, dtype)
+    k_bound, v_bound = scheme.error_bound(state, length, dtype)
+    assert not k_hat.isnan().any() and not v_hat.isnan().any()
+    assert ((k.double() - k_hat.double()).abs() <= k_bound).all()
+    assert ((v.double() - v_hat.double()).abs() <= v_bound).all()
