@@ -133,11 +133,12 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
 
     old_length = _old_length(past_k)
     fmt = _format(spec)
+    grows = getattr(fmt, "grows_in_place", False)
     layout_of = _layout_of(fmt, q, new_k, new_v)
     old, root = None, None
     if packed.is_slot(past_k):
         packed.slot_buffer(past_v)  # raises if the values slot was rebuilt outside kvpass
-        if getattr(fmt, "grows_in_place", False) and packed.capacity(old_length) >= old_length + new_k.shape[2]:
+        if grows and packed.capacity(old_length) >= old_length + new_k.shape[2]:
             root = packed.growable_root(past_k, old_length)
         if root is not None and q.is_cuda:
             out = _decode_in_place(fmt, q, root, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale)
@@ -151,7 +152,6 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
         new_k, new_v, old_length = torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), 0
     length = old_length + new_k.shape[2]
     if root is None:
-        grows = getattr(fmt, "grows_in_place", False)
         root = torch.empty(packed.layout_nbytes(_capacity_layout(*layout_of.args, packed.capacity(length)) if grows
                                                 else layout_of(length)), dtype=torch.uint8, device=q.device)
     out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site,

@@ -93,10 +93,10 @@ class Int8:
             return None
         from lowering.decode_attention import launch
         from lowering.quant_decode_attention import kernel_unsupported_reason
-        from lowering.quantize_rows import append_rows, unsupported_reason
+        from lowering.quantize_rows import append_rows
 
         length = old_length + new_k.shape[2]
-        if (unsupported_reason(new_k, sections["k"]) or unsupported_reason(new_v, sections["v"])
+        if (not _fused_append_ok(new_k, sections["k"]) or not _fused_append_ok(new_v, sections["v"])
                 or kernel_unsupported_reason(q, sections, length, attn_mask)):
             return None
         append_rows(new_k, sections["k"], sections["k_scale"], old_length, QMAX)
