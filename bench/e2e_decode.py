@@ -16,6 +16,13 @@ also records its compile time (wall time of the first prefill and warm-up steps 
 next ones) and the Dynamo compile count. Peak memory is ``torch.cuda.max_memory_allocated`` over the
 run, KV bytes are measured from the tensors the cache holds afterwards.
 
+``--generate`` also times ``model.generate`` (greedy, the compiled forward as the model's forward, the
+cache HF makes: dynamic, or static for the static methods) at each point: the time of ``T + 1`` new
+tokens minus that of 1, over T, so prefill cancels (after a 3-token warm-up generate, which compiles generate's graphs). ``--fit-context L --fit-batches 16,32,...``: after
+the timed points, per method, a prefill of L tokens and two decode steps at each batch in turn until
+one runs out of memory: the largest batch x context each method serves (single-shot prefill, as HF's
+default path does it, so the prefill's transient memory counts).
+
 Methods: eager; ``inductor`` (torch.compile default, HF DynamicCache); ``inductor-static-ro``
 (StaticCache + mode="reduce-overhead", HF's documented fast path); ``kvpass-*`` for each variant
 whose options validate (exact; int8; int4; a policy at budget 2048; early exit; the best combination).
@@ -125,6 +132,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+# The plain loop passes the 2-D attention mask generate() passes (all ones here). Without one, HF hands
+# SDPA no mask, and Inductor's decode attention then took 5.6x longer than with it (1B shape, 1 x 32k,
+# H100: 49.8 vs 8.8 ms/token): a loop without it would time a baseline no generate() user sees.
+# ``--no-loop-mask`` reproduces the rows measured before (2026-11-23, up to the 8B run).
+LOOP_MASK = True
+
+
+def loop_mask(batch: int, length: int, device) -> dict:
+    return {"attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)} if LOOP_MASK else {}
+
+
 def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
     """Prefill ``context`` tokens then decode; returns seconds of (prefill, each warm-up step, the timed steps)."""
     ids = torch.randint(2, vocab, (batch, context), device=device)
@@ -134,7 +152,8 @@ def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        out = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1)
+        out = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1,
+                      **loop_mask(batch, context, device))
         sync(device)
         times["prefill"] = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
@@ -145,7 +164,8 @@ def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
                 sync(device)
                 t0 = time.perf_counter()
             ts = time.perf_counter()
-            out = forward(input_ids=tok, past_key_values=out.past_key_values, use_cache=True, cache_position=p)
+            out = forward(input_ids=tok, past_key_values=out.past_key_values, use_cache=True, cache_position=p,
+                          **loop_mask(batch, context + i + 1, device))
             tok = out.logits[:, -1:].argmax(-1)
             if i < 2:
                 sync(device)
@@ -154,6 +174,54 @@ def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
         times["decode"] = (time.perf_counter() - t0) / new_tokens
         times["warmup_steps"] = step_times
     return times, out.past_key_values
+
+
+def generate_run(model, forward, name, batch, context, new_tokens, device, vocab) -> float:
+    """Seconds per token of ``model.generate`` with ``forward`` as the model's forward (prefill cancels)."""
+    ids = torch.randint(2, vocab, (batch, context), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if METHODS[name][1] == "static":
+        kwargs["cache_implementation"] = "static"
+    plain = model.forward
+    model.forward = forward
+    try:
+        with torch.no_grad():
+            def run(n):
+                sync(device)
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+                sync(device)
+                return time.perf_counter() - t0
+
+            run(3)  # warm-up: generate's own graphs (its inputs differ from the plain loop's) compile here
+            return (run(new_tokens + 1) - run(1)) / new_tokens
+    finally:
+        model.forward = plain
+
+
+def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape):
+    """Largest batch of ``batches`` (ascending) whose prefill of ``context`` and two decode steps fit."""
+    for batch in batches:
+        row = dict(shape=shape, method=name, batch=batch, context=context, fit_probe=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            _, cache = decode_run(model, forward, name, batch, context, 1, device, vocab)
+            row["kv_GiB"] = round(cache_bytes(cache) / 2**30, 3)
+            row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["fits"] = True
+            del cache
+        except torch.OutOfMemoryError:
+            row["fits"], row["error"] = False, "out of memory"
+        except Exception as e:
+            row["fits"], row["error"] = False, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        rows.append(row)
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+        if not row["fits"]:
+            break
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def profile_point(forward, cache, batch, position, steps):
@@ -165,7 +233,8 @@ def profile_point(forward, cache, batch, position, steps):
 
     def step():
         out = forward(input_ids=tok, past_key_values=state["cache"], use_cache=True,
-                      cache_position=torch.tensor([state["position"]], device="cuda"))
+                      cache_position=torch.tensor([state["position"]], device="cuda"),
+                      **loop_mask(batch, state["position"] + 1, "cuda"))
         state["cache"], state["position"] = out.past_key_values, state["position"] + 1
 
     with torch.no_grad():
@@ -211,6 +280,11 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
                     row.update(profile_point(forward, cache, batch, context + new_tokens + 2, args.profile_steps))
                 except Exception as e:
                     row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if args.generate:
+                row["generate_ms_per_token"] = round(
+                    generate_run(model, forward, name, batch, context, new_tokens, device,
+                                 SHAPES[shape]["vocab_size"]) * 1e3, 3)
+                row["compiles_with_generate"] = _compat.dynamo_compile_count() - before
             stats = kvpass.stats()["attention_calls"]
             if stats:
                 row["attention_calls"] = dict(stats)
@@ -223,10 +297,13 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
                 traceback.print_exc()
         rows.append(row)
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    if args.fit_context and device == "cuda":
+        fit_probe(model, forward, name, args.fit_context, [int(b) for b in args.fit_batches.split(",")], device,
+                  SHAPES[shape]["vocab_size"], rows, shape)
 
 
-COLUMNS = ["shape", "method", "batch", "context", "ms_per_token", "tokens_per_s", "kv_GiB", "peak_GiB", "compile_s",
-           "compiles", "prefill_s", "profile_attention_gpu_ms", "profile_other_gpu_ms", "profile_gpu_idle_ms", "error"]
+COLUMNS = ["shape", "method", "batch", "context", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
+           "peak_GiB", "fits", "compile_s", "compiles", "prefill_s", "profile_attention_gpu_ms", "profile_other_gpu_ms", "profile_gpu_idle_ms", "error"]
 
 
 def main():
@@ -237,9 +314,19 @@ def main():
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled per point (0: none)")
+    ap.add_argument("--generate", action="store_true", help="also time model.generate at each point")
+    ap.add_argument("--fit-context", type=int, default=0, help="largest-batch probe at this context (GPU)")
+    ap.add_argument("--fit-batches", default="8,16,24,32,48,64", help="batches the probe tries, ascending")
+    ap.add_argument("--no-loop-mask", action="store_true", help="plain loop without an attention mask (old rows)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
+    # generate() and the plain loop call forward with different keyword sets, each its own graphs (prefill,
+    # decode, dynamic decode, per batch): past Dynamo's default of 8 the function silently runs eagerly,
+    # which would time eager under every method's name.
+    torch._dynamo.config.recompile_limit = 64
+    global LOOP_MASK
+    LOOP_MASK = not args.no_loop_mask
     dtype = torch.float32 if args.smoke else torch.bfloat16
     shapes = ["smoke"] if args.smoke else args.shapes.split(",")
     default_points = {"smoke": [(1, 64), (2, 96)], "llama3.2-1b": [(1, 4096), (8, 4096), (1, 32768), (8, 32768)],
