@@ -295,6 +295,21 @@ def bounded_attention_triton(q, k, v, plan: VisitPlan | None, attn_mask, scale: 
     return out, count
 
 
+def count_blocks(site: str, total, read=None) -> None:
+    """Record a decode step's blocks in ``site``'s stats (``read`` None: every block was read)."""
+    from lowering import stats
+
+    stats.add(site, "blocks_read", total if read is None else read)
+    stats.add(site, "blocks_total", total)
+
+
+def attend_and_count(q, k, v, summaries: dict, attn_mask, scale: float | None, tol: float, site: str):
+    """``bounded_attention``, its blocks counted in ``site``'s stats -> the output."""
+    out, read, total = bounded_attention(q, k, v, summaries, attn_mask, scale, tol)
+    count_blocks(site, total, read)
+    return out
+
+
 def bounded_attention(q, k, v, summaries: dict, attn_mask, scale: float | None, tol: float):
     """Decode attention of q [B, Hq, Lq, D] over k, v [B, Hkv, L, D] that stops once the unread blocks
     cannot change any row's output by more than ``tol`` (relative L2, see the module docstring).

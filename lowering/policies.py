@@ -20,7 +20,9 @@ step's, so in position order):
   (the whole prompt on a first prefill, so the output is the full-cache output), then score and keep
   the top ``sym_min(L, budget)``;
 - decode: score, keep the top ``budget``, then attend over the kept tokens (new one included) with the
-  scheme's decode attention (the fused kernel on CUDA) and HF's mask gathered at their positions.
+  scheme's decode attention (the fused kernel on CUDA) and HF's mask gathered at their positions; with
+  ``early_exit``, with the bounded attention of ``lowering/early_exit.py`` over them instead (summaries
+  rebuilt from the kept rows each step; policies whose fused scoring reads every key read every block).
 
 Selection: key = NEVER for a token no query of its row and KV head can attend (left padding: never
 chosen while enough attendable tokens exist), +inf for tokens the policy protects (sinks, recent or
@@ -36,7 +38,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lowering import stats
+from lowering import early_exit, stats
 from lowering.formats import FormatSpec
 from lowering.packed import Layout
 from lowering.reference import exact_attention
@@ -294,9 +296,7 @@ class BudgetedFormat:
     fused_scoring: bool = False  # decode weights and attention from one pass over the keys (h2o, adore)
 
     def __init__(self, spec: FormatSpec, storage: StorageScheme):
-        if spec.early_exit is not None:
-            raise NotImplementedError("early_exit with a token policy is not implemented (early exit runs on "
-                                      "policy='full', with any kv_bits)")
+        self.tolerance = early_exit.resolve_tolerance(spec.early_exit)
         if spec.budget is None or spec.budget < 1:
             raise ValueError(f"policy {spec.policy!r} needs a positive budget, got {spec.budget!r}")
         if not per_token(storage) and getattr(storage, "per_token_variant", None) is not None:
@@ -396,8 +396,24 @@ class BudgetedFormat:
         if c.extra.get("scored") is not None:  # the kept tokens' scores are computed: read their values only
             from lowering.scored_decode_attention import kept_attention
 
+            if self.tolerance is not None:  # scoring read every kept key: nothing was left to skip
+                early_exit.count_blocks(site, c.k.shape[0] * c.k.shape[1] * early_exit.num_blocks(hot), None)
             return kept_attention(c.extra["scored"], c.extra["kept"], out["v"])
         mask = attn_mask if hot == c.length else gather_model_mask(attn_mask, out["pos"], q.shape[1], q.shape[2],
                                                                    c.length)
         state = {name: out[name] for name in c.stored}
-        return self.storage.decode_attention(q, state, hot, mask, scale)
+        if self.tolerance is None:
+            return self.storage.decode_attention(q, state, hot, mask, scale)
+        return self.bounded_decode_attention(q, state, hot, mask, scale, site)
+
+    def bounded_decode_attention(self, q, state: State, hot: int, mask, scale, site: str) -> torch.Tensor:
+        """early_exit over the kept tokens (``lowering/early_exit.py``: the same bound and kernel as the
+        dense format). Eviction rewrites and reorders the hot set every step, so its block summaries are
+        rebuilt from it each step, O(budget) like the rewrite itself; they summarise the rows attention
+        reads (dequantized where the scheme packs them), so the bound stays a proof."""
+        if set(state) == {"k", "v"} and state["k"].dtype == q.dtype:
+            k, v = state["k"], state["v"]
+        else:
+            k, v = self.storage.dequantize(state, hot, q.dtype)
+        return early_exit.attend_and_count(q, k, v, early_exit.build_summaries(k, v), mask, scale, self.tolerance,
+                                           site)

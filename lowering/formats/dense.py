@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lowering import early_exit, stats
+from lowering import early_exit
 from lowering.formats import FormatSpec, register_format
 from lowering.reference import exact_attention
 from lowering.storage import State, StorageScheme
@@ -69,10 +69,7 @@ class Dense:
         if self.tolerance is None:
             return self.storage.decode_attention(q, out, length, attn_mask, scale)
         k, v = (out["k"], out["v"]) if full_precision else layer
-        result, read, total = early_exit.bounded_attention(q, k, v, out, attn_mask, scale, self.tolerance)
-        stats.add(site, "blocks_read", read)
-        stats.add(site, "blocks_total", total)
-        return result
+        return early_exit.attend_and_count(q, k, v, out, attn_mask, scale, self.tolerance, site)
 
 
     def decode_in_place(self, q, sections, old_length: int, new_k, new_v, attn_mask, scale):
