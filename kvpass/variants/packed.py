@@ -78,4 +78,8 @@ def rewrite_packed(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
             slot = graph.call_function(cache_slot, (buffer, cache.past, cache.new))
         cache.written.replace_all_uses_with(slot)
         graph.erase_node(cache.written)
-    return f"cache_attention ({options.kv_bits}-bit storage, policy {options.policy})"
+    from lowering.early_exit import resolve_tolerance
+
+    tolerance = resolve_tolerance(options.early_exit)
+    exit_note = "" if tolerance is None else f", early exit at tolerance {tolerance:g}"
+    return f"cache_attention ({options.kv_bits}-bit storage, policy {options.policy}{exit_note})"
