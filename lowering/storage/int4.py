@@ -136,6 +136,24 @@ class Int4Kivi:
         out["k_res"].copy_(k[:, :, filled:])
         out["v_res"].copy_(v[:, :, filled:])
 
+    def decode_in_place(self, q, sections: State, old_length: int, new_k, new_v, attn_mask, scale):
+        """A decode step on capacity ``sections`` (the op's CUDA fast path, ``lowering.ops``) whose new
+        tokens stay in the residual window: two row copies put them at its fill, then the decode kernel
+        reads the ``old_length + n`` tokens; no per-step views, no re-copy of the window. None when the
+        step completes a key group (quantizing it is the general path's ``append``) or the kernel refuses
+        the inputs."""
+        from lowering.decode_attention import launch
+        from lowering.quant_decode_attention import kernel_unsupported_reason
+
+        n = new_k.shape[2]
+        _, res = split_length(old_length)
+        length = old_length + n
+        if res + n >= GROUP or kernel_unsupported_reason(q, sections, length, attn_mask):
+            return None
+        sections["k_res"][:, :, res:res + n].copy_(new_k)
+        sections["v_res"][:, :, res:res + n].copy_(new_v)
+        return launch(q, self.kernel_operands(q, sections, length), attn_mask, scale, False)
+
     def _dequantize_quant(self, state: State, dtype):
         B, H, quant, _ = state["k"].shape
         Dk, Dv = state["k_res"].shape[-1], state["v_res"].shape[-1]
