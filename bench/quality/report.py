@@ -48,11 +48,23 @@ def _budget_label(budget: float | None) -> str:
     return "full" if budget is None else f"1/{round(1 / budget)}"
 
 
+def _only_patterns(argv: list[str]) -> list[str]:
+    """The patterns a run's ``--only`` took (up to the next option)."""
+    if "--only" not in argv:
+        return []
+    patterns = []
+    for a in argv[argv.index("--only") + 1:]:
+        if a.startswith("-"):
+            break
+        patterns.append(a)
+    return patterns
+
+
 def _runs_line(meta: dict) -> str:
     runs = meta.get("runs") or [{"date": meta["date"], "wall_s": meta.get("wall_s", 0), "argv": [], "configs": []}]
     parts = []
     for r in runs:
-        only = [a for a in r.get("argv", []) if not a.startswith("-")][1:] if "--only" in r.get("argv", []) else []
+        only = _only_patterns(r.get("argv", []))
         what = f"`--only {' '.join(only)}`" if only else "every configuration"
         parts.append(f"{r['date'][:16].replace('T', ' ')} UTC ({what}, {len(r['configs'])} rows, {r.get('wall_s', 0) / 60:.0f} min)")
     return "; ".join(parts)
