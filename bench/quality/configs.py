@@ -100,6 +100,12 @@ def main_configs() -> list[Config]:
         Config("kvpass/snapkv@1/8+kv4", "kvpass", {"policy": "snapkv", "kv_bits": 4}, budget=1 / 8),
         Config("kvpass/adore@1/8+kv4", "kvpass", {"policy": "adore", "kv_bits": 4}, budget=1 / 8),
         Config(
+            "kvpass/adore@1/8+kv4+early_exit",
+            "kvpass",
+            {"policy": "adore", "kv_bits": 4, "early_exit": EARLY_EXIT_DEFAULT},
+            budget=1 / 8,
+        ),
+        Config(
             "kvpass/asl@1/8+kv8+early_exit",
             "kvpass",
             {"policy": "asl", "kv_bits": 8, "early_exit": EARLY_EXIT_DEFAULT},
