@@ -73,10 +73,11 @@ METHODS = {
 }
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype):
+def build_model(shape: str, device: str, dtype: torch.dtype, layers: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_theta=500000.0,
+    sizes = SHAPES[shape] if layers is None else {**SHAPES[shape], "num_hidden_layers": layers}
+    cfg = LlamaConfig(**sizes, max_position_embeddings=131072, rope_theta=500000.0,
                       attn_implementation="sdpa", bos_token_id=1, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):

@@ -254,7 +254,7 @@ def test_a_batch_of_one_keeps_its_packed_cache():
 def test_cuda_decode_steps_stay_in_their_buffer_and_within_the_scheme_error(kv_bits):
     """On CUDA (kernels compiled, int8's fused in-place decode step): 40 teacher-forced steps in bf16 stay
     within the scheme's error of eager (+0.02 for bf16 logits), and int8's steps after the first take
-    the in-place path (the prompt's capacity of 64 holds all 40)."""
+    the in-place path (the prompt's capacity of 64 holds all 40), int4's all but those filling a group."""
     from lowering import ops
 
     eager, compiled = (zoo.build("llama").cuda().to(torch.bfloat16) for _ in range(2))
@@ -270,6 +270,8 @@ def test_cuda_decode_steps_stay_in_their_buffer_and_within_the_scheme_error(kv_b
     assert _relative_error(got.float(), ref.float()) <= 8 * RELATIVE_STEP[kv_bits] + 0.02  # + bf16 logits
     if kv_bits == "8":
         assert ops.calls["packed_decode_in_place"] >= 39 * len(cache.layers), dict(ops.calls)
+    if kv_bits == "4":  # in place but for the (at most 2 of 40) steps that fill a 32-token key group
+        assert ops.calls["packed_decode_in_place"] >= (39 - 2) * len(cache.layers), dict(ops.calls)
 
 
 def test_cuda_graph_modes_are_not_applied_to_packed_graphs_and_the_report_says_why():

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call: steps named on the command line, each under its own time limit, logs under $OUT.
+#   bash bench/gpu_call.sh tests quant hostprof          (see STEPS below)
+# Keeps going after a failed step, so one call returns every step's output.
+set -u
+OUT=${OUT:-/tmp/kvpass_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed (tests may miss the plugin)"
+run() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${secs}s)"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "=== $name rc=$? ($(date -u +%H:%M:%S))"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+for step in "$@"; do
+  case $step in
+    env) run env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"' ;;
+    tests) KVPASS_TEST_DEVICE=cuda run tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/lowering/test_quantize_rows.py tests/lowering/test_storage_int4.py tests/backend/test_packed.py -k "cuda or in_place or general_path or int4" ;;
+    quant) run quant 170 python3 bench/attention_quant.py --budget-s 100 ;;
+    hostprof) TAIL=120 run hostprof 220 python3 bench/host_profile.py --methods kvpass-exact,kvpass-int8,kvpass-int4 --layers 4 --steps 16 --top 30 ;;
+    e2e8b) run e2e8b 560 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 --generate ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
