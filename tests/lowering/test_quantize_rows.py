@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lowering.quantize_rows import append_rows
@@ -35,13 +35,15 @@ def _data(kind: str, shape, dtype, g):
 @given(batch=st.integers(1, 3), heads=st.integers(1, 4), new=st.integers(1, 5), dim=st.sampled_from([8, 24, 64, 128]),
        start=st.integers(0, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        kind=st.sampled_from(["normal", "zero_rows", "one_huge", "ties", "outlier_channel"]), seed=st.integers(0, 99))
-def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start, dtype, kind, seed):
+def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start, dtype, kind, seed, kvpass_device):
     g = torch.Generator().manual_seed(seed)
     x = _data(kind, (batch, new, heads, dim), dtype, g).transpose(1, 2)  # [B, H, n, D] as HF hands it over
     rows = start + new + 2
     codes = torch.full((batch, heads, rows, dim), -128, dtype=torch.int8)
     scales = torch.full((batch, heads, rows), float("nan"))
-    append_rows(x, codes[:, :, :start + new], scales[:, :, :start + new], start, QMAX)
+    x_dev, codes_dev, scales_dev = (t.to(kvpass_device) for t in (x, codes, scales))
+    append_rows(x_dev, codes_dev[:, :, :start + new], scales_dev[:, :, :start + new], start, QMAX)
+    codes, scales = codes_dev.cpu(), scales_dev.cpu()
     want_codes, want_scales = quantize_rows(x)
     assert torch.equal(codes[:, :, start:start + new].float(), want_codes)
     assert torch.equal(scales[:, :, start:start + new], want_scales)
@@ -53,7 +55,7 @@ def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start
 @given(old_length=st.integers(1, 70), heads=st.sampled_from([(4, 2), (2, 2), (8, 1)]), masked=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
 @pytest.mark.parametrize("kv_bits", ["8", "4"])
-def test_decode_in_place_equals_the_general_path(kv_bits, old_length, heads, masked, dtype, seed):
+def test_decode_in_place_equals_the_general_path(kv_bits, old_length, heads, masked, dtype, seed, kvpass_device):
     """The schemes' decode step on capacity sections (the op's CUDA fast path: int8's fused append, int4's
     residual rows) against the general path (append into trimmed views, then the same kernel): the same
     bytes in the buffer, the same output; int4 declines (None) a step that completes a key group."""
@@ -67,13 +69,16 @@ def test_decode_in_place_equals_the_general_path(kv_bits, old_length, heads, mas
     k1, v1 = (torch.randn(b, 1, hkv, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
     q = torch.randn(b, 1, hq, d, generator=g).to(dtype).transpose(1, 2)
     length = old_length + 1
+    assume(packed.capacity(old_length) >= length)  # the op takes this path only while the buffer has room
     mask = None
     if masked:  # HF's decode mask [B, 1, 1, L] with left padding in the first row
         mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
         mask[0, ..., : old_length // 2] = False
+    k0, v0, k1, v1, q = (t.to(kvpass_device) for t in (k0, v0, k1, v1, q))
+    mask = None if mask is None else mask.to(kvpass_device)
     layout_of = lambda n: scheme.layout(b, hkv, n, d, d, dtype)  # noqa: E731
     cap_layout = packed.capacity_layout(layout_of, packed.capacity(old_length))
-    buffer, cap = packed.allocate(cap_layout, "cpu")
+    buffer, cap = packed.allocate(cap_layout, kvpass_device)
     buffer.fill_(0)
     scheme.append(None, 0, k0, v0, packed.trimmed(cap, layout_of(old_length)))
     other = buffer.clone()
