@@ -157,6 +157,9 @@ def main():
                         help="rows not started within this many seconds are listed as skipped")
     parser.add_argument("--sweep", action="store_true",
                         help="time a grid of tile configurations per scheme and shape instead (tuning the rule)")
+    parser.add_argument("--grid", nargs="*", default=None, metavar="FIELD=V1,V2",
+                        help="with --sweep: vary only these config fields, the rest as the rule picks them "
+                             "(e.g. code_convert=0,1,2)")
     args = parser.parse_args()
     if args.smoke or not torch.cuda.is_available():
         smoke()
@@ -218,11 +221,14 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
             floor_b = floor_bytes(key, state, q, 1.0)
             sets = [(q, state)] + [(q.clone(), st) for st in copies(scheme, buffer, k, extra_sets(buffer.numel(), l2_bytes))]
             ref = None
-            grid = SWEEP_GRID[key]
+            grid, base = SWEEP_GRID[key], DecodeAttentionConfig()
+            if args.grid:
+                grid = {f: tuple(int(x) for x in vs.split(",")) for f, vs in (g.split("=") for g in args.grid)}
+                base = rule_config(scheme, q, state, kv_len)
             for values in itertools.product(*grid.values()):
                 if time.monotonic() - started > args.budget_s:
                     break
-                config = DecodeAttentionConfig(**dict(zip(grid, values)))
+                config = dataclasses.replace(base, **dict(zip(grid, values)))
                 row = {"scheme": key, "B": batch, "L": kv_len, **dataclasses.asdict(config)}
                 try:
                     out = kernel_decode_attention(scheme, q, state, kv_len, config=config)
@@ -242,6 +248,15 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
             for r in sorted(done, key=lambda r: r["kernel_us"])[:3]:
                 print("best:", r, flush=True)
             save({"environment": env, "sweep": rows}, args.json or None)
+
+
+def rule_config(scheme, q, state, kv_len):
+    """The configuration the launcher's rule picks for this problem (``lowering.decode_attention``)."""
+    from lowering.decode_attention import _sm_count, packed_config
+
+    kv = scheme.kernel_operands(q, state, kv_len)
+    programs_per_split = q.shape[0] * HKV * max(1, -(-(HQ // HKV) * q.shape[2] // 64))
+    return packed_config(programs_per_split, _sm_count(q.device), kv)
 
 
 def save(payload: dict, path: str | None) -> str | None:

@@ -15,9 +15,10 @@ run() {  # name, seconds, command...
 for step in "$@"; do
   case $step in
     env) run env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"' ;;
-    tests) KVPASS_TEST_DEVICE=cuda run tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/lowering/test_quantize_rows.py tests/lowering/test_storage_int4.py tests/backend/test_packed.py -k "cuda or in_place or general_path or int4" ;;
+    tests) KVPASS_TEST_DEVICE=cuda run tests 200 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_quantize_rows.py tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "cuda or in_place or general_path or int4 or kernel" ;;
+    convert) run convert 200 python3 bench/attention_quant.py --sweep --grid code_convert=0,1,2 --schemes 8 4 fp8 --budget-s 170 ;;
     quant) run quant 170 python3 bench/attention_quant.py --budget-s 100 ;;
-    hostprof) TAIL=120 run hostprof 220 python3 bench/host_profile.py --methods kvpass-exact,kvpass-int8,kvpass-int4 --layers 4 --steps 16 --top 30 ;;
+    hostprof) TAIL=120 run hostprof 150 python3 bench/host_profile.py --methods kvpass-int8,kvpass-int4 --layers 4 --steps 16 --top 30 ;;
     e2e8b) run e2e8b 560 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 --generate ;;
     *) echo "unknown step $step" ;;
   esac

@@ -25,6 +25,7 @@ from kvpass.testing import make_problem
 from kvpass.testing.oracles import F64, grouped_matmul, reference_scores, safe_softmax
 from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
+from lowering.decode_attention import CODE_CONVERTS
 from lowering.packed import allocate
 from lowering.storage import SCHEMES
 
@@ -121,16 +122,22 @@ def kernel_tolerance(scheme, state, length, deq):
     return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
 
 
-def check_scheme(key, problem, chunks=None):
-    """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound)."""
+def check_scheme(key, problem, chunks=None, convert=None):
+    """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound);
+    ``convert``: the kernel's code conversion (``lowering.decode_attention.CODE_CONVERTS``; None: the rule's)."""
+    from lowering.decode_attention import DecodeAttentionConfig
+
     scheme = SCHEMES[key]
+    options = dict(KERNEL_OPTIONS.get(key, {}))
+    if convert is not None:
+        options["config"] = DecodeAttentionConfig(code_convert=convert)
     state = pack(scheme, problem.k, problem.v, chunks)
     L = problem.kv_len
     kd, vd = kernel_dequantized(scheme, state, L, problem.dtype)
     vd, tolerance = kernel_tolerance(scheme, state, L, dataclasses.replace(problem, k=kd, v=vd))
     deq = dataclasses.replace(problem, k=kd, v=vd)
     ref_deq = kt.quantized_attention(problem, lambda k: kd, lambda v: vd)
-    out = kt.check_kernel(kernel(scheme, state, L, **KERNEL_OPTIONS.get(key, {})), deq, reference=ref_deq,
+    out = kt.check_kernel(kernel(scheme, state, L, **options), deq, reference=ref_deq,
                           tolerance=tolerance, out_arg=True)
     ek, ev = scheme.error_bound(state, L, problem.dtype)
     allowed = tolerance.allowed(ref_deq) + quantization_bound(problem, ek, ev)
@@ -171,19 +178,22 @@ def test_round_trip_within_the_stated_step(key, problem, data):
 @example(problem=make_problem(batch=2, q_heads=16, kv_heads=2, q_len=1, kv_len=97, head_dim=64, mask="bool",
                               left_pad=(0, 70), dtype=torch.bfloat16, distribution="outlier_channels",
                               device=DEVICE))  # GQA 8, left padding past two int4 groups, outlier key channels
-def test_kernel_matches_float64_oracles(key, problem):
-    check_scheme(key, problem)
+@pytest.mark.parametrize("convert", CODE_CONVERTS)
+def test_kernel_matches_float64_oracles(key, problem, convert):
+    # every code conversion attends over the same exact values (on the CPU, int8's PTX one runs as 1)
+    check_scheme(key, problem, convert=convert)
 
 
 @needs_kernel
 @pytest.mark.parametrize("key", QUANTIZED)
 @pytest.mark.parametrize("distribution", ["one_dominant_key", "equal_scores", "outlier_channels", "zero_values",
                                           "masked_rows"])
-def test_kernel_on_adversarial_data(key, distribution):
+@pytest.mark.parametrize("convert", CODE_CONVERTS)
+def test_kernel_on_adversarial_data(key, distribution, convert):
     mask = "bool" if distribution == "masked_rows" else "none"
     problem = make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=70, head_dim=32, mask=mask,
                            dtype=torch.float16, distribution=distribution, seed=7, device=DEVICE)
-    check_scheme(key, problem)
+    check_scheme(key, problem, convert=convert)
 
 
 @pytest.mark.parametrize("key", QUANTIZED)
