@@ -100,12 +100,17 @@ def default_config(programs_per_split: int, sm_count: int) -> DecodeAttentionCon
 # each, 4 per SM (8 when B * Hkv is between SMs / 8 and SMs), 51.3 / 371.7 / 305.7 us against 153.6 /
 # 554.5 / 617.6 with 4 warps, 5 stages and the rule's program count.
 PACKED_RULES = {
+    # code_convert (H200, 2026-12-01, bench/data/attention_quant_convert_h200_2026-12-01.json): zero-filled
+    # byte loads instead of a select after the conversion, int8 212 vs 320 us at 8 x 32k (1.51x), 193 vs
+    # 294 at 32 x 8k, 36.9 vs 47.5 at 1 x 32k; the PTX bit patterns (2) gain nothing more there (217,
+    # 199, 37.1). int4's nibbles as bit patterns: 340 vs 374 us at 8 x 32k (1.10x), 298 vs 314, 48 vs 52.
     kernels.KV_SCALED_ROWS: {
-        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4)
+        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4,
+                     code_convert=1)
         for regime in RULE_CONFIGS},
     kernels.KV_INT4: {
         regime: dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=8 if regime == "small" else 4,
-                     min_blocks_per_split=4)
+                     min_blocks_per_split=4, code_convert=2)
         for regime in RULE_CONFIGS},
 }
 
