@@ -20,6 +20,8 @@ for step in "$@"; do
     quant) run quant 170 python3 bench/attention_quant.py --budget-s 100 ;;
     hostprof) TAIL=120 run hostprof 150 python3 bench/host_profile.py --methods kvpass-int8,kvpass-int4 --layers 4 --steps 16 --top 30 ;;
     e2e8b) run e2e8b 560 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 --generate ;;
+    quant84) run quant84 120 python3 bench/attention_quant.py --schemes 8 4 --budget-s 90 ;;
+    e2e8b4) run e2e8b4 330 python3 bench/e2e_decode.py --shapes llama3-8b --points 4x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 ;;
     *) echo "unknown step $step" ;;
   esac
 done
