@@ -29,6 +29,12 @@ from lowering.policies import BudgetedFormat, Candidates
 
 WINDOW = 32  # the SnapKV paper's default observation window (kvpress uses 64)
 KERNEL = 7  # max-pool width; the paper uses 5 to 7 (kvpress 5)
+WINDOW_SHARE = 8  # the window takes at most 1/8 of the budget (module docstring)
+
+
+def observation_window(budget: int) -> int:
+    """Observation window (and protected recent region) for a budget: see the module docstring."""
+    return max(1, min(WINDOW, budget // WINDOW_SHARE))
 
 
 @register_format("snapkv")
