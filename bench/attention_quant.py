@@ -200,7 +200,7 @@ def main():
 SWEEP_GRID = {
     "8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
     "fp8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
-    "4": dict(block_n=(32,), num_warps=(2, 4, 8), num_stages=(3, 5, 7), programs_per_sm=(1, 2, 4, 8)),
+    "4": dict(block_n=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(3, 5, 7), programs_per_sm=(1, 2, 4, 8)),
 }
 
 

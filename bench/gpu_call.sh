@@ -22,6 +22,7 @@ for step in "$@"; do
     e2e8b) run e2e8b 560 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 --generate ;;
     quant84) run quant84 120 python3 bench/attention_quant.py --schemes 8 4 --budget-s 90 ;;
     e2e8b4) run e2e8b4 330 python3 bench/e2e_decode.py --shapes llama3-8b --points 4x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 ;;
+    int4tiles) run int4tiles 110 python3 bench/attention_quant.py --sweep --grid block_n=32,64,128 num_warps=2,4 --schemes 4 --budget-s 75 ;;
     *) echo "unknown step $step" ;;
   esac
 done

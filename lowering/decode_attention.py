@@ -374,8 +374,8 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     code_bytes = None if kv.kv_format == kernels.KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim
     config = fit_shared_memory(config, block_m, block_d, q.element_size(),
                                mask_kind != kernels.MASK_NONE and not mask_per_key, _smem_limit(q.device), code_bytes)
-    if kv.kv_format == kernels.KV_INT4 and kv.quant_group % config.block_n:
-        # A tile must lie in one key group, so its scales are one [D] row (the kernel's fast path).
+    if kv.kv_format == kernels.KV_INT4 and kv.quant_group % config.block_n and config.block_n % kv.quant_group:
+        # A tile lies in one key group or spans whole groups, so its scales are one [D] row per group.
         config = dataclasses.replace(config, block_n=min(config.block_n, kv.quant_group))
     shape_key = (q.device, q.dtype, group, head_dim, block_m, mask_kind, mask_per_key, kv.kv_format)
     while (config, *shape_key) in _SHRUNK:

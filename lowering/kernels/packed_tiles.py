@@ -108,7 +108,19 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
         codes = tl.load(x_base + n[:, None] * stride_n + d2[None, :],
                         mask=(kv_ok & in_q)[:, None] & (d2 < (HEAD_DIM + 1) // 2)[None, :], other=0)
         c = _nibbles_f32(_unpack_nibbles(codes), CONVERT == 2)
-        if PER_CHANNEL:
+        if PER_CHANNEL and BLOCK_N > QUANT_GROUP:
+            # The tile spans whole key groups (tiles start at multiples of BLOCK_N): one [D] scale and
+            # minimum row per group, broadcast over its tokens through a [groups, G, D] view.
+            tl.static_assert(BLOCK_N % QUANT_GROUP == 0, "a tile spans whole key groups")
+            first = tl.arange(0, BLOCK_N // QUANT_GROUP) * QUANT_GROUP + n0  # each group's first token
+            grp = bh * (rows_cap // QUANT_GROUP) + first // QUANT_GROUP
+            g_ok = (first < quant_len)[:, None] & d_ok[None, :]
+            scale = tl.load(XS + grp[:, None] * HEAD_DIM + d[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            low = tl.load(XZ + grp[:, None] * HEAD_DIM + d[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            c3 = tl.reshape(c, [BLOCK_N // QUANT_GROUP, QUANT_GROUP, BLOCK_D])
+            # Two roundings (product, sum) as the scheme's dequantize: the launch disables FMA contraction.
+            x = tl.reshape(c3 * scale[:, None, :] + low[:, None, :], [BLOCK_N, BLOCK_D]).to(DTYPE)
+        elif PER_CHANNEL:
             if QUANT_GROUP % BLOCK_N == 0:
                 # The tile lies in one key group (tiles start at multiples of BLOCK_N): its scales and
                 # minima are one [D] row each, loaded once and broadcast, not a [BLOCK_N, D] gather
@@ -121,11 +133,11 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
                 off = (bh * (rows_cap // QUANT_GROUP) + n // QUANT_GROUP)[:, None] * HEAD_DIM + d[None, :]
                 scale = tl.load(XS + off, mask=q_mask, other=0.0).to(tl.float32)
                 low = tl.load(XZ + off, mask=q_mask, other=0.0).to(tl.float32)
+            x = (c * scale + low).to(DTYPE)
         else:
             scale = tl.load(XS + bh * rows_cap + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
             low = tl.load(XZ + bh * rows_cap + n, mask=kv_ok & in_q, other=0.0).to(tl.float32)[:, None]
-        # Two roundings (product, sum) as the scheme's dequantize: the launch disables FMA contraction.
-        x = (c * scale + low).to(DTYPE)
+            x = (c * scale + low).to(DTYPE)
         res_ptrs = XR + (bh * res_cap + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]
         if QUANT_GROUP % BLOCK_N == 0:
             # The tile is all codes or all residual window (quant_len is a multiple of the group): a
@@ -133,6 +145,10 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
             # predicated-off load (a zero-filled [BLOCK_N, D] shared-memory stage) on every tile.
             if n0 >= quant_len:
                 x = tl.load(res_ptrs, mask=mask, other=0.0)
+        elif BLOCK_N % QUANT_GROUP == 0:
+            # Whole groups per tile: only the tile that reaches past the quantized groups reads the window.
+            if n0 + BLOCK_N > quant_len:
+                x = tl.where(in_q[:, None], x, tl.load(res_ptrs, mask=mask & (n >= quant_len)[:, None], other=0.0))
         else:
             x = tl.where(in_q[:, None], x, tl.load(res_ptrs, mask=mask & (n >= quant_len)[:, None], other=0.0))
     return x
@@ -162,6 +178,11 @@ def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, q
         if n0 >= quant_len:
             x = tl.load(res_ptrs, mask=mask, other=0.0).to(c.dtype)
             scale = scale * 0.0 + 1.0
+    elif BLOCK_N % QUANT_GROUP == 0:  # whole groups per tile: only the last quantized tile meets the window
+        x = c
+        if n0 + BLOCK_N > quant_len:
+            x = tl.where(in_q[:, None], c, tl.load(res_ptrs, mask=mask & (n >= quant_len)[:, None], other=0.0).to(c.dtype))
+            scale = tl.where(in_q, scale, 1.0)
     else:
         x = tl.where(in_q[:, None], c, tl.load(res_ptrs, mask=mask & (n >= quant_len)[:, None], other=0.0).to(c.dtype))
         scale = tl.where(in_q, scale, 1.0)

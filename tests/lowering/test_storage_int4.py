@@ -39,11 +39,15 @@ def test_residual_tokens_are_stored_exactly_and_a_filled_group_is_quantized():
 @needs_kernel
 @pytest.mark.parametrize("length", [1, G - 1, G, G + 1, 2 * G - 1, 3 * G + 5])
 @pytest.mark.parametrize("chunks", ["one append", "token by token"])
-def test_kernel_across_the_residual_boundary(length, chunks):
+@pytest.mark.parametrize("block_n", [None, 2 * G, 4 * G])  # the rule's one-group tiles, tiles of 2 and 4 groups
+def test_kernel_across_the_residual_boundary(length, chunks, block_n):
+    from lowering.decode_attention import DecodeAttentionConfig
+
     problem = make_problem(batch=2, q_heads=8, kv_heads=2, q_len=1, kv_len=length, head_dim=64, mask="bool",
                            left_pad=(0, length // 2), dtype=torch.float16, distribution="outlier_channels",
                            seed=length, device=DEVICE)
-    check_scheme("4", problem, chunks=[1] * length if chunks == "token by token" else None)
+    config = None if block_n is None else DecodeAttentionConfig(block_n=block_n, code_convert=2)
+    check_scheme("4", problem, chunks=[1] * length if chunks == "token by token" else None, config=config)
 
 
 @settings(max_examples=40, deadline=None)

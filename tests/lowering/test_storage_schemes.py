@@ -122,15 +122,18 @@ def kernel_tolerance(scheme, state, length, deq):
     return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
 
 
-def check_scheme(key, problem, chunks=None, convert=None):
+def check_scheme(key, problem, chunks=None, convert=None, config=None):
     """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound);
-    ``convert``: the kernel's code conversion (``lowering.decode_attention.CODE_CONVERTS``; None: the rule's)."""
+    ``convert``: the kernel's code conversion (``lowering.decode_attention.CODE_CONVERTS``; None: the rule's);
+    ``config``: a whole kernel configuration instead."""
     from lowering.decode_attention import DecodeAttentionConfig
 
     scheme = SCHEMES[key]
     options = dict(KERNEL_OPTIONS.get(key, {}))
     if convert is not None:
-        options["config"] = DecodeAttentionConfig(code_convert=convert)
+        config = DecodeAttentionConfig(code_convert=convert)
+    if config is not None:
+        options["config"] = config
     state = pack(scheme, problem.k, problem.v, chunks)
     L = problem.kv_len
     kd, vd = kernel_dequantized(scheme, state, L, problem.dtype)
