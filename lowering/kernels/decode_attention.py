@@ -28,8 +28,9 @@ exact products code * scale (not rounded to the dtype; the only rounding p * sca
 the rounding of p, so the error model of an exact kernel holds over those products).
 ``KV_INT4``: KIVI, two 4-bit codes per byte, keys per channel in groups of ``QUANT_GROUP`` tokens, values
 per token, plus the full-precision residual window past ``quant_len`` read from its own section
-(``lowering/storage/int4.py``). With ``BLOCK_N`` dividing ``QUANT_GROUP`` (what the launcher picks) a
-tile lies in one key group, so its scales and minima are one [D] vector each, broadcast over the tile;
+(``lowering/storage/int4.py``). With ``BLOCK_N`` dividing ``QUANT_GROUP`` (the rule's) a tile lies in one
+key group, so its scales and minima are one [D] vector each, broadcast over the tile (a multiple of the
+group: one vector per group, broadcast through a [groups, G, D] view);
 keys are ``code * scale + min`` in fp32 rounded once to the dtype, as the scheme's ``dequantize``.
 Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), codes 0..15 exact in the
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
