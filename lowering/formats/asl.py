@@ -29,7 +29,8 @@ one forward at a time (true for HF generate, compiled or eager; not thread-safe 
 Constants are the paper's for 32-layer models (Llama-3.1-8B): FIRST_LAYER 10, SPAN 8, SETTLE_RATIO 0.3,
 window 32 (at budgets from 256 up; smaller budgets take SnapKV's ``observation_window``, at most 1/8 of
 the budget, so the window never is the whole selection). The op does not see the model's depth, so they
-are class attributes: set them on ``ASL`` for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a 2-layer test model needs FIRST_LAYER <= 1).
+are class attributes: set them on ``ASL`` for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a
+2-layer test model needs FIRST_LAYER <= 1).
 
 Cost: prefill scoring as SnapKV plus, per layer from FIRST_LAYER on, a sort of L scores and a variance
 over SPAN x L ranks; decode as SnapKV.
