@@ -1,6 +1,8 @@
 """Early termination of decode attention with a proven bound (issue #7; ART, arXiv 2606.00024, made exact).
 
-ART stops reading KV blocks once the running output looks stable (a heuristic). kvpass stops only
+ART stops reading KV blocks once the running output looks stable (a heuristic; replayed on real SmolLM2
+attention by ``bench/art_criterion.py`` it reads every block at the paper's thresholds and stops 20-88 %
+wrong at looser ones, so it is not offered). kvpass stops only
 when what is left *cannot* move the output by more than ``tol``: every cache block of ``BLOCK`` keys
 and KV head keeps a summary (Quest, Tang et al. 2024: elementwise key min and max; plus the largest
 value L2 norm), enough to bound the softmax weight and the contribution of any block not yet read.
