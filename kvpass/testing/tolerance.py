@@ -21,6 +21,9 @@ UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.flo
                  torch.bfloat16: 2.0 ** -8}
 TF32_ROUNDOFF = 2.0 ** -11  # tf32 keeps fp16's 10 explicit significand bits
 FP16_SUBNORMAL_ERROR = 2.0 ** -25  # half the spacing of fp16 subnormals (2^-24)
+# fp32 (and bf16, which shares its exponent range) values below 2^-126 may be flushed to 0 (GPU exp and
+# conversions with flush-to-zero): the absolute error of a weight or an output that underflows.
+FP32_UNDERFLOW_ERROR = 2.0 ** -126
 INPUT_PRECISIONS = ("ieee", "tf32")  # the names of Triton's tl.dot input_precision
 METRICS = ("elementwise", "sqnr_db")
 
@@ -57,6 +60,8 @@ class ErrorModel:
     accumulate: float  # fp32 sums over the L keys: PV, the normaliser, block rescales
     out: float  # output rounded to the dtype
     subnormal: float  # absolute error per fp16 probability below 2^-14 (0 for other dtypes)
+    underflow: float = FP32_UNDERFLOW_ERROR  # absolute, per fp32 weight below 2^-126 (flushed to 0)
+    out_floor: float = FP32_UNDERFLOW_ERROR  # absolute: an output below the dtype's normal range
 
 
 _TOLERANCES: dict[str, Callable[..., Tolerance]] = {}
@@ -115,7 +120,8 @@ def error_model(dtype: torch.dtype, head_dim: int, kv_len: int, *, input_precisi
     score = (head_dim + 4) * u_acc + 3 * max(0.0, roundoff[score_dtype] - u_acc) + (2 * TF32_ROUNDOFF if tf32 else 0)
     pv = 2 * TF32_ROUNDOFF if tf32 else u
     return ErrorModel(score=score, pv=pv, accumulate=(3 * kv_len + 4) * u_acc, out=u,
-                      subnormal=FP16_SUBNORMAL_ERROR if dtype == torch.float16 else 0.0)
+                      subnormal=FP16_SUBNORMAL_ERROR if dtype == torch.float16 else 0.0,
+                      out_floor=FP16_SUBNORMAL_ERROR if dtype == torch.float16 else FP32_UNDERFLOW_ERROR)
 
 
 @register_tolerance("exact")
@@ -150,6 +156,10 @@ def exact_tolerance(dtype: torch.dtype, head_dim: int, kv_len: int | None = None
     4. fp32 accumulation over L keys (PV sum, normaliser, a rescale per block, the division):
        <= (3L + 4) u32 sum_j p_j |v_jd|.
     5. Rounding the output to the dtype: u |o|, the ``rtol``.
+    6. Underflow: an fp32 weight e^(s_j - max) below 2^-126 may be flushed to 0 (2^-126 absolute each,
+       times |v_jd|), and an output below the dtype's normal range rounds with an absolute error of
+       2^-126 (fp32, bf16: flush to zero) or 2^-25 (fp16 subnormals). Found by an fp32 problem with
+       logits of ~1250 whose float64 output element was 1e-68: no fp32 kernel can return it.
 
     Triton's CPU interpreter truncates fp32 to bf16 (see ``error_model``): u = 2^-7 for bf16 there.
 
@@ -168,7 +178,7 @@ def exact_tolerance(dtype: torch.dtype, head_dim: int, kv_len: int | None = None
     em = error_model(dtype, head_dim, kv_len, input_precision=input_precision, score_dtype=score_dtype,
                      bf16_rounding=bf16_rounding)
     spread = math.expm1(min(2.0 * em.score * logit_bound, 700.0))
-    atol = value_bound * (spread + em.pv + em.accumulate + kv_len * em.subnormal)
+    atol = value_bound * (spread + em.pv + em.accumulate + kv_len * (em.subnormal + em.underflow)) + em.out_floor
     why = (f"exact attention, {dtype}, D={head_dim}, L={kv_len}: score rel. error {em.score:.2g} x "
            f"logit bound {logit_bound:.3g}, p rounding {em.pv:.2g}, fp32 accumulation {em.accumulate:.2g}, "
            f"times max|v| {value_bound:.3g} (kvpass.testing.tolerance.exact_tolerance)")
@@ -193,9 +203,8 @@ def tolerance_for(problem: AttentionProblem, variant: str = "exact", *, scores: 
     delta = torch.where(torch.isfinite(s), em.score * (magnitude + finite_bias), torch.zeros_like(s))
     # Points 2-4 are all sums over keys of a weight times |v_jd|: one matmul.
     weights = _weight_spread(s, delta, probs) + (em.pv + em.accumulate) * probs
-    if em.subnormal:
-        weights = weights + em.subnormal * torch.isfinite(s).to(F64)
-    atol = grouped_matmul(weights, p.v.to(F64).abs())
+    weights = weights + (em.subnormal + em.underflow) * torch.isfinite(s).to(F64)
+    atol = grouped_matmul(weights, p.v.to(F64).abs()) + em.out_floor
     why = (f"exact attention, {p.dtype}, D={p.head_dim}, L={p.kv_len}: per element from the data; "
            f"score rel. error {em.score:.2g} x scale sum|q||k| (max {magnitude.max().item():.3g}), "
            f"p rounding {em.pv:.2g}, fp32 accumulation {em.accumulate:.2g}, output rounding {em.out:.2g} "

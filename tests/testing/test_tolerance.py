@@ -1,5 +1,6 @@
 """The tolerance model: sound (a correctly rounded result passes), not vacuous (real errors fail),
 documented, and extensible through its registry."""
+import dataclasses
 import math
 
 import pytest
@@ -79,8 +80,24 @@ def test_a_single_attended_key_has_no_softmax_error():
                         distribution="large_logits", seed=2)
     tol = kt.tolerance_for(p, bf16_rounding="nearest")
     em = tolerance_module.error_model(torch.float16, 64, 1)
-    expected = (em.pv + em.accumulate + em.subnormal) * p.v.to(F64).abs()
+    expected = (em.pv + em.accumulate + em.subnormal + em.underflow) * p.v.to(F64).abs() + em.out_floor
     torch.testing.assert_close(tol.atol, expected, rtol=1e-12, atol=0)
+
+
+def test_an_output_below_the_normal_range_may_round_to_zero():
+    # Scores 200 and 0, the winner's value 0: the float64 output is e^-200 = 1.4e-87, which no fp32 kernel
+    # can return (found by an aligned-cache problem with logits of ~1250 and an output element of 1e-68).
+    p = kt.make_problem(batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=2, head_dim=16, seed=0)
+    q = torch.zeros_like(p.q)
+    q[..., 0] = 10.0
+    k = torch.zeros_like(p.k)
+    k[..., 0, 0] = 80.0  # score 0.25 * 10 * 80 = 200 against 0
+    v = torch.zeros_like(p.v)
+    v[..., 1, :] = 1.0
+    p = dataclasses.replace(p, q=q, k=k, v=v)
+    ref = kt.reference_attention(p)
+    assert (ref > 0).all() and (ref < torch.finfo(torch.float32).tiny).all()
+    kt.assert_attention_close(torch.zeros_like(ref).float(), ref, kt.tolerance_for(p))
 
 
 def test_huge_well_separated_logits_keep_a_tight_bound():
