@@ -159,7 +159,7 @@ def main():
                         help="time a grid of tile configurations per scheme and shape instead (tuning the rule)")
     parser.add_argument("--grid", nargs="*", default=None, metavar="FIELD=V1,V2",
                         help="with --sweep: vary only these config fields, the rest as the rule picks them "
-                             "(e.g. code_convert=0,1,2)")
+                             "(e.g. block_n=32,64 num_warps=2,4)")
     args = parser.parse_args()
     if args.smoke or not torch.cuda.is_available():
         smoke()

@@ -51,7 +51,6 @@ class DecodeAttentionConfig:
     skip_masked_keys: bool = True  # skip K/V loads of keys that no row attends (masks only)
     split_block: int = 64  # splits merged per step of stage 2
     merge_num_warps: int = 4
-    code_convert: int = 1  # packed formats: how codes become numbers (``CODE_CONVERTS``)
 
     def __post_init__(self):
         for name in ("block_n", "split_block"):
@@ -100,17 +99,12 @@ def default_config(programs_per_split: int, sm_count: int) -> DecodeAttentionCon
 # each, 4 per SM (8 when B * Hkv is between SMs / 8 and SMs), 51.3 / 371.7 / 305.7 us against 153.6 /
 # 554.5 / 617.6 with 4 warps, 5 stages and the rule's program count.
 PACKED_RULES = {
-    # code_convert (H200, 2026-12-01, bench/data/attention_quant_convert_h200_2026-12-01.json): zero-filled
-    # byte loads instead of a select after the conversion, int8 212 vs 320 us at 8 x 32k (1.51x), 193 vs
-    # 294 at 32 x 8k, 36.9 vs 47.5 at 1 x 32k; the PTX bit patterns (2) gain nothing more there (217,
-    # 199, 37.1). int4's nibbles as bit patterns: 340 vs 374 us at 8 x 32k (1.10x), 298 vs 314, 48 vs 52.
     kernels.KV_SCALED_ROWS: {
-        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4,
-                     code_convert=1)
+        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4)
         for regime in RULE_CONFIGS},
     kernels.KV_INT4: {
         regime: dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=8 if regime == "small" else 4,
-                     min_blocks_per_split=4, code_convert=2)
+                     min_blocks_per_split=4)
         for regime in RULE_CONFIGS},
 }
 
@@ -122,21 +116,6 @@ def packed_config(programs_per_split: int, sm_count: int, kv: "KVOperands") -> D
     rule = PACKED_RULES.get(kv.kv_format)
     config = RULE_CONFIGS[regime]
     return config if rule is None else dataclasses.replace(config, **rule[regime])
-
-
-# How the kernel turns packed codes into numbers (``lowering/kernels/packed_tiles.py``, ``_load_codes``):
-# 0 converts and zeroes masked lanes with a select, 1 loads zeros on masked lanes and converts, 2 builds
-# the fp32 bit patterns with integer operations (int8: inline PTX, CUDA only; int4 nibbles: plain Triton).
-CODE_CONVERTS = (0, 1, 2)
-
-
-def code_convert(config: DecodeAttentionConfig, q: torch.Tensor, kv: "KVOperands") -> int:
-    """The kernel's CODE_CONVERT: the config's, less where these inputs cannot take it."""
-    if config.code_convert not in CODE_CONVERTS:
-        raise ValueError(f"code_convert {config.code_convert!r} not in {CODE_CONVERTS}")
-    if kv.kv_format == kernels.KV_SCALED_ROWS and (kv.k.dtype != torch.int8 or q.device.type != "cuda"):
-        return min(config.code_convert, 1)  # the PTX converts int8 codes on CUDA only (fp8: the hardware's)
-    return config.code_convert
 
 
 def choose_num_splits(programs_per_split: int, kv_len: int, sm_count: int,
@@ -410,7 +389,6 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
                 KV_FORMAT=kv.kv_format, QUANT_GROUP=kv.quant_group,
                 FOLD_V_SCALE=q.dtype != torch.float16,
-                CODE_CONVERT=code_convert(config, q, kv),
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 # int4 dequantizes as c * scale + min with two roundings, as its reference does.
                 enable_fp_fusion=kv.kv_format != kernels.KV_INT4,

@@ -158,7 +158,6 @@ def decode_attention_split_kernel(
     KV_FORMAT: tl.constexpr = 0,  # KV_FULL, KV_SCALED_ROWS, KV_INT4 or KV_ALIGNED
     QUANT_GROUP: tl.constexpr = 32,  # KV_INT4: tokens per key group
     FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS, KV_INT4: value scales into the weights (not fp16)
-    CODE_CONVERT: tl.constexpr = 1,  # packed formats: how codes become numbers (packed_tiles._load_codes)
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -242,7 +241,7 @@ def decode_attention_split_kernel(
 
         if KV_FORMAT == 1:
             # Scores of the codes, then the per-token key scale: s_j = (q . c_j) * (scale_k[j] * sm_scale).
-            k = _load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT, CODE_CONVERT)
+            k = _load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT)
             k_scale = tl.load(KS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
         else:
@@ -252,7 +251,7 @@ def decode_attention_split_kernel(
             else:
                 k = _load_tile(K, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, d, d_ok, stride_kn, quant_len, res_len,
                                rows_cap, res_cap,
-                               dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP, BLOCK_N, CODE_CONVERT)
+                               dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP, BLOCK_N)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
         if MASK_KIND == 2:
             s = s + bias
@@ -313,7 +312,7 @@ def decode_attention_split_kernel(
         elif KV_FORMAT == 1:
             # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
             # p * scale_v to the dtype in place of the rounding of p.
-            v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT, CODE_CONVERT)
+            v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
             v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
             if FOLD_V_SCALE:
                 p_v = p * v_scale[None, :]
@@ -326,7 +325,7 @@ def decode_attention_split_kernel(
             # codes 0..15 exact in the dtype; residual tokens are their stored rows with scale 1, min 0.
             v, v_scale, v_min = _load_int4_values(VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn,
                                                   quant_len, res_len, rows_cap, res_cap, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT,
-                                                  QUANT_GROUP, BLOCK_N, CODE_CONVERT)
+                                                  QUANT_GROUP, BLOCK_N)
             p_v = p * v_scale[None, :]
             min_term = _sum(p * v_min[None, :], axis=1)  # [BLOCK_M], in fp32
         else:

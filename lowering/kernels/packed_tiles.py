@@ -16,77 +16,35 @@ def _unpack_nibbles(codes):
 
 
 @triton.jit
-def _int8_bits_f32(raw):
-    """Bytes of int8 codes [..] -> the exact fp32 values, without the conversion unit (CUDA only, inline PTX).
-
-    The conversion instructions (I2F, F2F) issue at a quarter of the ALU rate on sm_80/sm_90, and int8 ->
-    bf16 takes two of them per code: at 8 x 32k they alone take ~265 us of the kernel's ~315 us (H200,
-    2026-12-01). Here one ``prmt`` builds the fp32 bit pattern 2^23 + (x + 128) (the byte x ^ 0x80 in
-    the mantissa of 2^23) and one subtraction of 2^23 + 128 gives x exactly; ``pack=4``: one ``xor`` per
-    four codes, each in its own output register."""
-    bits = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t;
-        xor.b32 t, $4, 0x80808080;
-        prmt.b32 $0, t, 0x4B000000, 0x7440;
-        prmt.b32 $1, t, 0x4B000000, 0x7441;
-        prmt.b32 $2, t, 0x4B000000, 0x7442;
-        prmt.b32 $3, t, 0x4B000000, 0x7443;
-        }""",
-        constraints="=r,=r,=r,=r,r", args=[raw], dtype=tl.int32, is_pure=True, pack=4)
-    return bits.to(tl.float32, bitcast=True) - 8388736.0
+def _nibbles_f32(c):
+    """int32 codes 0..15 -> fp32, exact, as the bit pattern 2^23 + c minus 2^23: two ALU operations instead
+    of an int-to-float conversion (1.10x on int4 decode at 8 x 32k, H200, 2026-12-01: bench/RESULTS.md)."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _nibbles_f32(c, MAGIC: tl.constexpr):
-    """int32 codes 0..15 -> fp32, exact: a conversion instruction, or (``MAGIC``) the bit pattern 2^23 + c
-    minus 2^23 (two ALU operations, no conversion unit)."""
-    if MAGIC:
-        return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return c.to(tl.float32)
-
-
-@triton.jit
-def _load_codes(x_base, n, kv_ok, d, d_ok, stride_n, DTYPE: tl.constexpr, UPCAST: tl.constexpr,
-                CONVERT: tl.constexpr):
+def _load_codes(x_base, n, kv_ok, d, d_ok, stride_n, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """int8 / fp8 codes of a tile [BLOCK_N, BLOCK_D] converted to ``DTYPE`` (exact), 0 on masked lanes.
 
     Rows are contiguous runs of D bytes (sections are 64-byte aligned, strides multiples of 16 are
-    specialised), so each thread loads 16 codes at once. ``UPCAST`` (``_mma``'s: bf16 on the CPU
-    interpreter): fp32 instead, equally exact; the interpreter's int8 -> bf16 conversion returns NaN
-    and garbage (triton 3.9: -8 -> nan, 3 -> 5.9e-39), and its bf16 dots upcast anyway.
-    ``CONVERT`` (``lowering.decode_attention.CODE_CONVERTS``): 0 loads the codes and zeroes masked lanes
-    after the conversion (a select per element); 1 loads the bytes with 0 on masked lanes (0 is a code of
-    every format: no select) and converts; 2 (int8 codes, CUDA) converts through ``_int8_bits_f32``."""
+    specialised), so each thread loads 16 codes at once. The bytes are loaded through a uint8 view with 0
+    on masked lanes (0 is a code of every format; fp8 loads take no ``other=``): zeroing them with a select
+    after the conversion instead took a third of int8's decode time (320 vs 212 us at 8 x 32k, H200,
+    2026-12-01: bench/RESULTS.md). ``UPCAST`` (``_mma``'s: bf16 on the CPU interpreter): fp32 instead,
+    equally exact; the interpreter's int8 -> bf16 conversion returns NaN and garbage (triton 3.9: -8 -> nan,
+    3 -> 5.9e-39), and its bf16 dots upcast anyway."""
     mask = kv_ok[:, None] & d_ok[None, :]
-    offs = n[:, None] * stride_n + d[None, :]
-    if CONVERT == 0:
-        # No ``other=``: fp8 has no literal for it; masked lanes are zeroed after the conversion.
-        c = tl.load(x_base + offs, mask=mask)
-        if UPCAST:
-            x = c.to(tl.float32)
-        else:
-            x = c.to(DTYPE)
-        return tl.where(mask, x, 0.0)
-    raw = tl.load(x_base.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0)
-    if CONVERT == 2:
-        x = _int8_bits_f32(raw)
-        if not UPCAST:
-            x = x.to(DTYPE)
-    else:
-        c = raw.to(x_base.dtype.element_ty, bitcast=True)
-        if UPCAST:
-            x = c.to(tl.float32)
-        else:
-            x = c.to(DTYPE)
-    return x
+    raw = tl.load(x_base.to(tl.pointer_type(tl.uint8)) + n[:, None] * stride_n + d[None, :], mask=mask, other=0)
+    c = raw.to(x_base.dtype.element_ty, bitcast=True)
+    if UPCAST:
+        return c.to(tl.float32)
+    return c.to(DTYPE)
 
 
 @triton.jit
 def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len, rows_cap, res_cap,
                DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr,
-               PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-               CONVERT: tl.constexpr = 0):
+               PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """A [BLOCK_N, BLOCK_D] K or V tile of keys ``n`` = ``n0`` + 0..BLOCK_N-1 of head row ``bh``
     (= b * Hkv + kv_head) in ``DTYPE`` (KV_FULL and KV_INT4; KV_SCALED_ROWS tiles stay codes: ``_load_codes``).
 
@@ -107,7 +65,7 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
         # One uint8 tile, both nibbles unpacked from it with shifts and masks.
         codes = tl.load(x_base + n[:, None] * stride_n + d2[None, :],
                         mask=(kv_ok & in_q)[:, None] & (d2 < (HEAD_DIM + 1) // 2)[None, :], other=0)
-        c = _nibbles_f32(_unpack_nibbles(codes), CONVERT == 2)
+        c = _nibbles_f32(_unpack_nibbles(codes))
         if PER_CHANNEL and BLOCK_N > QUANT_GROUP:
             # The tile spans whole key groups (tiles start at multiples of BLOCK_N): one [D] scale and
             # minimum row per group, broadcast over its tokens through a [groups, G, D] view.
@@ -157,7 +115,7 @@ def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant
 @triton.jit
 def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len, rows_cap,
                       res_cap, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                      QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CONVERT: tl.constexpr = 0):
+                      QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
     """int4 value tile for the folded product: (x [BLOCK_N, BLOCK_D], scale [BLOCK_N], min [BLOCK_N]) with
     value = x * scale + min: codes 0..15 (exact in ``DTYPE``; fp32 under ``UPCAST``, see ``_load_codes``)
     with the token's scale and minimum for quantized tokens, the stored row with scale 1, min 0 for the
@@ -167,7 +125,7 @@ def _load_int4_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, d, d_ok, stride_n, q
     d2 = tl.arange(0, BLOCK_D // 2)
     codes = tl.load(v_base + n[:, None] * stride_n + d2[None, :],
                     mask=(kv_ok & in_q)[:, None] & (d2 < (HEAD_DIM + 1) // 2)[None, :], other=0)
-    c = _nibbles_f32(_unpack_nibbles(codes), CONVERT == 2)
+    c = _nibbles_f32(_unpack_nibbles(codes))
     if not UPCAST:
         c = c.to(DTYPE)
     res_ptrs = VR + (bh * res_cap + (n - quant_len))[:, None] * HEAD_DIM + d[None, :]

@@ -46,7 +46,7 @@ def test_kernel_across_the_residual_boundary(length, chunks, block_n):
     problem = make_problem(batch=2, q_heads=8, kv_heads=2, q_len=1, kv_len=length, head_dim=64, mask="bool",
                            left_pad=(0, length // 2), dtype=torch.float16, distribution="outlier_channels",
                            seed=length, device=DEVICE)
-    config = None if block_n is None else DecodeAttentionConfig(block_n=block_n, code_convert=2)
+    config = None if block_n is None else DecodeAttentionConfig(block_n=block_n)
     check_scheme("4", problem, chunks=[1] * length if chunks == "token by token" else None, config=config)
 
 

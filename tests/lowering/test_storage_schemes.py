@@ -25,7 +25,6 @@ from kvpass.testing import make_problem
 from kvpass.testing.oracles import F64, grouped_matmul, reference_scores, safe_softmax
 from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
-from lowering.decode_attention import CODE_CONVERTS
 from lowering.packed import allocate
 from lowering.storage import SCHEMES
 
@@ -122,16 +121,11 @@ def kernel_tolerance(scheme, state, length, deq):
     return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
 
 
-def check_scheme(key, problem, chunks=None, convert=None, config=None):
+def check_scheme(key, problem, chunks=None, config=None):
     """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound);
-    ``convert``: the kernel's code conversion (``lowering.decode_attention.CODE_CONVERTS``; None: the rule's);
-    ``config``: a whole kernel configuration instead."""
-    from lowering.decode_attention import DecodeAttentionConfig
-
+    ``config``: a kernel configuration (None: the rule's)."""
     scheme = SCHEMES[key]
     options = dict(KERNEL_OPTIONS.get(key, {}))
-    if convert is not None:
-        config = DecodeAttentionConfig(code_convert=convert)
     if config is not None:
         options["config"] = config
     state = pack(scheme, problem.k, problem.v, chunks)
@@ -173,12 +167,8 @@ def test_round_trip_within_the_stated_step(key, problem, data):
             f"on {problem!r} ({data})")
 
 
-# Every code conversion for the schemes it applies to (aligned reads its parts its own way: once).
-KEY_CONVERTS = [(key, c) for key in QUANTIZED for c in (CODE_CONVERTS if key != "aligned" else (None,))]
-
-
 @needs_kernel
-@pytest.mark.parametrize("key, convert", KEY_CONVERTS)
+@pytest.mark.parametrize("key", QUANTIZED)
 @settings(max_examples=4)
 @given(problem=kt.decode_problems(head_dims=HEAD_DIMS, q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
                                   causal=(False,), device=DEVICE))
@@ -187,20 +177,19 @@ KEY_CONVERTS = [(key, c) for key in QUANTIZED for c in (CODE_CONVERTS if key != 
                               device=DEVICE))  # GQA 8, left padding past two int4 groups, outlier key channels
 @example(problem=make_problem(batch=1, q_heads=8, kv_heads=2, q_len=2, kv_len=43, head_dim=33,
                               distribution="large_logits", seed=727, device=DEVICE))  # an fp32 output of 1e-68
-def test_kernel_matches_float64_oracles(key, convert, problem):
-    # every code conversion attends over the same exact values (on the CPU, int8's PTX one runs as 1)
-    check_scheme(key, problem, convert=convert)
+def test_kernel_matches_float64_oracles(key, problem):
+    check_scheme(key, problem)
 
 
 @needs_kernel
-@pytest.mark.parametrize("key, convert", KEY_CONVERTS)
+@pytest.mark.parametrize("key", QUANTIZED)
 @pytest.mark.parametrize("distribution", ["one_dominant_key", "equal_scores", "outlier_channels", "zero_values",
                                           "masked_rows"])
-def test_kernel_on_adversarial_data(key, convert, distribution):
+def test_kernel_on_adversarial_data(key, distribution):
     mask = "bool" if distribution == "masked_rows" else "none"
     problem = make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=70, head_dim=32, mask=mask,
                            dtype=torch.float16, distribution=distribution, seed=7, device=DEVICE)
-    check_scheme(key, problem, convert=convert)
+    check_scheme(key, problem)
 
 
 @pytest.mark.parametrize("key", QUANTIZED)
