@@ -144,6 +144,22 @@ def loop_mask(batch: int, length: int, device) -> dict:
     return {"attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)} if LOOP_MASK else {}
 
 
+# ``--eager-prefill``: methods that keep HF's own cache (eager, Inductor) prefill through the uncompiled
+# model and decode through the compiled one. Compiled, HF builds the 4-D causal mask from the 2-D one
+# ([B, 1, L, L]: it cannot look at the mask's values to skip it as eager does) and SDPA then runs a masked
+# kernel: Inductor's 8B prefill at 8 x 32k ran out of the H200's memory that way (2026-12-01). Eager HF
+# sees an all-ones mask, drops it and runs causal flash attention. The cache it leaves is the same
+# DynamicCache / StaticCache the compiled decode reads; kvpass methods must prefill compiled (the
+# rewritten site writes their packed cache), so they always do.
+EAGER_PREFILL = False
+
+
+def prefill_forward(model, forward, name: str):
+    spec, _ = METHODS[name]
+    keeps_hf_cache = spec is None or spec["backend"] != "kvpass"
+    return model.forward if EAGER_PREFILL and keeps_hf_cache else forward
+
+
 def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
     """Prefill ``context`` tokens then decode; returns seconds of (prefill, each warm-up step, the timed steps)."""
     ids = torch.randint(2, vocab, (batch, context), device=device)
@@ -153,8 +169,9 @@ def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        out = forward(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos, logits_to_keep=1,
-                      **loop_mask(batch, context, device))
+        out = prefill_forward(model, forward, name)(input_ids=ids, past_key_values=cache, use_cache=True,
+                                                     cache_position=pos, logits_to_keep=1,
+                                                     **loop_mask(batch, context, device))
         sync(device)
         times["prefill"] = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
@@ -253,6 +270,8 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
     first = True
     for batch, context in points:
         row = dict(shape=shape, method=name, batch=batch, context=context)
+        if prefill_forward(model, forward, name) != forward:
+            row["prefill"] = "eager"
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -303,7 +322,7 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
                   SHAPES[shape]["vocab_size"], rows, shape)
 
 
-COLUMNS = ["shape", "method", "batch", "context", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
+COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
            "peak_GiB", "fits", "compile_s", "compiles", "prefill_s", "profile_attention_gpu_ms", "profile_other_gpu_ms", "profile_gpu_idle_ms", "error"]
 
 
@@ -319,6 +338,8 @@ def main():
     ap.add_argument("--fit-context", type=int, default=0, help="largest-batch probe at this context (GPU)")
     ap.add_argument("--fit-batches", default="8,16,24,32,48,64", help="batches the probe tries, ascending")
     ap.add_argument("--no-loop-mask", action="store_true", help="plain loop without an attention mask (old rows)")
+    ap.add_argument("--eager-prefill", action="store_true",
+                    help="eager/Inductor methods prefill uncompiled (see EAGER_PREFILL); rows are marked")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -326,8 +347,9 @@ def main():
     # decode, dynamic decode, per batch): past Dynamo's default of 8 the function silently runs eagerly,
     # which would time eager under every method's name.
     torch._dynamo.config.recompile_limit = 64
-    global LOOP_MASK
+    global LOOP_MASK, EAGER_PREFILL
     LOOP_MASK = not args.no_loop_mask
+    EAGER_PREFILL = args.eager_prefill
     dtype = torch.float32 if args.smoke else torch.bfloat16
     shapes = ["smoke"] if args.smoke else args.shapes.split(",")
     default_points = {"smoke": [(1, 64), (2, 96)], "llama3.2-1b": [(1, 4096), (8, 4096), (1, 32768), (8, 32768)],

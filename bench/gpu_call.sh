@@ -23,6 +23,10 @@ for step in "$@"; do
     quant84) run quant84 120 python3 bench/attention_quant.py --schemes 8 4 --budget-s 90 ;;
     e2e8b4) run e2e8b4 330 python3 bench/e2e_decode.py --shapes llama3-8b --points 4x32768 --methods inductor,kvpass-int4 --new-tokens 8 --profile-steps 1 ;;
     int4tiles) run int4tiles 110 python3 bench/attention_quant.py --sweep --grid block_n=32,64,128 num_warps=2,4 --schemes 4 --budget-s 75 ;;
+    # 2026-12-01 session 6: the issue-8 matrix (baselines prefill eagerly: bench/e2e_decode.py EAGER_PREFILL)
+    e2e8b32) run e2e8b32 520 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768 --eager-prefill --methods inductor,kvpass-int4,kvpass-snapkv2048,kvpass-adore2048 --new-tokens 8 --profile-steps 1 ;;
+    e2e1ba) run e2e1ba 540 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 1x4096,1x16384,1x32768,8x4096,8x16384,8x32768 --eager-prefill --methods eager,inductor,inductor-static-ro,kvpass-exact,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 ;;
+    e2e1bb) run e2e1bb 540 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 1x4096,1x16384,1x32768,8x4096,8x16384,8x32768 --eager-prefill --methods kvpass-int8,kvpass-int4,kvpass-snapkv2048,kvpass-adore2048 --new-tokens 16 --profile-steps 0 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -83,14 +83,22 @@ def _as_bias(attn_mask: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill(bias < MASKED_BELOW, -math.inf)
 
 
+def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
+    while attn_mask.dim() < 4:
+        attn_mask = attn_mask.unsqueeze(0)
+    return attn_mask
+
+
 def mask_rows(attn_mask, is_causal: bool, rows: slice, q_len: int, length: int, device) -> torch.Tensor | None:
-    """Float32 additive mask of query ``rows`` over the L logical keys, [B|1, Hq|1, r, L] (None: no mask)."""
+    """Float32 additive mask of query ``rows`` over the L logical keys, [B|1, Hq|1, r, L] (None: no mask).
+
+    The rows are cut before the float conversion: a prefill mask [B, 1, L, L] in fp32 is 32 GiB at
+    8 x 32k (the policies' prefill ran out of the H200's memory on it, 2026-12-01)."""
     bias = None
     if attn_mask is not None:
-        bias = _as_bias(attn_mask)
-        while bias.dim() < 4:
-            bias = bias.unsqueeze(0)
-        bias = bias.expand(*bias.shape[:2], q_len, length)[:, :, rows]
+        m = _as_4d(attn_mask)
+        m = m.expand(*m.shape[:2], q_len, length)[:, :, rows]
+        bias = _as_bias(m)
     if is_causal:  # SDPA's top-left alignment: query i sees keys j <= i
         r = torch.arange(q_len, device=device)[rows, None]
         causal = torch.zeros(r.shape[0], length, device=device).masked_fill(torch.arange(length, device=device) > r,
@@ -248,10 +256,15 @@ class Candidates:
 def _visible(attn_mask, is_causal, q_len: int, length: int, pos: torch.Tensor, q_heads: int) -> torch.Tensor:
     """bool [B, Hkv, n]: some query of the row, in some query head of the KV head, may attend the token."""
     B, Hkv, n = pos.shape
-    bias = mask_rows(attn_mask, is_causal, slice(None), q_len, length, pos.device)
-    if bias is None:
-        return torch.ones(B, Hkv, n, dtype=torch.bool, device=pos.device)
-    seen = (bias > -math.inf).any(2)  # [B|1, Hq|1, L]
+    if attn_mask is not None and not is_causal:  # a reduction over the query rows, no float copy of the mask
+        m = _as_4d(attn_mask)
+        m = m.expand(*m.shape[:2], q_len, length)
+        seen = m.any(2) if m.dtype == torch.bool else m.amax(2) >= MASKED_BELOW  # [B|1, Hq|1, L]
+    else:
+        bias = mask_rows(attn_mask, is_causal, slice(None), q_len, length, pos.device)
+        if bias is None:
+            return torch.ones(B, Hkv, n, dtype=torch.bool, device=pos.device)
+        seen = (bias > -math.inf).any(2)  # [B|1, Hq|1, L]
     seen = seen.expand(B, q_heads, length).reshape(B, Hkv, q_heads // Hkv, length).any(2)
     return seen.gather(-1, pos.long())
 

@@ -13,10 +13,14 @@ always kept, so a window as large as the budget selects nothing: SmolLM2 at 1/16
 At most an eighth of the budget leaves 7/8 to the scores; it gives the paper's 32 from a budget of 256
 up, and 8 at budget 64, the window PyramidKV's harness (KVCache-Factory) uses for budgets 64-2048.
 
-Decode: the prefill selection stays and a sliding recent region of ``observation_window(budget)`` tokens
-is always kept. Decode tokens get score 0 (SnapKV computes no weights after prefill: decode stays the
-scheme's fused attention), so once one slides out of the recent region it is the first evicted, before
-any token of the prefill selection; when none is left, the prefill selection loses its weakest first.
+Decode: the prefill selection stays and a sliding recent region of ``decode_recent(budget)`` tokens is
+always kept. SnapKV itself compresses the prompt only and lets the cache grow while decoding; a fixed
+budget must evict, and the tokens being written are what the next ones depend on most. Decode tokens get
+score 0 (SnapKV computes no weights after prefill: decode stays the scheme's fused attention), so once
+one slides out of the recent region it is the first evicted, before any token of the prefill selection;
+while the region fills, the prefill selection loses its weakest first (at most ``decode_recent`` of them).
+The region was the observation window (8 tokens at 1/8 of 512) until 2026-12-01: teacher-forced
+perplexity through the budgeted cache was then +223 % at 1/8 (bench/RESULTS.md).
 
 Cost: prefill scoring reads the keys once more for WINDOW queries (WINDOW x L weights per query head).
 """
@@ -30,11 +34,17 @@ from lowering.policies import BudgetedFormat, Candidates
 WINDOW = 32  # the SnapKV paper's default observation window (kvpress uses 64)
 KERNEL = 7  # max-pool width; the paper uses 5 to 7 (kvpress 5)
 WINDOW_SHARE = 8  # the window takes at most 1/8 of the budget (module docstring)
+RECENT_SHARE = 4  # while decoding, the newest 1/4 of the budget is kept (module docstring)
 
 
 def observation_window(budget: int) -> int:
-    """Observation window (and protected recent region) for a budget: see the module docstring."""
+    """Observation window (protected at prefill) for a budget: see the module docstring."""
     return max(1, min(WINDOW, budget // WINDOW_SHARE))
+
+
+def decode_recent(budget: int) -> int:
+    """The recent region protected while decoding: see the module docstring."""
+    return max(observation_window(budget), budget // RECENT_SHARE)
 
 
 @register_format("snapkv")
@@ -43,8 +53,10 @@ class SnapKV(BudgetedFormat):
     kernel = KERNEL
 
     def window_size(self, c: Candidates) -> int:
-        window = observation_window(self.budget)
-        return min(window, c.q.shape[2]) if c.prefill else window
+        """Observation window at prefill, the protected recent region while decoding."""
+        if c.prefill:
+            return min(observation_window(self.budget), c.q.shape[2])
+        return decode_recent(self.budget)
 
     def score(self, c: Candidates) -> torch.Tensor:
         if not c.prefill:
