@@ -27,6 +27,7 @@ for step in "$@"; do
     e2e8b32) run e2e8b32 520 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768 --eager-prefill --methods inductor,kvpass-int4,kvpass-snapkv2048,kvpass-adore2048 --new-tokens 8 --profile-steps 1 ;;
     e2e1ba) run e2e1ba 540 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 1x4096,1x16384,1x32768,8x4096,8x16384,8x32768 --eager-prefill --methods eager,inductor,inductor-static-ro,kvpass-exact,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 ;;
     e2e1bb) run e2e1bb 540 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 1x4096,1x16384,1x32768,8x4096,8x16384,8x32768 --eager-prefill --methods kvpass-int8,kvpass-int4,kvpass-snapkv2048,kvpass-adore2048 --new-tokens 16 --profile-steps 0 ;;
+    e2e1b32) run e2e1b32 520 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768 --eager-prefill --methods inductor,kvpass-int4,kvpass-exact,kvpass-snapkv2048,kvpass-adore2048,inductor-static-ro,kvpass-int8,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 ;;
     *) echo "unknown step $step" ;;
   esac
 done

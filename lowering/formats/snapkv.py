@@ -19,8 +19,11 @@ budget must evict, and the tokens being written are what the next ones depend on
 score 0 (SnapKV computes no weights after prefill: decode stays the scheme's fused attention), so once
 one slides out of the recent region it is the first evicted, before any token of the prefill selection;
 while the region fills, the prefill selection loses its weakest first (at most ``decode_recent`` of them).
-The region was the observation window (8 tokens at 1/8 of 512) until 2026-12-01: teacher-forced
-perplexity through the budgeted cache was then +223 % at 1/8 (bench/RESULTS.md).
+The region is half the budget, H2O's balanced split. It was the observation window (8 tokens at 1/8 of
+512) until 2026-12-01: teacher-forced perplexity through the budgeted cache was then +223 % at 1/8
+(bench/RESULTS.md). A quick look at 1/8 (SmolLM2: the 10 perplexity texts, 10
+prompts of two retrieval tasks): a quarter of the budget gave perplexity 31.4, a half 24.1 (full cache
+14.7), with the same retrieval answers.
 
 Cost: prefill scoring reads the keys once more for WINDOW queries (WINDOW x L weights per query head).
 """
@@ -34,7 +37,7 @@ from lowering.policies import BudgetedFormat, Candidates
 WINDOW = 32  # the SnapKV paper's default observation window (kvpress uses 64)
 KERNEL = 7  # max-pool width; the paper uses 5 to 7 (kvpress 5)
 WINDOW_SHARE = 8  # the window takes at most 1/8 of the budget (module docstring)
-RECENT_SHARE = 4  # while decoding, the newest 1/4 of the budget is kept (module docstring)
+RECENT_SHARE = 2  # while decoding, the newest half of the budget is kept, as H2O splits it (module docstring)
 
 
 def observation_window(budget: int) -> int:
