@@ -38,7 +38,7 @@ def panels(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     return out
 
 
-def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+def plot(rows: list[dict], out_dir: Path, note: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,6 +69,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+        if note:  # what the reader must know about the run (e.g. a timing caveat)
+            fig.suptitle(note, fontsize=8)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=110)
@@ -81,10 +83,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--note", default="", help="a line printed above the panels")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot(load_rows(args.json), out):
+    for path in plot(load_rows(args.json), out, args.note):
         print(f"wrote {path}")
 
 
