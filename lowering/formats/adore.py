@@ -15,7 +15,12 @@ Design
           Each step, w is computed for hot *and* cold tokens in one softmax over all L tokens, exact
           keys for the hot ones, int8 keys for the cold ones (the cheap estimate q . k_cold). At prefill
           w is the mean weight from the last ``WINDOW`` prompt queries (one decode step's scale).
-    step  keep the top ``budget`` scores of all L tokens (the newest ``recent`` always kept): a hot token
+    keep  the selection key of a decode step is max(s, w): the tokens the current query attends most
+          (the ideal top-K sparse attention ADORE approximates; w is what its controller predicts) or
+          that were attended recently (s, which keeps the set from churning on one step's noise). By s
+          alone a cold token that becomes dominant needed several steps to climb (0.1 w per step) and
+          the query that needed it attended without it.
+    step  keep the top ``budget`` selection keys of all L tokens (the newest ``recent`` always kept): a hot token
           that falls out is *released* to the cold store, a cold token that beats the least important hot
           token is *rebuilt* into the hot cache (a swap; the layout only depends on L and the budget, so
           every release at a full cache pairs with a rebuild or the new token's entry). Then attend over
@@ -111,7 +116,14 @@ class Adore(BudgetedFormat):
             rows = slice(Lq - min(WINDOW, Lq), Lq) if c.prefill else slice(None)
             bias = candidate_bias(c.attn_mask, c.is_causal, rows, Lq, c.length, c.pos, full, c.q.shape[1])
             w = key_weights(c.q[:, :, rows], c.k, bias, c.scale, mean=True)
+        c.extra["weight_now"] = w
         return torch.where(c.is_new, w, self.gamma * c.score + (1 - self.gamma) * w)
+
+    def selection_key(self, c: Candidates, score: torch.Tensor) -> torch.Tensor:
+        """max(score, this step's weight) while decoding (module docstring, ``keep``); the score at prefill."""
+        if not c.prefill:
+            score = torch.maximum(score, c.extra["weight_now"].masked_fill(~c.visible, -torch.inf))
+        return super().selection_key(c, score)
 
     def protected(self, c: Candidates) -> torch.Tensor:
         return c.newest(self.recent)
