@@ -4,6 +4,7 @@
     python bench/eval_quality.py --only 'kvpass/kv_bits*'   # rerun those, merge into the results
     python bench/eval_quality.py --only 'kvpress*'          # the peer only (both protocols)
     python bench/eval_quality.py --report-only              # re-render RESULTS.md and plots from the JSON
+    python bench/eval_quality.py --merge-from /tmp/q/quality.json --only 'kvpass/adore*'   # rows of a parallel run
     python bench/eval_quality.py --n 4 --no-kvpress --out /tmp/q --results-md /tmp/q/R.md   # a quick look
 
 Writes bench/results/quality.json (after every configuration, so a killed run keeps what finished),
@@ -73,6 +74,8 @@ def parse(argv):
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge-from", type=Path, metavar="QUALITY_JSON",
+                    help="merge --only's rows (default: all) of another results file with the same settings, render")
     return ap.parse_args(argv)
 
 
@@ -103,6 +106,24 @@ def select(args, stored: dict | None) -> list[configs.Config]:
     return chosen
 
 
+def merge_from(args, path: Path) -> dict:
+    """``--merge-from``: another run's rows into ``path`` (same settings, same prompts), then render."""
+    stored, other = store.load(path), store.load(args.merge_from)
+    if stored is None or other is None:
+        raise SystemExit(f"--merge-from needs both {path} and {args.merge_from}")
+    diff = store.settings_diff(stored["meta"], {k: other["meta"].get(k) for k in store.SETTINGS})
+    if diff:
+        raise SystemExit(f"{args.merge_from} was measured with other settings: {'; '.join(diff)}")
+    names = {c["name"] for c in other["configs"] if c["status"] == "ok"
+             and (not args.only or any(fnmatch.fnmatch(c["name"], g) for g in args.only))}
+    if not names:
+        raise SystemExit(f"no measured configuration of {args.merge_from} matches {args.only}")
+    log.info("merging %s from %s", ", ".join(sorted(names)), args.merge_from)
+    results = store.merge(stored, store.subset(other, names), [c.name for c in configs.all_configs()])
+    render(results, args.out, args.results_md)
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -114,6 +135,8 @@ def main(argv=None) -> dict:
         results = json.loads(path.read_text())
         render(results, args.out, args.results_md)
         return results
+    if args.merge_from:
+        return merge_from(args, path)
     settings = {
         "model": args.model, "tasks": list(args.tasks), "lengths": list(args.lengths), "n_per_task_length": args.n,
         "seed": args.seed, "ppl_texts": args.ppl_texts, "ppl_text_tokens": args.ppl_length if args.ppl_texts else 0,

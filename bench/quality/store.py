@@ -51,6 +51,19 @@ def merge(base: dict | None, run: dict, order: list[str]) -> dict:
     }
 
 
+def subset(results: dict, names: set[str]) -> dict:
+    """The rows of ``results`` for configurations ``names``, shaped as one run for :func:`merge` (rows
+    measured by parallel runs into separate files join the main file this way)."""
+    return {
+        "meta": results["meta"],
+        "configs": [c for c in results["configs"] if c["name"] in names],
+        "prompts": results["prompts"],
+        "groups": [g for g in results["groups"] if g["config"] in names],
+        "outputs": {k: v for k, v in results["outputs"].items() if k in names},
+        "perplexity": [p for p in results["perplexity"] if p["config"] in names],
+    }
+
+
 def write(results: dict, path: Path) -> None:
     """Write atomically: a run killed mid-write never leaves a truncated file."""
     path.parent.mkdir(parents=True, exist_ok=True)

