@@ -32,6 +32,13 @@ the budget, so the window never is the whole selection). The op does not see the
 are class attributes: set them on ``ASL`` for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a
 2-layer test model needs FIRST_LAYER <= 1).
 
+On SmolLM2-135M (30 layers) the rule never fires: over 6 retrieval prompts at budget 64 of 512 the ratio
+after layer 10 stays between 1.3 and 58 (`bench/asl_rank_spread.py`, log in bench/logs): the layers
+up to 10 agree on the ranking more than any later span does, so ASL keeps SnapKV's selection there.
+Forcing the one-shot selection at layer 11 (SETTLE_RATIO = inf, 10 prompts each of passkey and multikey
+at 1/8, 2026-12-01) found 0 pass keys against SnapKV's 5: a mid-layer ranking shared by every deeper
+layer and head is worse than each layer's own on this model.
+
 Cost: prefill scoring as SnapKV plus, per layer from FIRST_LAYER on, a sort of L scores and a variance
 over SPAN x L ranks; decode as SnapKV.
 """
