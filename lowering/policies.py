@@ -121,9 +121,7 @@ def gather_model_mask(attn_mask, pos: torch.Tensor, q_heads: int, q_len: int, le
     """The model's own mask (dtype kept) at the kept positions, [B, Hq, Lq, K], for the scheme's attention."""
     if attn_mask is None:
         return None
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
+    m = _as_4d(attn_mask)
     return gather_columns(m.expand(*m.shape[:2], q_len, length), pos, q_heads)
 
 

@@ -122,7 +122,7 @@ class Adore(BudgetedFormat):
     def selection_key(self, c: Candidates, score: torch.Tensor) -> torch.Tensor:
         """max(score, this step's weight) while decoding (module docstring, ``keep``); the score at prefill."""
         if not c.prefill:
-            score = torch.maximum(score, c.extra["weight_now"].masked_fill(~c.visible, -torch.inf))
+            score = torch.maximum(score, c.extra["weight_now"])  # unattendable: -inf in the base key
         return super().selection_key(c, score)
 
     def protected(self, c: Candidates) -> torch.Tensor:
