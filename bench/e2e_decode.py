@@ -18,10 +18,12 @@ run, KV bytes are measured from the tensors the cache holds afterwards.
 
 ``--generate`` also times ``model.generate`` (greedy, the compiled forward as the model's forward, the
 cache HF makes: dynamic, or static for the static methods) at each point: the time of ``T + 1`` new
-tokens minus that of 1, over T, so prefill cancels (after a 3-token warm-up generate, which compiles generate's graphs). ``--fit-context L --fit-batches 16,32,...``: after
-the timed points, per method, a prefill of L tokens and two decode steps at each batch in turn until
-one runs out of memory: the largest batch x context each method serves (single-shot prefill, as HF's
-default path does it, so the prefill's transient memory counts).
+tokens minus that of 1, over T, so prefill cancels (after a 3-token warm-up generate, which compiles generate's graphs). ``--fit-context L``: after the timed
+points, per method, the largest batch at context L whose prefill and decode steps fit in the GPU's memory
+(``fit_probe``: two small batches predict it, then it is tried); ``--fit-chunk N`` prefills in chunks of N
+tokens, as a server does, so that the KV cache and not the prefill's activations decides.
+``--dynamic`` compiles with ``dynamic=True`` (fewer recompiles across points); ``--generate-points``
+restricts ``--generate`` to some points.
 
 Methods: eager; ``inductor`` (torch.compile default, HF DynamicCache); ``inductor-static-ro``
 (StaticCache + mode="reduce-overhead", HF's documented fast path); ``kvpass-*`` for each variant
@@ -98,11 +100,16 @@ def method_available(name: str) -> str | None:
     return None
 
 
+# ``--dynamic``: every method compiles with ``dynamic=True``, so its first graphs already take any batch and
+# length and later points add no recompile (each cost 30-50 s of device time per method at the 1B shape).
+DYNAMIC = None
+
+
 def compiled_forward(model, name: str):
     spec, _ = METHODS[name]
     if spec is None:
         return model.forward
-    spec = dict(spec)
+    spec = dict(spec, dynamic=DYNAMIC)
     backend = spec.pop("backend")
     return torch.compile(model.forward, backend=backend, **spec)
 
@@ -140,8 +147,16 @@ def sync(device):
 LOOP_MASK = True
 
 
-def loop_mask(batch: int, length: int, device) -> dict:
-    return {"attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)} if LOOP_MASK else {}
+def loop_mask(batch: int, length: int, device, width: int | None = None) -> dict:
+    """The 2-D mask of ``length`` filled positions. A StaticCache gets it at the cache's full ``width``, zeros
+    past ``length``: a fixed shape, as generate() hands its static-cache forward a fixed-shape mask. A mask that
+    grew every step made CUDA graphs re-record each step (reduce-overhead rows before 2026-12-01 22:00Z)."""
+    if not LOOP_MASK:
+        return {}
+    width = width or length
+    mask = torch.zeros(batch, width, dtype=torch.long, device=device)
+    mask[:, :length] = 1
+    return {"attention_mask": mask}
 
 
 # ``--eager-prefill``: methods that keep HF's own cache (eager, Inductor) prefill through the uncompiled
@@ -165,18 +180,25 @@ def prefill_forward(model, forward, name: str):
     return model.forward if EAGER_PREFILL and keeps_hf_cache else forward
 
 
-def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
-    """Prefill ``context`` tokens then decode; returns seconds of (prefill, each warm-up step, the timed steps)."""
+def decode_run(model, forward, name, batch, context, new_tokens, device, vocab, prefill_chunk=0):
+    """Prefill ``context`` tokens (in chunks of ``prefill_chunk`` tokens, 0: at once) then decode; returns
+    seconds of (prefill, each warm-up step, the timed steps) and the cache."""
     ids = torch.randint(2, vocab, (batch, context), device=device)
-    cache = make_cache(model, name, batch, context + new_tokens + WARMUP_STEPS + 16)  # 16: profiled steps
+    max_len = context + new_tokens + WARMUP_STEPS + 16  # 16: profiled steps
+    cache = make_cache(model, name, batch, max_len)
+    width = max_len if METHODS[name][1] == "static" else None
     pos = torch.arange(context, device=device)
     times = {}
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        out = prefill_forward(model, forward, name)(input_ids=ids, past_key_values=cache, use_cache=True,
-                                                     cache_position=pos, logits_to_keep=1,
-                                                     **loop_mask(batch, context, device))
+        chunk = prefill_chunk or context
+        for start in range(0, context, chunk):
+            end = min(context, start + chunk)
+            out = prefill_forward(model, forward, name)(input_ids=ids[:, start:end], past_key_values=cache,
+                                                         use_cache=True, cache_position=pos[start:end],
+                                                         logits_to_keep=1, **loop_mask(batch, end, device, width))
+            cache = out.past_key_values
         sync(device)
         times["prefill"] = time.perf_counter() - t0
         tok = out.logits[:, -1:].argmax(-1)
@@ -188,7 +210,7 @@ def decode_run(model, forward, name, batch, context, new_tokens, device, vocab):
                 t0 = time.perf_counter()
             ts = time.perf_counter()
             out = forward(input_ids=tok, past_key_values=out.past_key_values, use_cache=True, cache_position=p,
-                          **loop_mask(batch, context + i + 1, device))
+                          **loop_mask(batch, context + i + 1, device, width))
             tok = out.logits[:, -1:].argmax(-1)
             if i < WARMUP_STEPS:
                 sync(device)
@@ -222,42 +244,77 @@ def generate_run(model, forward, name, batch, context, new_tokens, device, vocab
         model.forward = plain
 
 
-def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape):
-    """Largest batch of ``batches`` (ascending) whose prefill of ``context`` and two decode steps fit."""
-    for batch in batches:
-        row = dict(shape=shape, method=name, batch=batch, context=context, fit_probe=True)
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            _, cache = decode_run(model, forward, name, batch, context, 1, device, vocab)
-            row["kv_GiB"] = round(cache_bytes(cache) / 2**30, 3)
-            row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            row["fits"] = True
-            del cache
-        except torch.OutOfMemoryError:
-            row["fits"], row["error"] = False, "out of memory"
-        except Exception as e:
-            row["fits"], row["error"] = False, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+def fit_attempt(model, forward, name, batch, context, device, vocab, shape, chunk) -> dict:
+    """One probe point: prefill ``context`` tokens (chunks of ``chunk``) and two decode steps at ``batch``."""
+    global WARMUP_STEPS, LOOP_MASK
+    row = dict(shape=shape, method=name, batch=batch, context=context, fit_probe=True, prefill_chunk=chunk)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    # Memory, not time, is read here; no 2-D mask: HF then builds the chunks' causal mask as a broadcast view
+    # (batch stride 0), where an all-ones 2-D mask makes it materialise [B, 1, chunk, L] bools, transient
+    # memory no server pays.
+    (warmup, masked), WARMUP_STEPS, LOOP_MASK = (WARMUP_STEPS, LOOP_MASK), 1, False
+    try:
+        _, cache = decode_run(model, forward, name, batch, context, 1, device, vocab, chunk)
+        row["kv_GiB"] = round(cache_bytes(cache) / 2**30, 3)
+        row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["fits"] = True
+        del cache
+    except torch.OutOfMemoryError:
+        row["fits"], row["error"] = False, "out of memory"
+    except Exception as e:
+        row["fits"], row["error"] = False, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        WARMUP_STEPS, LOOP_MASK = warmup, masked
+    print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    return row
+
+
+def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape, chunk=0):
+    """The largest batch at ``context`` whose prefill (chunks of ``chunk`` tokens) and decode steps fit.
+
+    Filling the GPU costs a prefill of every token it holds, so the probe does not climb batch by batch:
+    peak memory is linear in the batch, the first two of ``batches`` give its slope, the prediction for the
+    whole GPU is tried, and then the batch FIT_STEP above it (must fail) or below it (until one fits)."""
+    tried = [fit_attempt(model, forward, name, b, context, device, vocab, shape, chunk) for b in batches[:2]]
+    rows.extend(tried)
+    if len(tried) == 2 and all(r["fits"] for r in tried):
+        (b1, p1), (b2, p2) = [(r["batch"], r["peak_GiB"]) for r in tried]
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        per_batch = max((p2 - p1) / (b2 - b1), 1e-3)
+        guess = max(b2, int(b2 + (total - p2) / per_batch) // FIT_STEP * FIT_STEP)
+        row = fit_attempt(model, forward, name, guess, context, device, vocab, shape, chunk)
         rows.append(row)
-        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-        if not row["fits"]:
-            break
+        direction = FIT_STEP if row["fits"] else -FIT_STEP
+        for _ in range(4):
+            batch = row["batch"] + direction
+            if batch <= b2:
+                break
+            nxt = fit_attempt(model, forward, name, batch, context, device, vocab, shape, chunk)
+            rows.append(nxt)
+            if nxt["fits"] != row["fits"]:
+                break
+            row = nxt
     gc.collect()
     torch.cuda.empty_cache()
 
 
-def profile_point(forward, cache, batch, position, steps):
+# The probe's batch granularity above its prediction.
+FIT_STEP = 8
+
+
+def profile_point(forward, cache, batch, position, steps, width=None):
     """Where a decode step's time goes at this point (bench/profile_decode.py's split), on the warm cache."""
     from bench.profile_decode import profile_steps
 
-    state = {"cache": cache, "position": position}
+    state = {"cache": cache, "position": position, "width": width}
     tok = torch.full((batch, 1), 5, device="cuda", dtype=torch.long)
 
     def step():
         out = forward(input_ids=tok, past_key_values=state["cache"], use_cache=True,
                       cache_position=torch.tensor([state["position"]], device="cuda"),
-                      **loop_mask(batch, state["position"] + 1, "cuda"))
+                      **loop_mask(batch, state["position"] + 1, "cuda", state["width"]))
         state["cache"], state["position"] = out.past_key_values, state["position"] + 1
 
     with torch.no_grad():
@@ -302,11 +359,12 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
             row["compiles"] = _compat.dynamo_compile_count() - before
             if device == "cuda" and args.profile_steps:
                 try:  # a profiler failure must not lose the timing above
+                    width = context + new_tokens + WARMUP_STEPS + 16 if METHODS[name][1] == "static" else None
                     row.update(profile_point(forward, cache, batch, context + new_tokens + WARMUP_STEPS,
-                                           args.profile_steps))
+                                             args.profile_steps, width))
                 except Exception as e:
                     row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            if args.generate:
+            if args.generate and (not args.generate_points or f"{batch}x{context}" in args.generate_points.split(",")):
                 row["generate_ms_per_token"] = round(
                     generate_run(model, forward, name, batch, context, new_tokens, device,
                                  SHAPES[shape]["vocab_size"]) * 1e3, 3)
@@ -323,9 +381,9 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
                 traceback.print_exc()
         rows.append(row)
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-    if args.fit_context and device == "cuda":
+    if args.fit_context and device == "cuda" and (not args.fit_methods or name in args.fit_methods.split(",")):
         fit_probe(model, forward, name, args.fit_context, [int(b) for b in args.fit_batches.split(",")], device,
-                  SHAPES[shape]["vocab_size"], rows, shape)
+                  SHAPES[shape]["vocab_size"], rows, shape, args.fit_chunk)
 
 
 COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
@@ -333,7 +391,7 @@ COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "to
 
 
 def main():
-    global LOOP_MASK, EAGER_PREFILL, WARMUP_STEPS
+    global LOOP_MASK, EAGER_PREFILL, WARMUP_STEPS, DYNAMIC
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
     ap.add_argument("--shapes", default="llama3.2-1b,llama3-8b")
@@ -343,11 +401,16 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=4, help="decode steps profiled per point (0: none)")
     ap.add_argument("--generate", action="store_true", help="also time model.generate at each point")
     ap.add_argument("--fit-context", type=int, default=0, help="largest-batch probe at this context (GPU)")
-    ap.add_argument("--fit-batches", default="8,16,24,32,48,64", help="batches the probe tries, ascending")
+    ap.add_argument("--fit-batches", default="8,16", help="two batches the probe measures to predict the largest")
     ap.add_argument("--no-loop-mask", action="store_true", help="plain loop without an attention mask (old rows)")
     ap.add_argument("--eager-prefill", action="store_true",
                     help="eager/Inductor methods prefill uncompiled (see EAGER_PREFILL); rows are marked")
     ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed decode steps per point")
+    ap.add_argument("--generate-points", default="", help="with --generate: only these points (e.g. 8x32768)")
+    ap.add_argument("--fit-methods", default="", help="methods the probe runs for (default: all)")
+    ap.add_argument("--fit-chunk", type=int, default=0,
+                    help="the probe prefills in chunks of this many tokens (0: at once)")
+    ap.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (see DYNAMIC)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -358,6 +421,7 @@ def main():
     LOOP_MASK = not args.no_loop_mask
     EAGER_PREFILL = args.eager_prefill
     WARMUP_STEPS = args.warmup_steps
+    DYNAMIC = True if args.dynamic else None
     dtype = torch.float32 if args.smoke else torch.bfloat16
     shapes = ["smoke"] if args.smoke else args.shapes.split(",")
     default_points = {"smoke": [(1, 64), (2, 96)], "llama3.2-1b": [(1, 4096), (8, 4096), (1, 32768), (8, 32768)],

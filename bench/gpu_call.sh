@@ -12,6 +12,7 @@ run() {  # name, seconds, command...
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "=== $name rc=$? ($(date -u +%H:%M:%S))"
   tail -n "${TAIL:-25}" "$OUT/$name.log"
 }
+P1B=8x4096,8x16384,8x32768,1x4096,1x16384,1x32768  # batch 8 first: dynamic=True graphs then serve every batch > 1
 for step in "$@"; do
   case $step in
     env) run env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"' ;;
@@ -28,6 +29,9 @@ for step in "$@"; do
     e2e1ba) run e2e1ba 540 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 1x4096,1x16384,1x32768,8x4096,8x16384,8x32768 --eager-prefill --methods eager,inductor,inductor-static-ro,kvpass-exact,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 ;;
     e2e1bb) run e2e1bb 540 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 1x4096,1x16384,1x32768,8x4096,8x16384,8x32768 --eager-prefill --methods kvpass-int8,kvpass-int4,kvpass-snapkv2048,kvpass-adore2048 --new-tokens 16 --profile-steps 0 ;;
     e2e1b32) run e2e1b32 520 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768 --eager-prefill --methods inductor,kvpass-int4,kvpass-exact,kvpass-snapkv2048,kvpass-adore2048,inductor-static-ro,kvpass-int8,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 ;;
+    # 2026-12-01 session 7: the 1B matrix with 17 warm-ups, dynamic compiles, fixed-shape static masks; fit probes
+    e2e1c) run e2e1c 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points $P1B --dynamic --eager-prefill --methods inductor,inductor-static-ro,kvpass-exact,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods inductor --fit-batches 16,32 ;;
+    e2e1d) run e2e1d 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points $P1B --dynamic --methods kvpass-int4,kvpass-int8,kvpass-snapkv2048,kvpass-int4-exit --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods kvpass-int4 --fit-batches 16,32 ;;
     *) echo "unknown step $step" ;;
   esac
 done
