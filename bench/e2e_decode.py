@@ -271,7 +271,7 @@ def fit_attempt(model, forward, name, batch, context, device, vocab, shape, chun
     return row
 
 
-def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape, chunk=0):
+def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape, chunk=0, tries=4):
     """The largest batch at ``context`` whose prefill (chunks of ``chunk`` tokens) and decode steps fit.
 
     Filling the GPU costs a prefill of every token it holds, so the probe does not climb batch by batch:
@@ -287,7 +287,7 @@ def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape
         row = fit_attempt(model, forward, name, guess, context, device, vocab, shape, chunk)
         rows.append(row)
         direction = FIT_STEP if row["fits"] else -FIT_STEP
-        for _ in range(4):
+        for _ in range(tries):
             batch = row["batch"] + direction
             if batch <= b2:
                 break
@@ -383,7 +383,7 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     if args.fit_context and device == "cuda" and (not args.fit_methods or name in args.fit_methods.split(",")):
         fit_probe(model, forward, name, args.fit_context, [int(b) for b in args.fit_batches.split(",")], device,
-                  SHAPES[shape]["vocab_size"], rows, shape, args.fit_chunk)
+                  SHAPES[shape]["vocab_size"], rows, shape, args.fit_chunk, args.fit_tries)
 
 
 COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
@@ -407,6 +407,7 @@ def main():
                     help="eager/Inductor methods prefill uncompiled (see EAGER_PREFILL); rows are marked")
     ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed decode steps per point")
     ap.add_argument("--generate-points", default="", help="with --generate: only these points (e.g. 8x32768)")
+    ap.add_argument("--fit-tries", type=int, default=4, help="probe attempts beyond the predicted batch")
     ap.add_argument("--fit-methods", default="", help="methods the probe runs for (default: all)")
     ap.add_argument("--fit-chunk", type=int, default=0,
                     help="the probe prefills in chunks of this many tokens (0: at once)")
