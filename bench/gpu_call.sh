@@ -31,7 +31,7 @@ for step in "$@"; do
     e2e1b32) run e2e1b32 520 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768 --eager-prefill --methods inductor,kvpass-int4,kvpass-exact,kvpass-snapkv2048,kvpass-adore2048,inductor-static-ro,kvpass-int8,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 ;;
     # 2026-12-01 session 7: the 1B matrix with 17 warm-ups, dynamic compiles, fixed-shape static masks; fit probes
     e2e1c) run e2e1c 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points $P1B --dynamic --eager-prefill --methods inductor,inductor-static-ro,kvpass-exact,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods inductor --fit-batches 16,32 ;;
-    e2e1d) run e2e1d 580 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x4096,8x16384,8x32768,1x32768 --methods kvpass-exact-static-ro,kvpass-int4,kvpass-int8 --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods kvpass-int4 --fit-batches 16,32 --fit-tries 0 ;;
+    e2e1d) run e2e1d 580 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x4096,8x16384,8x32768,1x32768 --methods kvpass-exact-static-ro,kvpass-int8,kvpass-int4 --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods kvpass-int4 --fit-batches 16,32 --fit-tries 1 ;;
     *) echo "unknown step $step" ;;
   esac
 done
