@@ -43,7 +43,13 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
     from lowering.decode_attention import launch
 
     kv = scheme.kernel_operands(q, state, length, **options)
-    return launch(q, kv, attn_mask, scale, False, out=out, config=config)
+    # Schemes that store rows rotated (int8) attend with the rotated query and turn the output back.
+    rotated_query, turn_back = getattr(scheme, "kernel_query", None), getattr(scheme, "kernel_output", None)
+    if rotated_query is None:
+        return launch(q, kv, attn_mask, scale, False, out=out, config=config)
+    # The kernel writes into ``out`` itself (an unwritten, poisoned element then spreads over its row).
+    result = launch(rotated_query(q), kv, attn_mask, scale, False, out=out, config=config)
+    return result.copy_(turn_back(result))
 
 
 def packed_decode_attention(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:

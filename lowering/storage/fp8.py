@@ -36,6 +36,8 @@ class Fp8(Int8):
     code_dtype = torch.float8_e4m3fn
     quantize = staticmethod(quantize_rows_fp8)
     fused_append = False  # see lowering/kernels/quantize_rows.py
+    # e4m3's error is relative to each element, not to the row's largest: a rotation would not shrink it.
+    rotation = False
 
     def error_bound(self, state: State, length: int, dtype):
         k, v = self.dequantize(state, length, dtype)

@@ -13,6 +13,7 @@ in test_storage_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (con
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -27,6 +28,7 @@ from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
 from lowering.packed import allocate
 from lowering.storage import SCHEMES
+from lowering.storage.int8 import hadamard, rotates
 
 DEVICE = kt.default_device()
 QUANTIZED = ("8", "4", "fp8", "aligned")
@@ -121,28 +123,72 @@ def kernel_tolerance(scheme, state, length, deq):
     return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
 
 
+def stored_domain(scheme, problem):
+    """A scheme that stores rows rotated (int8: x H) has its kernel checked where it computes: the same
+    scheme reading its rows as stored (no rotation) on the problem as the kernel sees it (q H rounded to
+    the dtype, as ``kernel_query`` hands it; k H and v H exact, in float64). Other schemes: unchanged."""
+    if not getattr(scheme, "rotation", False) or not rotates(problem.head_dim):
+        return scheme, problem
+    raw = copy.copy(scheme)
+    raw.rotation = False
+    h = hadamard(problem.head_dim, problem.q.device).double()
+    q_rot, exact = scheme.kernel_query(problem.q), problem.q.to(F64) @ h
+    # The rotated query is q H rounded once to the dtype (u; 2^-7 for bf16, truncated by the interpreter),
+    # plus the fp32 product's D 2^-24 |q|_2: checked here, since the allowances below are built from it.
+    u = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}[problem.dtype]
+    slack = u * exact.abs() + problem.head_dim * 2.0 ** -24 * exact.norm(dim=-1, keepdim=True)
+    assert q_rot.dtype == problem.dtype and ((q_rot.to(F64) - exact).abs() <= slack).all(), "query not q H"
+    return raw, dataclasses.replace(problem, q=q_rot, k=problem.k.to(F64) @ h, v=problem.v.to(F64) @ h)
+
+
 def check_scheme(key, problem, chunks=None, config=None):
     """Kernel vs the dequantized oracle (exact tolerance) and vs the unquantized oracle (+ step bound);
-    ``config``: a kernel configuration (None: the rule's)."""
+    ``config``: a kernel configuration (None: the rule's). Rotating schemes: both in the stored domain
+    (``stored_domain``), then the turned-back output against the unquantized oracle (``check_turned_back``)."""
     scheme = SCHEMES[key]
     options = dict(KERNEL_OPTIONS.get(key, {}))
     if config is not None:
         options["config"] = config
     state = pack(scheme, problem.k, problem.v, chunks)
+    raw, stored = stored_domain(scheme, problem)
     L = problem.kv_len
-    kd, vd = kernel_dequantized(scheme, state, L, problem.dtype)
-    vd, tolerance = kernel_tolerance(scheme, state, L, dataclasses.replace(problem, k=kd, v=vd))
-    deq = dataclasses.replace(problem, k=kd, v=vd)
-    ref_deq = kt.quantized_attention(problem, lambda k: kd, lambda v: vd)
-    out = kt.check_kernel(kernel(scheme, state, L, **options), deq, reference=ref_deq,
+    kd, vd = kernel_dequantized(raw, state, L, problem.dtype)
+    vd, tolerance = kernel_tolerance(raw, state, L, dataclasses.replace(stored, k=kd, v=vd))
+    deq = dataclasses.replace(stored, k=kd, v=vd)
+    ref_deq = kt.quantized_attention(stored, lambda k: kd, lambda v: vd)
+    out = kt.check_kernel(kernel(raw, state, L, **options), deq, reference=ref_deq,
                           tolerance=tolerance, out_arg=True)
-    ek, ev = scheme.error_bound(state, L, problem.dtype)
-    allowed = tolerance.allowed(ref_deq) + quantization_bound(problem, ek, ev)
-    kt.assert_attention_close(out, kt.reference_attention(problem), kt.Tolerance(
+    ek, ev = raw.error_bound(state, L, problem.dtype)
+    allowed = tolerance.allowed(ref_deq) + quantization_bound(stored, ek, ev)
+    kt.assert_attention_close(out, kt.reference_attention(stored), kt.Tolerance(
         atol=allowed, rtol=0.0, why=f"{scheme.name}: exact-kernel tolerance over the dequantized cache + the "
                                     "quantization step pushed through softmax (quantization_bound)"),
-        context=f"{scheme.name} vs unquantized attention on {problem!r}")
+        context=f"{scheme.name} vs unquantized attention on {stored!r}")
+    if raw is not scheme:
+        out = check_turned_back(scheme, state, problem, stored, allowed, options)
     return out
+
+
+def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
+    """The rotating scheme's output (stored-domain kernel, then ``kernel_output``) against float64 attention
+    over the unquantized k, v. Allowed: the stored-domain allowance carried through H (per element <= the
+    row's L2 norm of it: |H_ij| = D^-1/2, Cauchy-Schwarz), the query's rounding after its rotation (scores
+    move by <= scale sum_d |q H H - q|_d |k_jd|, through softmax as in ``quantization_bound``), and the
+    turn-back's fp32 product and rounding to the dtype (D 2^-24 |o|_2 + u |o|)."""
+    h = hadamard(problem.head_dim, problem.q.device).double()
+    dq = (stored.q.to(F64) @ h - problem.q.to(F64)).abs()
+    s = reference_scores(problem.q, problem.k, problem.attn_mask, problem.is_causal, problem.scale)
+    delta = problem.softmax_scale * grouped_matmul(dq, problem.k.to(F64).abs().transpose(-1, -2))
+    delta = torch.where(torch.isfinite(s), delta, torch.zeros_like(s))
+    query_rounding = grouped_matmul(_weight_spread(s, delta, safe_softmax(s)), problem.v.to(F64).abs())
+    ref = kt.reference_attention(problem).to(F64)
+    u = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}[problem.dtype]
+    turn_back = problem.head_dim * 2.0 ** -24 * ref.norm(dim=-1, keepdim=True) * 2 + u * ref.abs() * 2
+    allowed = allowed_stored.norm(dim=-1, keepdim=True) + query_rounding + turn_back
+    return kt.check_kernel(kernel(scheme, state, problem.kv_len, **options), problem, reference=ref,
+                           tolerance=kt.Tolerance(atol=allowed, rtol=0.0, why=(
+                               f"{scheme.name}: the stored-domain allowance through H + the rotated query's "
+                               "rounding + the turn-back")), out_arg=True)
 
 
 @pytest.mark.parametrize("key", QUANTIZED)
