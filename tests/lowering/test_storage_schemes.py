@@ -6,8 +6,10 @@ Two oracles per problem (``kvpass.testing``): the float64 attention over the sch
 since it dequantizes in registers to the very values ``dequantize`` returns), and the float64 attention over
 the unquantized cache, within that tolerance plus the error the quantization step can cause
 (``quantization_bound``). Schemes state their per-element step bound in ``error_bound``:
-int8 scale / 2, int4 scale / 2 (0 in the residual window), fp8 max(|x^| / 15, 2^-10 scale), aligned s / 2,
-each plus the roundings to fp32 and the dtype (``lowering.storage.int8.rounding_slack``).
+int8 scale / 2 (sqrt(D) scale / 2 where it stores rows rotated), int4 scale / 2 (0 in the residual window),
+fp8 max(|x^| / 15, 2^-10 scale), aligned s / 2, each plus the roundings to fp32 and the dtype
+(``lowering.storage.int8.rounding_slack``). int8's rotated rows (x H) are checked where the kernel computes,
+in the stored domain, and its turned-back output against the unquantized oracle (``stored_domain``).
 The aligned scheme runs here with tau = 0 (every low part read: a 12-bit cache); its skip rule is tested
 in test_storage_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (conftest.py).
 """
