@@ -36,12 +36,17 @@ QMAX = 127.0
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
+def rounding_unit(dtype: torch.dtype) -> float:
+    """The relative error of one rounding to ``dtype``: its unit roundoff, doubled for bf16, which Triton's
+    CPU interpreter truncates instead of rounding."""
+    return UNIT_ROUNDOFF[dtype] * (2.0 if dtype == torch.bfloat16 else 1.0)
+
+
 def rounding_slack(x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bound of the roundings after the code: fp32 arithmetic of the dequantization (a few 2^-24
-    relative, 2^-22 covers up to 4) and the final rounding to ``dtype`` (its unit roundoff; doubled for
-    bf16, which Triton's CPU interpreter truncates instead of rounding), as |x^| times a factor."""
-    u = UNIT_ROUNDOFF[dtype] * (2.0 if dtype == torch.bfloat16 else 1.0)
-    return x_hat.abs().double() * (1.01 * u + 2.0 ** -22)
+    relative, 2^-22 covers up to 4) and the final rounding to ``dtype`` (``rounding_unit``), as |x^|
+    times a factor."""
+    return x_hat.abs().double() * (1.01 * rounding_unit(dtype) + 2.0 ** -22)
 
 
 def quantize_rows(x: torch.Tensor, qmax: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
 from lowering.packed import allocate
 from lowering.storage import SCHEMES
-from lowering.storage.int8 import hadamard, rotates
+from lowering.storage.int8 import hadamard, rotates, rounding_unit
 
 DEVICE = kt.default_device()
 QUANTIZED = ("8", "4", "fp8", "aligned")
@@ -135,10 +135,10 @@ def stored_domain(scheme, problem):
     raw.rotation = False
     h = hadamard(problem.head_dim, problem.q.device).double()
     q_rot, exact = scheme.kernel_query(problem.q), problem.q.to(F64) @ h
-    # The rotated query is q H rounded once to the dtype (u; 2^-7 for bf16, truncated by the interpreter),
-    # plus the fp32 product's D 2^-24 |q|_2: checked here, since the allowances below are built from it.
-    u = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}[problem.dtype]
-    slack = u * exact.abs() + problem.head_dim * 2.0 ** -24 * exact.norm(dim=-1, keepdim=True)
+    # The rotated query is q H rounded once to the dtype, plus the fp32 product's D 2^-24 |q|_2: checked
+    # here, since the allowances below are built from it.
+    slack = (rounding_unit(problem.dtype) * exact.abs()
+             + problem.head_dim * 2.0 ** -24 * exact.norm(dim=-1, keepdim=True))
     assert q_rot.dtype == problem.dtype and ((q_rot.to(F64) - exact).abs() <= slack).all(), "query not q H"
     return raw, dataclasses.replace(problem, q=q_rot, k=problem.k.to(F64) @ h, v=problem.v.to(F64) @ h)
 
@@ -184,8 +184,8 @@ def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
     delta = torch.where(torch.isfinite(s), delta, torch.zeros_like(s))
     query_rounding = grouped_matmul(_weight_spread(s, delta, safe_softmax(s)), problem.v.to(F64).abs())
     ref = kt.reference_attention(problem).to(F64)
-    u = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -7}[problem.dtype]
-    turn_back = problem.head_dim * 2.0 ** -24 * ref.norm(dim=-1, keepdim=True) * 2 + u * ref.abs() * 2
+    turn_back = (problem.head_dim * 2.0 ** -24 * ref.norm(dim=-1, keepdim=True) * 2
+                 + rounding_unit(problem.dtype) * ref.abs() * 2)
     allowed = allowed_stored.norm(dim=-1, keepdim=True) + query_rounding + turn_back
     return kt.check_kernel(kernel(scheme, state, problem.kv_len, **options), problem, reference=ref,
                            tolerance=kt.Tolerance(atol=allowed, rtol=0.0, why=(
