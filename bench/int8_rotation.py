@@ -1,0 +1,77 @@
+"""How much int8's Hadamard rotation cuts the attention error on real SmolLM2 attention (CPU, seconds).
+
+    python bench/int8_rotation.py        # the table of bench/RESULTS.md ("int8 rows stored rotated")
+
+On the captured layers of ``bench/data/smollm2_attention.pt`` (``bench/capture_attention.py``): the mean
+relative L2 error, against float64 attention over the unquantized cache, of attention over the int8
+cache as ``lowering.storage.int8`` stores it, with and without the rotation (the scheme's own append and
+dequantize), and with the rotated query rounded to bf16 as the fused kernel receives it (``kernel_query``,
+output turned back by ``kernel_output``, in bf16 as the kernel returns it).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lowering.packed import allocate  # noqa: E402
+from lowering.storage import SCHEMES  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "smollm2_attention.pt"
+
+
+def attention(q, k, v, scale):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+
+
+def stored(scheme, k, v):
+    B, H, L, D = k.shape
+    _, state = allocate(scheme.layout(B, H, L, D, v.shape[-1], torch.float32), "cpu")
+    scheme.append(None, 0, k, v, state)
+    return state
+
+
+def relative_error(out, ref):
+    return ((out.double() - ref).norm(dim=-1) / ref.norm(dim=-1)).mean().item()
+
+
+def rows(path: Path = DATA) -> list[dict]:
+    data = torch.load(path, weights_only=False)
+    rotated = SCHEMES["8"]
+    plain = copy.copy(rotated)
+    plain.rotation = False
+    out = []
+    for layer, t in data["layers"].items():
+        q, k, v = (t[n].double() for n in "qkv")
+        ref = attention(q, k, v, t["scale"])
+        row = {"layer": int(layer)}
+        for name, scheme in (("per_token", plain), ("rotated", rotated)):
+            kd, vd = scheme.dequantize(stored(scheme, k.float(), v.float()), k.shape[2], torch.float64)
+            row[name] = relative_error(attention(q, kd, vd, t["scale"]), ref)
+        # what the kernel computes: the bf16 query rotated and rounded, over the stored rows, turned back
+        state = stored(rotated, k.float(), v.float())
+        ks, vs = (state[n].double() * state[n + "_scale"].double().unsqueeze(-1) for n in "kv")
+        qr = rotated.kernel_query(q.to(torch.bfloat16)).double()
+        raw = attention(qr, ks, vs, t["scale"]).to(torch.bfloat16)
+        row["rotated_bf16_query"] = relative_error(rotated.kernel_output(raw).double(), ref)
+        row["per_token_bf16_query"] = relative_error(attention(q.to(torch.bfloat16).double(), *(
+            plain.dequantize(stored(plain, k.float(), v.float()), k.shape[2], torch.float64)), t["scale"]), ref)
+        out.append(row)
+    return out
+
+
+def main():
+    print("layer | per-token int8 | rotated | per-token, bf16 query | rotated, bf16 query (kernel)")
+    for r in rows():
+        print(f"{r['layer']} | {r['per_token']:.2e} | {r['rotated']:.2e} | {r['per_token_bf16_query']:.2e} | "
+              f"{r['rotated_bf16_query']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
