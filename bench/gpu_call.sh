@@ -32,6 +32,10 @@ for step in "$@"; do
     # 2026-12-01 session 7: the 1B matrix with 17 warm-ups, dynamic compiles, fixed-shape static masks; fit probes
     e2e1c) run e2e1c 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points $P1B --dynamic --eager-prefill --methods inductor,inductor-static-ro,kvpass-exact,kvpass-exact-static-ro --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods inductor --fit-batches 16,32 ;;
     e2e1d) run e2e1d 580 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x4096,8x16384,8x32768,1x32768 --methods kvpass-exact-static-ro,kvpass-int8,kvpass-int4 --new-tokens 16 --profile-steps 0 --fit-context 32768 --fit-chunk 4096 --fit-methods kvpass-int4 --fit-batches 16,32 --fit-tries 1 ;;
+    # next: the rows session 7 did not reach (see bench/RESULTS.md, "Session 7")
+    e2e1f) run e2e1f 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points $P1B --eager-prefill --methods kvpass-exact,kvpass-int4-exit,kvpass-snapkv2048 --new-tokens 16 --profile-steps 0 ;;
+    e2e8bx) run e2e8bx 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,1x32768 --eager-prefill --methods inductor-static-ro,kvpass-int4 --new-tokens 8 --profile-steps 0 --generate --generate-points 8x16384 ;;
+    fitint4) run fitint4 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x4096 --methods kvpass-int4 --new-tokens 4 --profile-steps 0 --fit-context 32768 --fit-chunk 8192 --fit-batches 16,32 --fit-tries 1 ;;
     *) echo "unknown step $step" ;;
   esac
 done
