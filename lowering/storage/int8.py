@@ -14,7 +14,8 @@ other channels few steps; the rotation spreads every channel over all of them (Q
 (``bench/data/smollm2_attention.pt``) the attention output's error against float64 fell from
 1.0e-2 / 1.9e-2 / 1.9e-2 to 0.86e-2 / 0.83e-2 / 1.0e-2 (layers 3 / 15 / 27, exact query); with the rotated
 query rounded to bf16, as the kernel reads it, to 1.0e-2 / 1.1e-2 / 1.2e-2. It needs no statistics
-from the prompt, and costs two [Lq, D] x [D, D] products per decode step and layer.
+from the prompt, and costs four small products by H per decode step and layer (the query, the output,
+the new key and value rows), each a torch op or two on the host.
 
 Round trip: ``dequantize`` computes ``code * scale`` in fp32 (one rounding, as the kernel), turns it
 back with H in fp32 and rounds to the model's dtype. Unrotated (``rotation = False``, fp8, other head
