@@ -272,40 +272,15 @@ def fit_attempt(model, forward, name, batch, context, device, vocab, shape, chun
 
 
 def fit_probe(model, forward, name, context, batches, device, vocab, rows, shape, chunk=0, tries=4):
-    """The largest batch at ``context`` whose prefill (chunks of ``chunk`` tokens) and decode steps fit.
+    """The largest batch at ``context`` whose prefill (chunks of ``chunk`` tokens) and decode steps fit
+    (the search: ``bench/e2e_fit.py``)."""
+    from bench.e2e_fit import largest_fit
 
-    Filling the GPU costs a prefill of every token it holds, so the probe does not climb batch by batch:
-    peak memory is linear in the batch, the first two of ``batches`` give its slope, the prediction for the
-    GPU (FIT_MARGIN of it) is tried, then up to ``tries`` batches an eighth above it (while they fit; the
-    first try above is skipped, one fill is the costly part) or below it (until one fits)."""
-    tried = [fit_attempt(model, forward, name, b, context, device, vocab, shape, chunk) for b in batches[:2]]
-    rows.extend(tried)
-    if len(tried) == 2 and all(r["fits"] for r in tried):
-        (b1, p1), (b2, p2) = [(r["batch"], r["peak_GiB"]) for r in tried]
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        per_batch = max((p2 - p1) / (b2 - b1), 1e-3)
-        guess = max(b2, int(b2 + (FIT_MARGIN * total - p2) / per_batch) // FIT_STEP * FIT_STEP)
-        row = fit_attempt(model, forward, name, guess, context, device, vocab, shape, chunk)
-        rows.append(row)
-        step = max(FIT_STEP, guess // 8 // FIT_STEP * FIT_STEP)
-        direction = step if row["fits"] else -step
-        for _ in range(tries if not row["fits"] else tries - 1):
-            batch = row["batch"] + direction
-            if batch <= b2:
-                break
-            nxt = fit_attempt(model, forward, name, batch, context, device, vocab, shape, chunk)
-            rows.append(nxt)
-            if nxt["fits"] != row["fits"]:
-                break
-            row = nxt
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    rows.extend(largest_fit(lambda b: fit_attempt(model, forward, name, b, context, device, vocab, shape, chunk),
+                            batches, total, tries))
     gc.collect()
     torch.cuda.empty_cache()
-
-
-# The probe's batch granularity, and the share of the GPU's memory its prediction aims at: the baseline's
-# DynamicCache, grown by concatenation, fragments the allocator (1B, 32k, H200: 40 fit at 93 GiB, 48 did not).
-FIT_STEP = 8
-FIT_MARGIN = 0.9
 
 
 def profile_point(forward, cache, batch, position, steps, width=None):

@@ -10,7 +10,6 @@ output turned back by ``kernel_output``, in bf16 as the kernel returns it).
 """
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
@@ -44,8 +43,7 @@ def relative_error(out, ref):
 def rows(path: Path = DATA) -> list[dict]:
     data = torch.load(path, weights_only=False)
     rotated = SCHEMES["8"]
-    plain = copy.copy(rotated)
-    plain.rotation = False
+    plain = rotated.without_rotation()
     out = []
     for layer, t in data["layers"].items():
         q, k, v = (t[n].double() for n in "qkv")

@@ -40,16 +40,22 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
     reason = kernel_unsupported_reason(q, state, length, attn_mask)
     if reason is not None:
         raise ValueError(f"{scheme.name} decode kernel: {reason}")
+    return attend(scheme, q, scheme.kernel_operands(q, state, length, **options), attn_mask, scale, out=out,
+                  config=config)
+
+
+def attend(scheme, q: torch.Tensor, kv, attn_mask, scale, *, out=None, config=None) -> torch.Tensor:
+    """The split-KV kernel over ``kv``, a scheme's operands, in the scheme's basis: a scheme that stores its
+    rows rotated (int8: ``kernel_query`` / ``kernel_output``) is attended with the rotated query and its
+    output turned back. Given ``out``, the kernel writes it itself (an unwritten, poisoned element then
+    spreads over its row) and the turned-back output is copied into it."""
     from lowering.decode_attention import launch
 
-    kv = scheme.kernel_operands(q, state, length, **options)
-    # Schemes that store rows rotated (int8) attend with the rotated query and turn the output back.
-    rotated_query, turn_back = getattr(scheme, "kernel_query", None), getattr(scheme, "kernel_output", None)
-    if rotated_query is None:
+    rotate = getattr(scheme, "kernel_query", None)
+    if rotate is None:
         return launch(q, kv, attn_mask, scale, False, out=out, config=config)
-    # The kernel writes into ``out`` itself (an unwritten, poisoned element then spreads over its row).
-    result = launch(rotated_query(q), kv, attn_mask, scale, False, out=out, config=config)
-    return result.copy_(turn_back(result))
+    result = scheme.kernel_output(launch(rotate(q), kv, attn_mask, scale, False, out=out, config=config))
+    return result if out is None else out.copy_(result)
 
 
 def packed_decode_attention(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:

@@ -25,10 +25,11 @@ the two products (``error_bound``).
 """
 from __future__ import annotations
 
-import torch
-
+import copy
 import functools
 import math
+
+import torch
 
 from lowering.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
@@ -103,8 +104,14 @@ class Int8:
     # Rows stored as x H (module docstring); fp8 keeps them as they are.
     rotation = True
 
-    def _rotation(self, dim: int, device) -> torch.Tensor | None:
-        return hadamard(dim, torch.device(device)) if self.rotation and rotates(dim) else None
+    def _rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
+        return hadamard(dim, device) if self.rotation and rotates(dim) else None
+
+    def without_rotation(self) -> "Int8":
+        """This scheme reading its rows as stored (rotated rows stay rotated): the basis its kernel works in."""
+        twin = copy.copy(self)
+        twin.rotation = False
+        return twin
 
     def stored_rows(self, x: torch.Tensor) -> torch.Tensor:
         """What is quantized for rows ``x`` [..., D]: x H in fp32 where the scheme rotates, else x."""
@@ -147,8 +154,7 @@ class Int8:
         rows; None where either kernel refuses the inputs (the general path then runs)."""
         if not self.fused_append:
             return None
-        from lowering.decode_attention import launch
-        from lowering.quant_decode_attention import kernel_unsupported_reason
+        from lowering.quant_decode_attention import attend, kernel_unsupported_reason
         from lowering.quantize_rows import append_rows
 
         length = old_length + new_k.shape[2]
@@ -157,8 +163,7 @@ class Int8:
             return None
         append_rows(self.stored_rows(new_k), sections["k"], sections["k_scale"], old_length, QMAX)
         append_rows(self.stored_rows(new_v), sections["v"], sections["v_scale"], old_length, QMAX)
-        out = launch(self.kernel_query(q), self.kernel_operands(q, sections, length), attn_mask, scale, False)
-        return self.kernel_output(out)
+        return attend(self, q, self.kernel_operands(q, sections, length), attn_mask, scale)
 
     def dequantize(self, state: State, length: int, dtype):
         out = []
@@ -167,7 +172,7 @@ class Int8:
             if h is None:
                 out.append(dequantize_rows(state[name], state[name + "_scale"], dtype))
             else:
-                out.append(((state[name].float() * state[name + "_scale"].unsqueeze(-1)) @ h).to(dtype))
+                out.append((dequantize_rows(state[name], state[name + "_scale"], torch.float32) @ h).to(dtype))
         return tuple(out)
 
     def error_bound(self, state: State, length: int, dtype):

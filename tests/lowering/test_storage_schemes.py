@@ -15,7 +15,6 @@ in test_storage_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (con
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -131,8 +130,7 @@ def stored_domain(scheme, problem):
     the dtype, as ``kernel_query`` hands it; k H and v H exact, in float64). Other schemes: unchanged."""
     if not getattr(scheme, "rotation", False) or not rotates(problem.head_dim):
         return scheme, problem
-    raw = copy.copy(scheme)
-    raw.rotation = False
+    raw = scheme.without_rotation()
     h = hadamard(problem.head_dim, problem.q.device).double()
     q_rot, exact = scheme.kernel_query(problem.q), problem.q.to(F64) @ h
     # The rotated query is q H rounded once to the dtype, plus the fp32 product's D 2^-24 |q|_2: checked
