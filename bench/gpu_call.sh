@@ -16,7 +16,7 @@ P1B=8x4096,8x16384,8x32768,1x4096,1x16384,1x32768  # batch 8 first: dynamic=True
 for step in "$@"; do
   case $step in
     env) run env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"' ;;
-    tests) KVPASS_TEST_DEVICE=cuda run tests 200 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_quantize_rows.py tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "cuda or in_place or general_path or int4 or kernel" ;;
+    tests) KVPASS_TEST_DEVICE=cuda run tests 330 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_quantize_rows.py tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "cuda or in_place or general_path or int4 or kernel" ;;
     convert) run convert 200 python3 bench/attention_quant.py --sweep --grid code_convert=0,1,2 --schemes 8 4 fp8 --budget-s 170 ;;
     quant) run quant 170 python3 bench/attention_quant.py --budget-s 100 ;;
     hostprof) TAIL=120 run hostprof 150 python3 bench/host_profile.py --methods kvpass-int8,kvpass-int4 --layers 4 --steps 16 --top 30 ;;
@@ -36,6 +36,8 @@ for step in "$@"; do
     e2e1f) run e2e1f 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points $P1B --eager-prefill --methods kvpass-exact,kvpass-int4-exit,kvpass-snapkv2048 --new-tokens 16 --profile-steps 0 ;;
     e2e8bx) run e2e8bx 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,1x32768 --eager-prefill --methods inductor-static-ro,kvpass-int4 --new-tokens 8 --profile-steps 0 --generate --generate-points 8x16384 ;;
     fitint4) run fitint4 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x4096 --methods kvpass-int4 --new-tokens 4 --profile-steps 0 --fit-context 32768 --fit-chunk 8192 --fit-batches 16,32 --fit-tries 1 ;;
+    # 2026-12-02 session 8: int8's rotation moved into the kernels; its end-to-end effect
+    e2e1int8) run e2e1int8 330 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768,1x32768 --methods kvpass-int8,kvpass-int4 --new-tokens 16 --profile-steps 0 ;;
     *) echo "unknown step $step" ;;
   esac
 done

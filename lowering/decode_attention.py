@@ -28,6 +28,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from lowering.kernels import decode_attention as kernels
+from lowering.rotation import shifts
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ class KVOperands:
     skip_error: float = 0.0
     value_bound: float = 0.0
     tau: float = 0.0
+    rotated: bool = False  # rows stored as x H (int8, lowering/rotation.py): the kernel rotates q and turns o back
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -369,6 +371,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         if split_output else out
     qs, ks, vs = q.stride(), kv.k.stride(), kv.v.stride()
     extra = [q if t is None else t for t in kv.extra]  # unused pointers: any tensor
+    rotation = dict(ROTATE_STAGES=head_dim.bit_length() - 1, ROTATE_SHIFT=shifts(head_dim)[1]) if kv.rotated else {}
     logger.debug("decode_attention B=%d Hq=%d Hkv=%d Lq=%d L=%d D=%d splits=%d keys/split=%d mask=%d %s",
                  batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, num_splits, keys_per_split, mask_kind,
                  config)
@@ -392,6 +395,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 # int4 dequantizes as c * scale + min with two roundings, as its reference does.
                 enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
+                **rotation,
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.
@@ -408,6 +412,6 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 part, out, num_splits,
                 HEAD_DIM=head_dim, BLOCK_D=block_d,
                 SPLIT_BLOCK=min(config.split_block, max(16, _next_power_of_2(num_splits))),
-                num_warps=config.merge_num_warps,
+                num_warps=config.merge_num_warps, **rotation,
             )
     return out

@@ -40,22 +40,10 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
     reason = kernel_unsupported_reason(q, state, length, attn_mask)
     if reason is not None:
         raise ValueError(f"{scheme.name} decode kernel: {reason}")
-    return attend(scheme, q, scheme.kernel_operands(q, state, length, **options), attn_mask, scale, out=out,
-                  config=config)
-
-
-def attend(scheme, q: torch.Tensor, kv, attn_mask, scale, *, out=None, config=None) -> torch.Tensor:
-    """The split-KV kernel over ``kv``, a scheme's operands, in the scheme's basis: a scheme that stores its
-    rows rotated (int8: ``kernel_query`` / ``kernel_output``) is attended with the rotated query and its
-    output turned back. Given ``out``, the kernel writes it itself (an unwritten, poisoned element then
-    spreads over its row) and the turned-back output is copied into it."""
     from lowering.decode_attention import launch
 
-    rotate = getattr(scheme, "kernel_query", None)
-    if rotate is None:
-        return launch(q, kv, attn_mask, scale, False, out=out, config=config)
-    result = scheme.kernel_output(launch(rotate(q), kv, attn_mask, scale, False, out=out, config=config))
-    return result if out is None else out.copy_(result)
+    # A scheme storing its rows rotated says so in its operands: the kernel rotates q and turns o back.
+    return launch(q, scheme.kernel_operands(q, state, length, **options), attn_mask, scale, out=out, config=config)
 
 
 def packed_decode_attention(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lowering.rotation import shifts
+
 MAX_HEAD_DIM = 256
 
 
@@ -21,9 +23,11 @@ def unsupported_reason(x: torch.Tensor, codes: torch.Tensor) -> str | None:
     return None
 
 
-def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int, qmax: float) -> None:
+def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int, qmax: float,
+                rotated: bool = False) -> None:
     """Quantize x [B, Hkv, n, D] row by row into ``codes[:, :, start:start + n]`` (int8) and
-    ``scales[:, :, start:start + n]`` (fp32), as ``lowering.storage.int8.quantize_rows`` does."""
+    ``scales[:, :, start:start + n]`` (fp32), as ``lowering.storage.int8.quantize_rows`` does; ``rotated``
+    (D a power of two): quantize ``lowering.rotation.store_rows(x)`` instead, rotated in the kernel."""
     import triton
 
     from lowering.kernels.quantize_rows import quantize_rows_append_kernel
@@ -32,9 +36,10 @@ def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, star
     if batch * heads * n == 0:
         return
     xs, cs, ss = x.stride(), codes.stride(), scales.stride()
+    rotation = dict(ROTATE_STAGES=dim.bit_length() - 1, ROTATE_SHIFT=shifts(dim)[0]) if rotated else {}
     quantize_rows_append_kernel[(batch * heads * n,)](
         x, codes, scales, heads, n, start,
         xs[0], xs[1], xs[2], cs[0], cs[1], cs[2], ss[0], ss[1], ss[2],
         QMAX=float(qmax), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        num_warps=1 if dim <= 128 else 2,
+        num_warps=1 if dim <= 128 else 2, **rotation,
     )

@@ -34,6 +34,9 @@ group: one vector per group, broadcast through a [groups, G, D] view);
 keys are ``code * scale + min`` in fp32 rounded once to the dtype, as the scheme's ``dequantize``.
 Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), codes 0..15 exact in the
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
+Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
+loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
+both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.
 ``KV_ALIGNED``: 12-bit codes split in an int8 high part and a 4-bit low part stored apart; the low parts of
 a block are loaded only when a bound says the block's contribution needs them (``lowering/storage/aligned.py``).
 
@@ -45,6 +48,7 @@ import triton
 import triton.language as tl
 
 from lowering.kernels.packed_tiles import _load_aligned, _load_aligned_low, _load_codes, _load_int4_values, _load_tile
+from lowering.kernels.rotation import rotate
 
 # Tags of the mask operand (a constexpr switch instead of three copies of the kernel).
 MASK_NONE = 0
@@ -158,6 +162,8 @@ def decode_attention_split_kernel(
     KV_FORMAT: tl.constexpr = 0,  # KV_FULL, KV_SCALED_ROWS, KV_INT4 or KV_ALIGNED
     QUANT_GROUP: tl.constexpr = 32,  # KV_INT4: tokens per key group
     FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS, KV_INT4: value scales into the weights (not fp16)
+    ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated (int8): log2(D); 0 for none
+    ROTATE_SHIFT: tl.constexpr = 0,  # and the query's / output's scaling 2^-shift (lowering/rotation.py)
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -186,6 +192,8 @@ def decode_attention_split_kernel(
 
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qm + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROTATE_STAGES:  # q H 2^-shift, rounded once to the dtype: the query of the stored basis
+        q = rotate(q, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT).to(dtype)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     if MASK_KIND != 0:
@@ -350,6 +358,8 @@ def decode_attention_split_kernel(
         tl.store(Part + o_off[:, None] + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Part + lse_off, lse, mask=row_ok)
     else:
+        if ROTATE_STAGES:  # turned back in fp32, before the one rounding to the dtype
+            o = rotate(o, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
         tl.store(Out + out_rows[:, None] * HEAD_DIM + d[None, :], o.to(Out.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
 
@@ -380,6 +390,8 @@ def merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,  # splits merged per step
+    ROTATE_STAGES: tl.constexpr = 0,  # as in decode_attention_split_kernel: the merged output turned back
+    ROTATE_SHIFT: tl.constexpr = 0,
 ):
     row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Lq + i
     total_rows = tl.num_programs(0)
@@ -391,4 +403,6 @@ def merge_splits_kernel(
     for s0 in range(SPLIT_BLOCK, num_splits, SPLIT_BLOCK):
         o_blk, lse_blk = _load_and_reduce(Part, row, s0, num_splits, total_rows, d, d_ok, HEAD_DIM, SPLIT_BLOCK)
         o, lse = merge_states(o, lse, o_blk, lse_blk)
+    if ROTATE_STAGES:
+        o = tl.reshape(rotate(tl.reshape(o, (1, BLOCK_D)), 1, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT), (BLOCK_D,))
     tl.store(Out + row * HEAD_DIM + d, o.to(Out.dtype.element_ty), mask=d_ok)

@@ -2,7 +2,7 @@
 
 One program per new token row of one KV head: it reads the row [D] once, takes its largest |x|, writes the
 fp32 scale amax / QMAX and the codes x / scale, rounded half to even and clamped to +-QMAX, straight into
-the cache's sections at row ``start + t``. (fp8 keeps its torch path: Triton's CPU interpreter converts
+the cache's sections at row ``start + t``; int8's rotated rows are rotated in registers first. (fp8 keeps its torch path: Triton's CPU interpreter converts
 fp32 to e4m3 wrongly for some values, e.g. -126.06 to -64, so a fused fp8 path could not be tested here.) This
 replaces the ~12 torch ops per tensor of ``lowering.storage.int8.quantize_rows`` plus the two copies
 into the sections: a decode step appends one token per layer, and every op is host time.
@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from lowering.kernels.decode_attention import _max
+from lowering.kernels.rotation import rotate
 
 # y + 1.5 * 2^23 - 1.5 * 2^23 rounds fp32 |y| < 2^22 to the nearest integer, ties to even (torch.round's
 # rule) in the default rounding mode, with no libdevice call (the same code under the CPU interpreter).
@@ -28,6 +29,8 @@ def quantize_rows_append_kernel(
     QMAX: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated: x H 2^-shift first (lowering/rotation.py); 0: none
+    ROTATE_SHIFT: tl.constexpr = 0,
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = pid % new_rows
@@ -37,6 +40,8 @@ def quantize_rows_append_kernel(
     d = tl.arange(0, BLOCK_D)
     ok = d < HEAD_DIM
     x = tl.load(X + b * stride_xb + h * stride_xh + t * stride_xn + d, mask=ok, other=0.0).to(tl.float32)
+    if ROTATE_STAGES:  # the host's butterfly, stage for stage: the same bits as lowering.rotation.store_rows
+        x = tl.reshape(rotate(tl.reshape(x, (1, BLOCK_D)), 1, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT), (BLOCK_D,))
     scale = _max(tl.abs(x), 0) / QMAX
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
     code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)

@@ -5,32 +5,33 @@ int8 per-token as near-lossless); they also let a token be written once and neve
 which a growing cache needs. Scales are float32: 4 bytes per token and head for K and V each, 3% of
 the int8 payload at D=128 (fp16 scales would overflow for |x| > 8.3e6, which bf16 models can hold).
 
-Rows are stored rotated by the normalised Hadamard matrix H (head dims that are powers of two): keys
-and values are quantized as x H, the fused kernel attends with the query q H over them and turns its
-output back with H (H H = I, so q H . k H = q . k and the softmax weights are unchanged). SmolLM2's key
-channels reach 2-5x their median maximum, and a per-token scale set by one outlier channel leaves the
-other channels few steps; the rotation spreads every channel over all of them (QuaRot, Ashkboos et al.
-2024, rotates KV caches for the same reason). On the captured SmolLM2 attention
+Rows are stored rotated by the Hadamard matrix H (head dims that are powers of two, ``lowering/rotation.py``):
+keys and values are quantized as x H 2^-floor(m/2) (D = 2^m, H the +-1 Sylvester matrix, H H = D I), the
+fused kernel attends with the query q H 2^-ceil(m/2) over them and turns its output back with
+H 2^-ceil(m/2) (so q' . k' = q . k and the softmax weights are unchanged; every scaling is a power of two).
+SmolLM2's key channels reach 2-5x their median maximum, and a per-token scale set by one outlier channel
+leaves the other channels few steps; the rotation spreads every channel over all of them (QuaRot,
+Ashkboos et al. 2024, rotates KV caches for the same reason). On the captured SmolLM2 attention
 (``bench/data/smollm2_attention.pt``) the attention output's error against float64 fell from
 1.0e-2 / 1.9e-2 / 1.9e-2 to 0.86e-2 / 0.83e-2 / 1.0e-2 (layers 3 / 15 / 27, exact query); with the rotated
 query rounded to bf16, as the kernel reads it, to 1.0e-2 / 1.1e-2 / 1.2e-2. It needs no statistics
-from the prompt, and costs four small products by H per decode step and layer (the query, the output,
-the new key and value rows), each a torch op or two on the host.
+from the prompt. On CUDA it costs no launch: the quantize-on-append kernel rotates the new rows and the
+decode kernel the query and its output, in registers (``lowering/kernels/rotation.py``).
 
 Round trip: ``dequantize`` computes ``code * scale`` in fp32 (one rounding, as the kernel), turns it
 back with H in fp32 and rounds to the model's dtype. Unrotated (``rotation = False``, fp8, other head
 dims) per element |x - x^| <= scale / 2 + ``rounding_slack``; rotated, an element sums D rotated
-errors of at most scale / 2 with weights 1 / sqrt(D): <= sqrt(D) scale / 2, plus the fp32 rounding of
-the two products (``error_bound``).
+errors of at most scale / 2 with weights 2^-ceil(m/2) <= 1 / sqrt(D): <= sqrt(D) scale / 2, plus the fp32 rounding of
+the two rotations (``error_bound``).
 """
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import torch
 
+from lowering import rotation
 from lowering.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
 
@@ -64,19 +65,6 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
-@functools.lru_cache(maxsize=16)
-def hadamard(dim: int, device: torch.device) -> torch.Tensor:
-    """The normalised Sylvester Hadamard matrix [dim, dim] (fp32, symmetric, H H = I); dim a power of 2."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(dim)).to(torch.float32).to(device)
-
-
-def rotates(dim: int) -> bool:
-    return dim >= 2 and dim & (dim - 1) == 0
-
-
 def copy_old_tokens(old: State | None, old_length: int, out: State, names) -> None:
     """Per-token sections ([B, Hkv, L, ...]) of ``old`` into the first ``old_length`` rows of ``out``."""
     if old is not None:
@@ -104,8 +92,8 @@ class Int8:
     # Rows stored as x H (module docstring); fp8 keeps them as they are.
     rotation = True
 
-    def _rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
-        return hadamard(dim, device) if self.rotation and rotates(dim) else None
+    def rotates(self, dim: int) -> bool:
+        return self.rotation and rotation.rotates(dim)
 
     def without_rotation(self) -> "Int8":
         """This scheme reading its rows as stored (rotated rows stay rotated): the basis its kernel works in."""
@@ -114,19 +102,17 @@ class Int8:
         return twin
 
     def stored_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """What is quantized for rows ``x`` [..., D]: x H in fp32 where the scheme rotates, else x."""
-        h = self._rotation(x.shape[-1], x.device)
-        return x if h is None else x.float() @ h
+        """What is quantized for rows ``x`` [..., D]: x H 2^-floor(m/2) in fp32 where the scheme rotates."""
+        return rotation.store_rows(x) if self.rotates(x.shape[-1]) else x
 
+    # What the fused kernel does in registers (``ROTATE_STAGES``), for tests and bench/int8_rotation.py:
     def kernel_query(self, q: torch.Tensor) -> torch.Tensor:
-        """The query the fused kernel attends with over the stored rows: q H, in q's dtype."""
-        h = self._rotation(q.shape[-1], q.device)
-        return q if h is None else (q.float() @ h).to(q.dtype)
+        """The query it attends with over the stored rows: q H 2^-ceil(m/2), rounded once to q's dtype."""
+        return rotation.turn_back(q).to(q.dtype) if self.rotates(q.shape[-1]) else q
 
-    def kernel_output(self, out: torch.Tensor) -> torch.Tensor:
-        """The kernel's output over rotated values turned back: out H (H is its own inverse)."""
-        h = self._rotation(out.shape[-1], out.device)
-        return out if h is None else (out.float() @ h).to(out.dtype)
+    def kernel_output(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Its output over the stored values (fp32) turned back, o H 2^-ceil(m/2), rounded once to ``dtype``."""
+        return (rotation.turn_back(out) if self.rotates(out.shape[-1]) else out).to(dtype)
 
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype) -> Layout:
         rows = (batch, kv_heads, length)
@@ -138,13 +124,13 @@ class Int8:
 
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
         copy_old_tokens(old, old_length, out, out)
-        for name, x in (("k", self.stored_rows(new_k)), ("v", self.stored_rows(new_v))):
+        for name, x in (("k", new_k), ("v", new_v)):
             if self.fused_append and x.is_cuda and _fused_append_ok(x, out[name]):
                 from lowering.quantize_rows import append_rows
 
-                append_rows(x, out[name], out[name + "_scale"], old_length, QMAX)
+                append_rows(x, out[name], out[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]))
                 continue
-            q, scale = self.quantize(x)
+            q, scale = self.quantize(self.stored_rows(x))
             out[name][:, :, old_length:].copy_(q)
             out[name + "_scale"][:, :, old_length:].copy_(scale)
 
@@ -154,25 +140,26 @@ class Int8:
         rows; None where either kernel refuses the inputs (the general path then runs)."""
         if not self.fused_append:
             return None
-        from lowering.quant_decode_attention import attend, kernel_unsupported_reason
+        from lowering.decode_attention import launch
+        from lowering.quant_decode_attention import kernel_unsupported_reason
         from lowering.quantize_rows import append_rows
 
         length = old_length + new_k.shape[2]
         if (not _fused_append_ok(new_k, sections["k"]) or not _fused_append_ok(new_v, sections["v"])
                 or kernel_unsupported_reason(q, sections, length, attn_mask)):
             return None
-        append_rows(self.stored_rows(new_k), sections["k"], sections["k_scale"], old_length, QMAX)
-        append_rows(self.stored_rows(new_v), sections["v"], sections["v_scale"], old_length, QMAX)
-        return attend(self, q, self.kernel_operands(q, sections, length), attn_mask, scale)
+        for name, x in (("k", new_k), ("v", new_v)):
+            append_rows(x, sections[name], sections[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]))
+        return launch(q, self.kernel_operands(q, sections, length), attn_mask, scale)
 
     def dequantize(self, state: State, length: int, dtype):
         out = []
         for name in ("k", "v"):
-            h = self._rotation(state[name].shape[-1], state[name].device)
-            if h is None:
-                out.append(dequantize_rows(state[name], state[name + "_scale"], dtype))
+            if self.rotates(state[name].shape[-1]):
+                x = dequantize_rows(state[name], state[name + "_scale"], torch.float32)
+                out.append(rotation.turn_back(x).to(dtype))
             else:
-                out.append((dequantize_rows(state[name], state[name + "_scale"], torch.float32) @ h).to(dtype))
+                out.append(dequantize_rows(state[name], state[name + "_scale"], dtype))
         return tuple(out)
 
     def error_bound(self, state: State, length: int, dtype):
@@ -182,9 +169,10 @@ class Int8:
         for name, x in (("k", k), ("v", v)):
             step = state[name + "_scale"].double().unsqueeze(-1) / 2
             dim = x.shape[-1]
-            if self._rotation(dim, x.device) is not None:
-                # sqrt(D) steps through H; each fp32 product of a row by H errs by <= D 2^-24 times the
-                # row's L2 norm (|H_ij| = D^-1/2, Cauchy-Schwarz), twice (x H, then c s H), with 2x margin.
+            if self.rotates(dim):
+                # sqrt(D) steps through H (the turn-back's entries are +-2^-ceil(m/2) <= D^-1/2); each fp32
+                # rotation of a row errs by <= D 2^-24 times the row's L2 norm (lowering/rotation.py), twice
+                # (x H, then c s H), with 2x margin.
                 norm = x.double().norm(dim=-1, keepdim=True) + math.sqrt(dim) * step
                 step = math.sqrt(dim) * step + 4 * dim * 2.0 ** -24 * norm
             out.append(step + rounding_slack(x, dtype))
@@ -196,7 +184,7 @@ class Int8:
 
         return KVOperands(state["k"], state["v"], length, KV_SCALED_ROWS,
                           (state["k_scale"], state["v_scale"], None, None, None, None), quant_len=length,
-                          rows_cap=state["k_scale"].stride(1))
+                          rows_cap=state["k_scale"].stride(1), rotated=self.rotates(state["k"].shape[-1]))
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

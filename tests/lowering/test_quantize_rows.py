@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lowering.quantize_rows import append_rows
+from lowering.rotation import rotates, store_rows
 from lowering.storage.int8 import QMAX, quantize_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -34,17 +35,21 @@ def _data(kind: str, shape, dtype, g):
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(1, 3), heads=st.integers(1, 4), new=st.integers(1, 5), dim=st.sampled_from([8, 24, 64, 128]),
        start=st.integers(0, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       kind=st.sampled_from(["normal", "zero_rows", "one_huge", "ties", "outlier_channel"]), seed=st.integers(0, 99))
-def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start, dtype, kind, seed, kvpass_device):
+       kind=st.sampled_from(["normal", "zero_rows", "one_huge", "ties", "outlier_channel"]), seed=st.integers(0, 99),
+       rotated=st.booleans())
+def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start, dtype, kind, seed, rotated,
+                                                   kvpass_device):
+    """Rotated rows too: the kernel's butterfly is the host's, stage for stage, so the bits still agree."""
+    assume(not rotated or rotates(dim))
     g = torch.Generator().manual_seed(seed)
     x = _data(kind, (batch, new, heads, dim), dtype, g).transpose(1, 2)  # [B, H, n, D] as HF hands it over
     rows = start + new + 2
     codes = torch.full((batch, heads, rows, dim), -128, dtype=torch.int8)
     scales = torch.full((batch, heads, rows), float("nan"))
     x_dev, codes_dev, scales_dev = (t.to(kvpass_device) for t in (x, codes, scales))
-    append_rows(x_dev, codes_dev[:, :, :start + new], scales_dev[:, :, :start + new], start, QMAX)
+    append_rows(x_dev, codes_dev[:, :, :start + new], scales_dev[:, :, :start + new], start, QMAX, rotated)
     codes, scales = codes_dev.cpu(), scales_dev.cpu()
-    want_codes, want_scales = quantize_rows(x)
+    want_codes, want_scales = quantize_rows(store_rows(x) if rotated else x)
     assert torch.equal(codes[:, :, start:start + new].float(), want_codes)
     assert torch.equal(scales[:, :, start:start + new], want_scales)
     assert (codes[:, :, :start] == -128).all() and (codes[:, :, start + new:] == -128).all()

@@ -29,7 +29,8 @@ from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
 from lowering.packed import allocate
 from lowering.storage import SCHEMES
-from lowering.storage.int8 import hadamard, rotates, rounding_unit
+from lowering.rotation import rotates, shifts, signs
+from lowering.storage.int8 import rounding_unit
 
 DEVICE = kt.default_device()
 QUANTIZED = ("8", "4", "fp8", "aligned")
@@ -124,21 +125,34 @@ def kernel_tolerance(scheme, state, length, deq):
     return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
 
 
+def rotations(problem):
+    """(rows' rotation H 2^-floor(m/2), the query's and turn-back's H 2^-ceil(m/2)), float64 (lowering/rotation.py)."""
+    h = signs(problem.head_dim, problem.q.device)
+    row_shift, query_shift = shifts(problem.head_dim)
+    return h * 2.0 ** -row_shift, h * 2.0 ** -query_shift
+
+
+def query_slack(problem, exact_rotated):
+    """Bound of |rotated query - exact_rotated| per element: one rounding to the dtype (``rounding_unit``
+    covers the interpreter's truncation) plus the fp32 butterfly's D 2^-24 |q|_2 (lowering/rotation.py)."""
+    return (rounding_unit(problem.dtype) * exact_rotated.abs()
+            + problem.head_dim * 2.0 ** -24 * problem.q.to(F64).norm(dim=-1, keepdim=True))
+
+
 def stored_domain(scheme, problem):
-    """A scheme that stores rows rotated (int8: x H) has its kernel checked where it computes: the same
-    scheme reading its rows as stored (no rotation) on the problem as the kernel sees it (q H rounded to
-    the dtype, as ``kernel_query`` hands it; k H and v H exact, in float64). Other schemes: unchanged."""
+    """A scheme that stores rows rotated (int8) has its kernel checked where it computes: the same scheme
+    reading its rows as stored (no rotation) on the problem as the kernel sees it (the query rotated and
+    rounded to the dtype, as ``kernel_query`` hands it; rows rotated exactly, in float64). Other schemes:
+    unchanged."""
     if not getattr(scheme, "rotation", False) or not rotates(problem.head_dim):
         return scheme, problem
     raw = scheme.without_rotation()
-    h = hadamard(problem.head_dim, problem.q.device).double()
-    q_rot, exact = scheme.kernel_query(problem.q), problem.q.to(F64) @ h
-    # The rotated query is q H rounded once to the dtype, plus the fp32 product's D 2^-24 |q|_2: checked
-    # here, since the allowances below are built from it.
-    slack = (rounding_unit(problem.dtype) * exact.abs()
-             + problem.head_dim * 2.0 ** -24 * exact.norm(dim=-1, keepdim=True))
-    assert q_rot.dtype == problem.dtype and ((q_rot.to(F64) - exact).abs() <= slack).all(), "query not q H"
-    return raw, dataclasses.replace(problem, q=q_rot, k=problem.k.to(F64) @ h, v=problem.v.to(F64) @ h)
+    rows, query = rotations(problem)
+    q_rot, exact = scheme.kernel_query(problem.q), problem.q.to(F64) @ query
+    # checked here, since the allowances below are built from it
+    assert q_rot.dtype == problem.dtype and ((q_rot.to(F64) - exact).abs() <= query_slack(problem, exact)).all(), \
+        "query not q H"
+    return raw, dataclasses.replace(problem, q=q_rot, k=problem.k.to(F64) @ rows, v=problem.v.to(F64) @ rows)
 
 
 def check_scheme(key, problem, chunks=None, config=None):
@@ -170,13 +184,16 @@ def check_scheme(key, problem, chunks=None, config=None):
 
 
 def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
-    """The rotating scheme's output (stored-domain kernel, then ``kernel_output``) against float64 attention
-    over the unquantized k, v. Allowed: the stored-domain allowance carried through H (per element <= the
-    row's L2 norm of it: |H_ij| = D^-1/2, Cauchy-Schwarz), the query's rounding after its rotation (scores
-    move by <= scale sum_d |q H H - q|_d |k_jd|, through softmax as in ``quantization_bound``), and the
-    turn-back's fp32 product and rounding to the dtype (D 2^-24 |o|_2 + u |o|)."""
-    h = hadamard(problem.head_dim, problem.q.device).double()
-    dq = (stored.q.to(F64) @ h - problem.q.to(F64)).abs()
+    """The rotating scheme's kernel (it rotates the query and turns its output back itself) against float64
+    attention over the unquantized k, v. Allowed: the stored-domain allowance carried through the turn-back
+    (entries +-2^-ceil(m/2) <= D^-1/2: per element <= the row's L2 norm of it, Cauchy-Schwarz), the query's
+    rounding after its rotation (any rounding within ``query_slack``, so the interpreter's truncation too,
+    carried back through the rows' rotation: scores move by <= scale sum_d |dq_d| |k_jd|, through softmax
+    as in ``quantization_bound``), and the turn-back's fp32 butterfly and rounding to the dtype
+    (D 2^-24 |o|_2 + u |o|, each doubled)."""
+    rows, query = rotations(problem)
+    slack = query_slack(problem, problem.q.to(F64) @ query)
+    dq = (slack @ rows.abs()).expand_as(problem.q)
     s = reference_scores(problem.q, problem.k, problem.attn_mask, problem.is_causal, problem.scale)
     delta = problem.softmax_scale * grouped_matmul(dq, problem.k.to(F64).abs().transpose(-1, -2))
     delta = torch.where(torch.isfinite(s), delta, torch.zeros_like(s))
@@ -189,6 +206,18 @@ def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
                            tolerance=kt.Tolerance(atol=allowed, rtol=0.0, why=(
                                f"{scheme.name}: the stored-domain allowance through H + the rotated query's "
                                "rounding + the turn-back")), out_arg=True)
+
+
+@needs_kernel
+@settings(max_examples=6)
+@given(problem=kt.decode_problems(head_dims=(16, 64), q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
+                                  causal=(False,), device=DEVICE), splits=st.sampled_from((1, 3)))
+def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits):
+    """int8 rotates the query as stage 1 loads it and turns the output back where it is written: in stage 1
+    with one split, in the merge with several (the rule takes one split at these lengths on the CPU)."""
+    from lowering.decode_attention import DecodeAttentionConfig
+
+    check_scheme("8", problem, config=DecodeAttentionConfig(block_n=16, num_splits=splits))
 
 
 @pytest.mark.parametrize("key", QUANTIZED)
