@@ -19,8 +19,9 @@ from lowering.reference import exact_attention
 log = logging.getLogger("kvpass.lowering")
 
 
-def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask) -> str | None:
-    """None when the fused kernel takes this query over a packed state of ``length`` tokens."""
+def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask, scheme=None) -> str | None:
+    """None when the fused kernel takes this query over a packed state of ``length`` tokens (and ``scheme``'s
+    own ``kernel_refusal``, where it has one, does not refuse it)."""
     if not q.is_cuda and q.device.type != "cpu":
         return f"device {q.device.type}"
     try:
@@ -30,6 +31,9 @@ def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_ma
     codes = state["k"]
     if state["v"].shape[-1] != codes.shape[-1]:
         return "keys and values have different head dims"
+    refusal = getattr(scheme, "kernel_refusal", None)
+    if refusal is not None and refusal(q) is not None:
+        return refusal(q)
     return query_unsupported_reason(q, codes.shape[1], length, attn_mask)
 
 
@@ -37,7 +41,7 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
                             out=None, config=None, **options) -> torch.Tensor:
     """The fused kernel: q [B, Hq, Lq, D] over ``length`` tokens of ``scheme``'s packed ``state`` ->
     [B, Hq, Lq, D] in q's dtype. ``options`` go to ``scheme.kernel_operands`` (aligned: ``tau``, ``stats``)."""
-    reason = kernel_unsupported_reason(q, state, length, attn_mask)
+    reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
     if reason is not None:
         raise ValueError(f"{scheme.name} decode kernel: {reason}")
     from lowering.decode_attention import launch
@@ -49,7 +53,7 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
 def packed_decode_attention(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:
     """A scheme's ``decode_attention``: the fused kernel on CUDA, else dequantize this layer and run SDPA."""
     if q.is_cuda:
-        reason = kernel_unsupported_reason(q, state, length, attn_mask)
+        reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
         if reason is None:
             return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
         log.debug("%s decode on the reference: %s", scheme.name, reason)

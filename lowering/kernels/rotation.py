@@ -14,9 +14,8 @@ import triton.language as tl
 @triton.jit
 def butterfly(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     """x [ROWS, BLOCK_D] fp32 -> x H over its first 2^STAGES columns (H unnormalised, +-1 entries)."""
-    for stage in tl.static_range(STAGES):
-        stride: tl.constexpr = 1 << stage
-        pairs = tl.permute(tl.reshape(x, (ROWS, BLOCK_D // (2 * stride), 2, stride)), (0, 1, 3, 2))
+    for stage in tl.static_range(STAGES):  # stride 1 << stage (inline: a constexpr cannot be reassigned)
+        pairs = tl.permute(tl.reshape(x, (ROWS, BLOCK_D // (2 << stage), 2, 1 << stage)), (0, 1, 3, 2))
         a, b = tl.split(pairs)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (ROWS, BLOCK_D))
     return x

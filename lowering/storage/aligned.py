@@ -82,6 +82,17 @@ class Aligned:
         return tuple(state[n + "_scale"].double()[..., None] * steps + rounding_slack(x, dtype)
                      for n, x in zip(("k", "v"), self.dequantize(state, length, dtype, high_only)))
 
+    # Measured on an H200 (Triton 3.6, 2026-12-02, bench/logs/s8/tests.log): the kernel's output was wrong in
+    # bf16 and fp16 at head dim 16 (every element, up to 1.4 absolute), right at 32 and 64 and in fp32; the
+    # interpreter is right at 16, and int4 (the same nibble unpacking) is right at 16 on CUDA. Cause not
+    # found, so on CUDA smaller head dims take the reference path.
+    MIN_CUDA_HEAD_DIM = 32
+
+    def kernel_refusal(self, q) -> str | None:
+        if q.is_cuda and q.dtype != torch.float32 and q.shape[-1] < self.MIN_CUDA_HEAD_DIM:
+            return f"aligned kernel unverified on CUDA below head dim {self.MIN_CUDA_HEAD_DIM} in {q.dtype}"
+        return None
+
     def kernel_operands(self, q, state: State, length: int, tau: float | None = None,
                         stats: torch.Tensor | None = None):
         """``tau``: the skip rule's budget (None: ``self.tau``; 0 reads every low part, inf none);

@@ -87,3 +87,23 @@ def test_skipping_happens_where_weights_are_negligible_and_counts_are_exact():
     state, stats, fn = run(problem, SCHEME.tau)
     fn(q, k, v)
     assert stats[1] == L and 0 < stats[0] < L, stats
+
+
+def test_cuda_head_dims_below_the_verified_one_take_the_reference_path():
+    """The kernel refuses (so ``packed_decode_attention`` takes the reference path, and the report's reason
+    names it) the half-precision CUDA queries of head dims where it was measured wrong; not the others."""
+    from types import SimpleNamespace
+
+    from lowering.quant_decode_attention import kernel_unsupported_reason
+
+    scheme = SCHEMES["aligned"]
+    cuda_query = lambda dim, dtype: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 1, 1, dim))  # noqa: E731
+    assert "head dim 32" in scheme.kernel_refusal(cuda_query(16, torch.bfloat16))
+    assert "head dim 32" in scheme.kernel_refusal(cuda_query(16, torch.float16))
+    assert scheme.kernel_refusal(cuda_query(32, torch.bfloat16)) is None
+    assert scheme.kernel_refusal(cuda_query(16, torch.float32)) is None
+    q = torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16)  # the CPU (interpreter) kernel is right at 16
+    assert scheme.kernel_refusal(q) is None
+    state = pack(scheme, torch.zeros(1, 1, 3, 16, dtype=torch.bfloat16), torch.zeros(1, 1, 3, 16, dtype=torch.bfloat16))
+    refused = SimpleNamespace(kernel_refusal=lambda q: "refused")
+    assert kernel_unsupported_reason(q, state, 3, None, refused) == "refused"
