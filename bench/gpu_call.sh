@@ -38,6 +38,8 @@ for step in "$@"; do
     fitint4) run fitint4 575 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x4096 --methods kvpass-int4 --new-tokens 4 --profile-steps 0 --fit-context 32768 --fit-chunk 8192 --fit-batches 16,32 --fit-tries 1 ;;
     # 2026-12-02 session 8: int8's rotation moved into the kernels; its end-to-end effect
     e2e1int8) run e2e1int8 330 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768,1x32768 --methods kvpass-int8,kvpass-int4 --new-tokens 16 --profile-steps 0 ;;
+    # next: the query's rotation by butterfly (0) or by one MMA (1), at the rule's tiles (--grid starts from them)
+    rotsweep) run rotsweep 200 python3 bench/attention_quant.py --sweep --grid rotate_query_by_mma=0,1 --schemes 8 --budget-s 170 ;;
     *) echo "unknown step $step" ;;
   esac
 done

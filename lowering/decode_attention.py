@@ -52,6 +52,7 @@ class DecodeAttentionConfig:
     skip_masked_keys: bool = True  # skip K/V loads of keys that no row attends (masks only)
     split_block: int = 64  # splits merged per step of stage 2
     merge_num_warps: int = 4
+    rotate_query_by_mma: bool = False  # rotated caches (int8): the query by one MMA, not the butterfly
 
     def __post_init__(self):
         for name in ("block_n", "split_block"):
@@ -395,7 +396,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 # int4 dequantizes as c * scale + min with two roundings, as its reference does.
                 enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
-                **rotation,
+                ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from lowering.kernels.packed_tiles import _load_aligned, _load_aligned_low, _load_codes, _load_int4_values, _load_tile
-from lowering.kernels.rotation import rotate
+from lowering.kernels.rotation import rotate, signs
 
 # Tags of the mask operand (a constexpr switch instead of three copies of the kernel).
 MASK_NONE = 0
@@ -164,6 +164,7 @@ def decode_attention_split_kernel(
     FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS, KV_INT4: value scales into the weights (not fp16)
     ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated (int8): log2(D); 0 for none
     ROTATE_SHIFT: tl.constexpr = 0,  # and the query's / output's scaling 2^-shift (lowering/rotation.py)
+    ROTATE_QUERY_BY_MMA: tl.constexpr = False,  # the query by one MMA against H instead of the butterfly
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -193,7 +194,11 @@ def decode_attention_split_kernel(
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qm + d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ROTATE_STAGES:  # q H 2^-shift, rounded once to the dtype: the query of the stored basis
-        q = rotate(q, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT).to(dtype)
+        if ROTATE_QUERY_BY_MMA:
+            q_h = _mma(q, signs(BLOCK_D, HEAD_DIM).to(dtype), DOT_PRECISION, UPCAST_DOT)
+            q = (q_h * (1.0 / (1 << ROTATE_SHIFT))).to(dtype)
+        else:
+            q = rotate(q, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT).to(dtype)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     if MASK_KIND != 0:

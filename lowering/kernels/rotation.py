@@ -5,6 +5,10 @@ reasons: ``lowering/rotation.py``).
 same order: m = log2(D) stages of (a + b, a - b) at strides 1, 2, 4, ..., fp32 additions only, so the
 quantize-on-append kernel stores the bits the host's path stores. Each stage pairs columns within blocks
 of 2 * stride <= D, so columns padding D up to BLOCK_D are never mixed into the first D.
+
+``signs`` is H itself, for the decode kernel's other way to rotate its query tile: one MMA (q times H
+in the query's dtype, exact +-1 entries, fp32 accumulation) instead of the butterfly's register permutes,
+a config switch (``rotate_query_by_mma``) until a GPU sweep picks one.
 """
 
 import triton
@@ -25,3 +29,16 @@ def butterfly(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr
 def rotate(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr):
     """x [ROWS, BLOCK_D] -> x H 2^-SHIFT in fp32 (the power-of-two scaling is exact; first, as the host's)."""
     return butterfly(x.to(tl.float32) * (1.0 / (1 << SHIFT)), ROWS, BLOCK_D, STAGES)
+
+
+@triton.jit
+def signs(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """H [BLOCK_D, BLOCK_D] as fp32 +-1 over its first HEAD_DIM rows and columns, 0 beyond:
+    (-1)^popcount(i & j), generated in registers (indices below 256: three folds give the parity)."""
+    i = tl.arange(0, BLOCK_D)
+    bits = i[:, None] & i[None, :]
+    bits = bits ^ (bits >> 4)
+    bits = bits ^ (bits >> 2)
+    bits = bits ^ (bits >> 1)
+    inside = (i[:, None] < HEAD_DIM) & (i[None, :] < HEAD_DIM)
+    return tl.where(inside, 1.0 - 2.0 * (bits & 1).to(tl.float32), 0.0)

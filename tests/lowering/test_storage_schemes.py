@@ -211,15 +211,17 @@ def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
 
 
 @needs_kernel
-@settings(max_examples=6)
-@given(problem=kt.decode_problems(head_dims=(16, 64), q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
-                                  causal=(False,), device=DEVICE), splits=st.sampled_from((1, 3)))
-def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits):
-    """int8 rotates the query as stage 1 loads it and turns the output back where it is written: in stage 1
-    with one split, in the merge with several (the rule takes one split at these lengths on the CPU)."""
+@settings(max_examples=8)
+@given(problem=kt.decode_problems(head_dims=(8, 16, 64), q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
+                                  causal=(False,), device=DEVICE), splits=st.sampled_from((1, 3)),
+       by_mma=st.booleans())
+def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits, by_mma):
+    """int8 rotates the query as stage 1 loads it (by the butterfly or by one MMA against H) and turns the
+    output back where it is written: in stage 1 with one split, in the merge with several (the rule takes
+    one split at these lengths on the CPU)."""
     from lowering.decode_attention import DecodeAttentionConfig
 
-    check_scheme("8", problem, config=DecodeAttentionConfig(block_n=16, num_splits=splits))
+    check_scheme("8", problem, config=DecodeAttentionConfig(block_n=16, num_splits=splits, rotate_query_by_mma=by_mma))
 
 
 @pytest.mark.parametrize("key", QUANTIZED)

@@ -1,0 +1,75 @@
+"""The Triton kernels compile for sm_90 (H100 / H200) here, without a GPU.
+
+The interpreter accepts code the compiler refuses (session 8: a constexpr reassigned in a ``static_range``
+loop ran on the CPU and failed every int8 launch on the H200), so every kernel of the rotated int8 path is
+compiled to a cubin (both ways of rotating the query) with the Triton of this machine, in a subprocess: the tests' process has
+TRITON_INTERPRET=1, under which the kernels are interpreter objects the compiler cannot take.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, and the merge.
+CASES = {
+    "quantize rows, rotated": (
+        "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3)),
+    "decode split, rotated, one split": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
+        dict(SPLIT_OUTPUT=False)),
+    "decode split, rotated, partials": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
+        dict(SPLIT_OUTPUT=True)),
+    "decode split, query rotated by an MMA": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
+        dict(SPLIT_OUTPUT=True, ROTATE_QUERY_BY_MMA=True)),
+    "merge, rotated": (
+        "lowering.kernels.decode_attention:merge_splits_kernel", {"Part": "*fp32", "Out": "*bf16"},
+        dict(HEAD_DIM=128, BLOCK_D=128, SPLIT_BLOCK=16, ROTATE_STAGES=7, ROTATE_SHIFT=4)),
+}
+SPLIT_POINTERS = {"Q": "*bf16", "K": "*i8", "V": "*i8", "Mask": "*u8", "Out": "*bf16", "Part": "*fp32",
+                  "KS": "*fp32", "VS": "*fp32", "KZ": "*bf16", "VZ": "*bf16", "KR": "*bf16", "VR": "*bf16",
+                  "Stats": "*i64"}
+SPLIT_CONSTANTS = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=256, BLOCK_D=128, MASK_KIND=1, MASK_PER_KEY=True,
+                       IS_CAUSAL=False, SKIP_MASKED_KEYS=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FORMAT=1,
+                       QUANT_GROUP=32, FOLD_V_SCALE=True, ROTATE_STAGES=7, ROTATE_SHIFT=4)
+FLOAT_ARGS = {"sm_scale", "skip_error", "value_bound", "half_tau"}
+
+
+def compile_case(name: str) -> int:
+    """Compile one case for sm_90; returns the cubin's size in bytes."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    path, pointers, constants = CASES[name]
+    module, attr = path.split(":")
+    kernel = getattr(importlib.import_module(module), attr)
+    if pointers is None:
+        pointers, constants = SPLIT_POINTERS, {**SPLIT_CONSTANTS, **constants}
+    signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "fp32" if arg in FLOAT_ARGS else "i32")
+                 for arg in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=3))
+    return len(compiled.asm["cubin"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_compiles_for_sm90(name):
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, __file__, name], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.strip().splitlines()[-1]) > 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    print(compile_case(sys.argv[1]))
