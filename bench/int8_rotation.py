@@ -18,15 +18,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowering.packed import allocate  # noqa: E402
+from lowering.reference import exact_attention  # noqa: E402
 from lowering.storage import SCHEMES  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "smollm2_attention.pt"
 
 
 def attention(q, k, v, scale):
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    return torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+    return exact_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def stored(scheme, k, v):
@@ -49,17 +48,18 @@ def rows(path: Path = DATA) -> list[dict]:
         q, k, v = (t[n].double() for n in "qkv")
         ref = attention(q, k, v, t["scale"])
         row = {"layer": int(layer)}
-        for name, scheme in (("per_token", plain), ("rotated", rotated)):
-            kd, vd = scheme.dequantize(stored(scheme, k.float(), v.float()), k.shape[2], torch.float64)
+        plain_kv = plain.dequantize(stored(plain, k.float(), v.float()), k.shape[2], torch.float64)
+        state = stored(rotated, k.float(), v.float())
+        rotated_kv = rotated.dequantize(state, k.shape[2], torch.float64)
+        for name, (kd, vd) in (("per_token", plain_kv), ("rotated", rotated_kv)):
             row[name] = relative_error(attention(q, kd, vd, t["scale"]), ref)
         # what the kernel computes: the bf16 query rotated and rounded, over the stored rows, turned back
-        state = stored(rotated, k.float(), v.float())
         ks, vs = (state[n].double() * state[n + "_scale"].double().unsqueeze(-1) for n in "kv")
         qr = rotated.kernel_query(q.to(torch.bfloat16)).double()
         raw = attention(qr, ks, vs, t["scale"]).float()
         row["rotated_bf16_query"] = relative_error(rotated.kernel_output(raw, torch.bfloat16).double(), ref)
-        row["per_token_bf16_query"] = relative_error(attention(q.to(torch.bfloat16).double(), *(
-            plain.dequantize(stored(plain, k.float(), v.float()), k.shape[2], torch.float64)), t["scale"]), ref)
+        row["per_token_bf16_query"] = relative_error(attention(q.to(torch.bfloat16).double(), *plain_kv, t["scale"]),
+                                                     ref)
         out.append(row)
     return out
 

@@ -28,7 +28,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from lowering.kernels import decode_attention as kernels
-from lowering.rotation import shifts
+from lowering.rotation import kernel_constants, shifts
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         if split_output else out
     qs, ks, vs = q.stride(), kv.k.stride(), kv.v.stride()
     extra = [q if t is None else t for t in kv.extra]  # unused pointers: any tensor
-    rotation = dict(ROTATE_STAGES=head_dim.bit_length() - 1, ROTATE_SHIFT=shifts(head_dim)[1]) if kv.rotated else {}
+    rotation = kernel_constants(head_dim, shifts(head_dim)[1]) if kv.rotated else {}
     logger.debug("decode_attention B=%d Hq=%d Hkv=%d Lq=%d L=%d D=%d splits=%d keys/split=%d mask=%d %s",
                  batch, num_heads, num_kv_heads, q_len, kv_len, head_dim, num_splits, keys_per_split, mask_kind,
                  config)

@@ -32,8 +32,9 @@ def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_ma
     if state["v"].shape[-1] != codes.shape[-1]:
         return "keys and values have different head dims"
     refusal = getattr(scheme, "kernel_refusal", None)
-    if refusal is not None and refusal(q) is not None:
-        return refusal(q)
+    reason = None if refusal is None else refusal(q)
+    if reason is not None:
+        return reason
     return query_unsupported_reason(q, codes.shape[1], length, attn_mask)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowering.rotation import shifts
+from lowering.rotation import kernel_constants, shifts
 
 MAX_HEAD_DIM = 256
 
@@ -36,7 +36,7 @@ def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, star
     if batch * heads * n == 0:
         return
     xs, cs, ss = x.stride(), codes.stride(), scales.stride()
-    rotation = dict(ROTATE_STAGES=dim.bit_length() - 1, ROTATE_SHIFT=shifts(dim)[0]) if rotated else {}
+    rotation = kernel_constants(dim, shifts(dim)[0]) if rotated else {}
     quantize_rows_append_kernel[(batch * heads * n,)](
         x, codes, scales, heads, n, start,
         xs[0], xs[1], xs[2], cs[0], cs[1], cs[2], ss[0], ss[1], ss[2],

@@ -28,6 +28,11 @@ def shifts(dim: int) -> tuple[int, int]:
     return m // 2, m - m // 2
 
 
+def kernel_constants(dim: int, shift: int) -> dict:
+    """The kernels' constexprs for rotating rows of ``dim`` by H 2^-shift (``lowering/kernels/rotation.py``)."""
+    return dict(ROTATE_STAGES=dim.bit_length() - 1, ROTATE_SHIFT=shift)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """x H (unnormalised) over the last dim (a power of two) in fp32: the butterfly (a + b, a - b) at
     strides 1, 2, 4, ..., the order of ``lowering.kernels.rotation.butterfly``."""

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from lowering.kernels.packed_tiles import _load_aligned, _load_aligned_low, _load_codes, _load_int4_values, _load_tile
-from lowering.kernels.rotation import rotate, signs
+from lowering.kernels.rotation import rotate, rotate_row, signs
 
 # Tags of the mask operand (a constexpr switch instead of three copies of the kernel).
 MASK_NONE = 0
@@ -409,5 +409,5 @@ def merge_splits_kernel(
         o_blk, lse_blk = _load_and_reduce(Part, row, s0, num_splits, total_rows, d, d_ok, HEAD_DIM, SPLIT_BLOCK)
         o, lse = merge_states(o, lse, o_blk, lse_blk)
     if ROTATE_STAGES:
-        o = tl.reshape(rotate(tl.reshape(o, (1, BLOCK_D)), 1, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT), (BLOCK_D,))
+        o = rotate_row(o, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
     tl.store(Out + row * HEAD_DIM + d, o.to(Out.dtype.element_ty), mask=d_ok)

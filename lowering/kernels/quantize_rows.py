@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from lowering.kernels.decode_attention import _max
-from lowering.kernels.rotation import rotate
+from lowering.kernels.rotation import rotate_row
 
 # y + 1.5 * 2^23 - 1.5 * 2^23 rounds fp32 |y| < 2^22 to the nearest integer, ties to even (torch.round's
 # rule) in the default rounding mode, with no libdevice call (the same code under the CPU interpreter).
@@ -41,7 +41,7 @@ def quantize_rows_append_kernel(
     ok = d < HEAD_DIM
     x = tl.load(X + b * stride_xb + h * stride_xh + t * stride_xn + d, mask=ok, other=0.0).to(tl.float32)
     if ROTATE_STAGES:  # the host's butterfly, stage for stage: the same bits as lowering.rotation.store_rows
-        x = tl.reshape(rotate(tl.reshape(x, (1, BLOCK_D)), 1, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT), (BLOCK_D,))
+        x = rotate_row(x, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
     scale = _max(tl.abs(x), 0) / QMAX
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
     code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)

@@ -32,6 +32,12 @@ def rotate(x, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, S
 
 
 @triton.jit
+def rotate_row(x, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, SHIFT: tl.constexpr):
+    """``rotate`` of one row x [BLOCK_D]."""
+    return tl.reshape(rotate(tl.reshape(x, (1, BLOCK_D)), 1, BLOCK_D, STAGES, SHIFT), (BLOCK_D,))
+
+
+@triton.jit
 def signs(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """H [BLOCK_D, BLOCK_D] as fp32 +-1 over its first HEAD_DIM rows and columns, 0 beyond:
     (-1)^popcount(i & j), generated in registers (indices below 256: three folds give the parity)."""

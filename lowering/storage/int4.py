@@ -148,7 +148,7 @@ class Int4Kivi:
         n = new_k.shape[2]
         _, res = split_length(old_length)
         length = old_length + n
-        if res + n >= GROUP or kernel_unsupported_reason(q, sections, length, attn_mask):
+        if res + n >= GROUP or kernel_unsupported_reason(q, sections, length, attn_mask, self):
             return None
         sections["k_res"][:, :, res:res + n].copy_(new_k)
         sections["v_res"][:, :, res:res + n].copy_(new_v)

@@ -146,7 +146,7 @@ class Int8:
 
         length = old_length + new_k.shape[2]
         if (not _fused_append_ok(new_k, sections["k"]) or not _fused_append_ok(new_v, sections["v"])
-                or kernel_unsupported_reason(q, sections, length, attn_mask)):
+                or kernel_unsupported_reason(q, sections, length, attn_mask, self)):
             return None
         for name, x in (("k", new_k), ("v", new_v)):
             append_rows(x, sections[name], sections[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]))
