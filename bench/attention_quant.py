@@ -46,7 +46,14 @@ from lowering.storage import SCHEMES  # noqa: E402
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 SHAPES = [(1, 32768), (8, 32768), (32, 8192)]
-SCHEME_ROWS = [("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", "normal"), ("aligned", "sink")]
+SCHEME_ROWS = [("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", "normal"), ("aligned", "sink"),
+               ("8-convert", "normal"), ("8-split", "normal"), ("8-blocked", "normal")]
+# int8 with one or both of its kernel paths switched back, timed in the same run as the scheme itself:
+# "convert" converts every key and value code to bf16 from row-major sections (session 8's kernel),
+# "split" only scores keys by the query's int8 split, "blocked" only reads token-blocked values.
+SCHEME_VARIANTS = {"8-convert": ("8", dict(split_query=False, blocked_values=False)),
+                   "8-split": ("8", dict(blocked_values=False)),
+                   "8-blocked": ("8", dict(split_query=False))}
 DEFAULT_SCHEMES = ("8", "fp8", "4")
 TARGET_SPEEDUP = {"8": 1.8, "4": 3.0}
 DEVICE = "cuda"
@@ -54,6 +61,19 @@ DTYPE = torch.bfloat16
 COLUMNS = ["scheme", "data", "B", "L", "kernel_us", "sdpa_bf16_us", "speedup", "floor_us", "of_floor",
            "kv_bytes_per_token", "vs_bf16_bytes", "read_vs_bf16", "low_read", "max_err_vs_deq", "rel_err_vs_bf16",
            "target"]
+
+
+def scheme_of(key: str):
+    """The registered scheme of ``key``, or a ``SCHEME_VARIANTS`` copy of one with attributes switched."""
+    if key not in SCHEME_VARIANTS:
+        return SCHEMES[key]
+    import copy
+
+    base, attributes = SCHEME_VARIANTS[key]
+    scheme = copy.copy(SCHEMES[base])
+    for name, value in attributes.items():
+        setattr(scheme, name, value)
+    return scheme
 
 
 def make_cache(batch: int, kv_len: int, data: str, seed: int):
@@ -98,7 +118,7 @@ def floor_bytes(key: str, state: dict, q: torch.Tensor, low_fraction: float) -> 
 
 
 def run_row(key: str, data: str, batch: int, kv_len: int, bw: float, l2_bytes: int, sdpa_cache: dict) -> dict:
-    scheme = SCHEMES[key]
+    scheme = scheme_of(key)
     row = {"scheme": key, "data": data, "B": batch, "L": kv_len}
     q, k, v = make_cache(batch, kv_len, data, seed=1)
     buffer, state = pack(scheme, k, v)
@@ -214,14 +234,14 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
 
     rows, started = [], time.monotonic()
     for batch, kv_len in SHAPES:
-        for key in [s for s in args.schemes if s in SWEEP_GRID]:
-            scheme = SCHEMES[key]
+        for key in [s for s in args.schemes if s in SWEEP_GRID or SCHEME_VARIANTS.get(s, ("",))[0] in SWEEP_GRID]:
+            scheme = scheme_of(key)
             q, k, v = make_cache(batch, kv_len, "normal", seed=1)
             buffer, state = pack(scheme, k, v)
             floor_b = floor_bytes(key, state, q, 1.0)
             sets = [(q, state)] + [(q.clone(), st) for st in copies(scheme, buffer, k, extra_sets(buffer.numel(), l2_bytes))]
             ref = None
-            grid, base = SWEEP_GRID[key], DecodeAttentionConfig()
+            grid, base = SWEEP_GRID.get(key, SWEEP_GRID.get(SCHEME_VARIANTS.get(key, ("",))[0])), DecodeAttentionConfig()
             if args.grid:
                 grid = {f: tuple(int(x) for x in vs.split(",")) for f, vs in (g.split("=") for g in args.grid)}
                 base = rule_config(scheme, q, state, kv_len)

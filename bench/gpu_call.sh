@@ -40,6 +40,9 @@ for step in "$@"; do
     e2e1int8) run e2e1int8 330 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768,1x32768 --methods kvpass-int8,kvpass-int4 --new-tokens 16 --profile-steps 0 ;;
     # next: the query's rotation by butterfly (0) or by one MMA (1), at the rule's tiles (--grid starts from them)
     rotsweep) run rotsweep 200 python3 bench/attention_quant.py --sweep --grid rotate_query_by_mma=0,1 --schemes 8 --budget-s 170 ;;
+    # 2026-12-02 session 9: int8 keys scored by the query's int8 split, values in token blocks; against the old paths
+    quant8) run quant8 240 python3 bench/attention_quant.py --schemes 8 8-convert 8-split 8-blocked fp8 4 --budget-s 200 --json $OUT/quant8.json ;;
+    sweep8) run sweep8 200 python3 bench/attention_quant.py --sweep --grid block_n=128,256 num_warps=4,8 rotate_query_by_mma=0,1 --schemes 8 --budget-s 170 --json $OUT/sweep8.json ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -286,6 +286,8 @@ class KVOperands:
     value_bound: float = 0.0
     tau: float = 0.0
     rotated: bool = False  # rows stored as x H (int8, lowering/rotation.py): the kernel rotates q and turns o back
+    value_block: int = 0  # value codes in blocks of this many tokens, token-minor (lowering/storage/token_blocks.py)
+    split_query: bool = False  # int8 keys: scores by two int8 MMAs of the query's 16-bit fixed-point split
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -397,6 +399,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 # int4 dequantizes as c * scale + min with two roundings, as its reference does.
                 enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
+                VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query,
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.

@@ -29,7 +29,7 @@ def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_ma
     except ImportError as e:  # triton missing
         return f"triton unavailable ({e})"
     codes = state["k"]
-    if state["v"].shape[-1] != codes.shape[-1]:
+    if state["v"].shape[3] != codes.shape[3]:  # dim 3: channels (or bytes) also of token-blocked values
         return "keys and values have different head dims"
     refusal = getattr(scheme, "kernel_refusal", None)
     reason = None if refusal is None else refusal(q)

@@ -20,14 +20,17 @@ def unsupported_reason(x: torch.Tensor, codes: torch.Tensor) -> str | None:
         return f"head dim {x.shape[-1]} > {MAX_HEAD_DIM}"
     if x.stride(-1) != 1 or codes.stride(-1) != 1:
         return "rows not contiguous"
+    if codes.dim() == 5 and codes.stride(-2) != codes.shape[-1]:
+        return "token blocks not contiguous"
     return None
 
 
 def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int, qmax: float,
-                rotated: bool = False) -> None:
+                rotated: bool = False, blocked: bool = False) -> None:
     """Quantize x [B, Hkv, n, D] row by row into ``codes[:, :, start:start + n]`` (int8) and
     ``scales[:, :, start:start + n]`` (fp32), as ``lowering.storage.int8.quantize_rows`` does; ``rotated``
-    (D a power of two): quantize ``lowering.rotation.store_rows(x)`` instead, rotated in the kernel."""
+    (D a power of two): quantize ``lowering.rotation.store_rows(x)`` instead, rotated in the kernel;
+    ``blocked``: codes [B, Hkv, blocks, D, T] in token blocks (``lowering/storage/token_blocks.py``)."""
     import triton
 
     from lowering.kernels.quantize_rows import quantize_rows_append_kernel
@@ -41,5 +44,6 @@ def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, star
         x, codes, scales, heads, n, start,
         xs[0], xs[1], xs[2], cs[0], cs[1], cs[2], ss[0], ss[1], ss[2],
         QMAX=float(qmax), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        ROW_BLOCK=codes.shape[-1] if blocked else 0,
         num_warps=1 if dim <= 128 else 2, **rotation,
     )

@@ -42,6 +42,28 @@ def _load_codes(x_base, n, kv_ok, d, d_ok, stride_n, DTYPE: tl.constexpr, UPCAST
 
 
 @triton.jit
+def _load_code_blocks(x_base, n0, end, d, d_ok, stride_blk, DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TOKENS: tl.constexpr):
+    """Codes of tokens n0 .. n0 + BLOCK_N - 1 from token blocks [blocks, D, TOKENS] (block stride ``stride_blk``;
+    ``lowering/storage/token_blocks.py``) as a [BLOCK_N, BLOCK_D] tile in ``DTYPE`` (``_load_codes``' rules).
+
+    Loads are masked per whole block (a block holding any token before ``end``), never per token: the tokens
+    are the contiguous dimension, and a per-token mask would split the 16-byte vectors. Tokens at or past
+    ``end`` in the last block are read as stored (int8 codes are finite whatever the bytes) and the caller
+    weights them 0; fp8, whose bytes can be NaN, keeps row-major values (``Fp8.blocked_values``)."""
+    tl.static_assert(BLOCK_N % TOKENS == 0, "tiles hold whole token blocks")
+    blk = n0 // TOKENS + tl.arange(0, BLOCK_N // TOKENS)
+    t = tl.arange(0, TOKENS)
+    ptrs = x_base.to(tl.pointer_type(tl.uint8)) + blk[:, None, None] * stride_blk + d[None, :, None] * TOKENS \
+        + t[None, None, :]
+    raw = tl.load(ptrs, mask=(blk * TOKENS < end)[:, None, None] & d_ok[None, :, None], other=0)
+    c = tl.reshape(tl.permute(raw.to(x_base.dtype.element_ty, bitcast=True), (0, 2, 1)), [BLOCK_N, BLOCK_D])
+    if UPCAST:
+        return c.to(tl.float32)
+    return c.to(DTYPE)
+
+
+@triton.jit
 def _load_tile(X, XS, XZ, XR, x_base, bh, n0, n, kv_ok, d, d_ok, stride_n, quant_len, res_len, rows_cap, res_cap,
                DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, KV_FORMAT: tl.constexpr,
                PER_CHANNEL: tl.constexpr, QUANT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):

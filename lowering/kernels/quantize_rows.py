@@ -24,13 +24,14 @@ def quantize_rows_append_kernel(
     X, Codes, Scales,  #
     heads, new_rows, start,  #
     stride_xb, stride_xh, stride_xn,  # x [B, Hkv, n, D], last dim contiguous
-    stride_cb, stride_ch, stride_cn,  # codes [B, Hkv, >= start + n, D], last dim contiguous
+    stride_cb, stride_ch, stride_cn,  # codes [B, Hkv, >= start + n, D], last dim contiguous (or ROW_BLOCK's)
     stride_sb, stride_sh, stride_sn,  # scales [B, Hkv, >= start + n] fp32
     QMAX: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated: x H 2^-shift first (lowering/rotation.py); 0: none
     ROTATE_SHIFT: tl.constexpr = 0,
+    ROW_BLOCK: tl.constexpr = 0,  # codes in blocks of this many tokens, token-minor (stride_cn: a block's); 0: rows
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = pid % new_rows
@@ -46,5 +47,9 @@ def quantize_rows_append_kernel(
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
     code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)
     row = start + t
-    tl.store(Codes + b * stride_cb + h * stride_ch + row * stride_cn + d, code, mask=ok)
+    if ROW_BLOCK:
+        c_off = (row // ROW_BLOCK) * stride_cn + row % ROW_BLOCK + d * ROW_BLOCK
+    else:
+        c_off = row * stride_cn + d
+    tl.store(Codes + b * stride_cb + h * stride_ch + c_off, code, mask=ok)
     tl.store(Scales + b * stride_sb + h * stride_sh + row * stride_sn, scale)

@@ -38,6 +38,8 @@ class Fp8(Int8):
     fused_append = False  # see lowering/kernels/quantize_rows.py
     # e4m3's error is relative to each element, not to the row's largest: a rotation would not shrink it.
     rotation = False
+    # Row-major values: the token-blocked kernel reads the unwritten tail of a last block, and e4m3 bytes can be NaN.
+    blocked_values = False
 
     def error_bound(self, state: State, length: int, dtype):
         k, v = self.dequantize(state, length, dtype)

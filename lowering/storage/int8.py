@@ -33,7 +33,7 @@ import torch
 
 from lowering import rotation
 from lowering.packed import Layout, copy_unless_same
-from lowering.storage import State, register_scheme
+from lowering.storage import State, register_scheme, token_blocks
 
 QMAX = 127.0
 UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
@@ -114,25 +114,84 @@ class Int8:
         """Its output over the stored values (fp32) turned back, o H 2^-ceil(m/2), rounded once to ``dtype``."""
         return (rotation.turn_back(out) if self.rotates(out.shape[-1]) else out).to(dtype)
 
+    # Value codes in blocks of 16 tokens, token-minor (``lowering/storage/token_blocks.py``: the layout the
+    # decode kernel's P @ V operand reads without byte-wise shared-memory loads); the per-token variant
+    # (row-major values) serves the token policies, which move single rows.
+    blocked_values = True
+    # The kernel's key scores as two int8 MMAs of a 16-bit fixed-point split of the query against the codes
+    # (int8 codes only; ``kernel_query_error``), instead of converting every key code to the query's dtype.
+    split_query = True
+
     def layout(self, batch, kv_heads, length, k_dim, v_dim, dtype) -> Layout:
         rows = (batch, kv_heads, length)
-        return {"k": ((*rows, k_dim), self.code_dtype), "v": ((*rows, v_dim), self.code_dtype),
+        values = token_blocks.shape(batch, kv_heads, length, v_dim) if self.blocked_values else (*rows, v_dim)
+        return {"k": ((*rows, k_dim), self.code_dtype), "v": (values, self.code_dtype),
                 "k_scale": (rows, torch.float32), "v_scale": (rows, torch.float32)}
+
+    @property
+    def per_token_variant(self) -> "Int8":
+        """This scheme with row-major values: one row per token in every section (token policies)."""
+        twin = copy.copy(self)
+        twin.blocked_values = False
+        return twin
+
+    def splits_query(self, dim: int) -> bool:
+        """Whether the kernel takes the split at head dim ``dim``: int8 codes, and an MMA reduction of at least
+        32 channels (int8 MMAs need K >= 32: head dims <= 16 keep the converted codes)."""
+        return self.split_query and self.code_dtype == torch.int8 and dim > 16
+
+    def split_kernel_query(self, q: torch.Tensor) -> torch.Tensor:
+        """The query the kernel's key scores use, step * Q in float64 (``kernel_query`` where it takes no
+        split): the host twin of ``split_query`` in ``lowering/kernels/decode_attention.py`` (up to its fp32
+        division's last bits), for bench/int8_rotation.py."""
+        q = self.kernel_query(q)
+        if not self.splits_query(q.shape[-1]):
+            return q.double()
+        q32 = q.float()
+        q_max = q32.abs().amax(-1, keepdim=True)
+        step = torch.where(q_max > 0, q_max * (1.0 / 32512.0), torch.ones_like(q_max))
+        return torch.round(q32 / step).double() * step.double()
+
+    def kernel_query_error(self, q: torch.Tensor) -> torch.Tensor | None:
+        """Bound of |query the key scores use - ``kernel_query(q)``| per element, float64 [..., 1] (None: exact).
+
+        The split: per query row, step = max|q| / 32512 (fp32), Q = round(q / step) (the kernel's fp32
+        division may err by 2 ulp: |Q - q / step| <= 0.5 + 2^-6), Q = 256 hi + lo with hi, lo int8; scores are
+        step * (256 (hi . c) + lo . c), the integer dots exact. So |step Q - q| <= (0.5 + 2^-6) step, 2^-16
+        of the row's largest element: below one bf16 rounding of it (2^-9)."""
+        if not self.splits_query(q.shape[-1]):
+            return None
+        return self.kernel_query(q).double().abs().amax(-1, keepdim=True) / 32512 * (1 + 2.0 ** -22) * (0.5 + 2.0 ** -6)
 
     # Whether CUDA appends go through the fused quantize-on-append kernel (lowering/quantize_rows.py).
     fused_append = True
 
+    def _blocked(self, name: str) -> bool:
+        return name == "v" and self.blocked_values
+
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
-        copy_old_tokens(old, old_length, out, out)
+        if old is not None and self.blocked_values:
+            token_blocks.copy_blocks(out["v"], old["v"], old_length)
+        copy_old_tokens(old, old_length, out, [n for n in out if not self._blocked(n)])
         for name, x in (("k", new_k), ("v", new_v)):
             if self.fused_append and x.is_cuda and _fused_append_ok(x, out[name]):
                 from lowering.quantize_rows import append_rows
 
-                append_rows(x, out[name], out[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]))
+                append_rows(x, out[name], out[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]),
+                            self._blocked(name))
                 continue
             q, scale = self.quantize(self.stored_rows(x))
-            out[name][:, :, old_length:].copy_(q)
+            if self._blocked(name):
+                token_blocks.write_rows(out[name], old_length, q)
+            else:
+                out[name][:, :, old_length:].copy_(q)
             out[name + "_scale"][:, :, old_length:].copy_(scale)
+
+    def code_rows(self, state: State, name: str, length: int) -> torch.Tensor:
+        """The codes of ``length`` tokens as rows [B, Hkv, length, D] (a copy where they are blocked)."""
+        if self._blocked(name):
+            return token_blocks.read_rows(state[name], length)
+        return state[name][:, :, :length]
 
     def decode_in_place(self, q, sections: State, old_length: int, new_k, new_v, attn_mask, scale):
         """A decode step on capacity ``sections`` (rows beyond the length allowed): the new rows quantized
@@ -149,17 +208,18 @@ class Int8:
                 or kernel_unsupported_reason(q, sections, length, attn_mask, self)):
             return None
         for name, x in (("k", new_k), ("v", new_v)):
-            append_rows(x, sections[name], sections[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]))
+            append_rows(x, sections[name], sections[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]),
+                        self._blocked(name))
         return launch(q, self.kernel_operands(q, sections, length), attn_mask, scale)
 
     def dequantize(self, state: State, length: int, dtype):
         out = []
         for name in ("k", "v"):
-            if self.rotates(state[name].shape[-1]):
-                x = dequantize_rows(state[name], state[name + "_scale"], torch.float32)
-                out.append(rotation.turn_back(x).to(dtype))
+            codes, scales = self.code_rows(state, name, length), state[name + "_scale"][:, :, :length]
+            if self.rotates(codes.shape[-1]):
+                out.append(rotation.turn_back(dequantize_rows(codes, scales, torch.float32)).to(dtype))
             else:
-                out.append(dequantize_rows(state[name], state[name + "_scale"], dtype))
+                out.append(dequantize_rows(codes, scales, dtype))
         return tuple(out)
 
     def error_bound(self, state: State, length: int, dtype):
@@ -184,7 +244,9 @@ class Int8:
 
         return KVOperands(state["k"], state["v"], length, KV_SCALED_ROWS,
                           (state["k_scale"], state["v_scale"], None, None, None, None), quant_len=length,
-                          rows_cap=state["k_scale"].stride(1), rotated=self.rotates(state["k"].shape[-1]))
+                          rows_cap=state["k_scale"].stride(1), rotated=self.rotates(state["k"].shape[-1]),
+                          value_block=token_blocks.TOKENS if self.blocked_values else 0,
+                          split_query=self.splits_query(state["k"].shape[-1]))
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

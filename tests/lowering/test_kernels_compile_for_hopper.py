@@ -2,7 +2,8 @@
 
 The interpreter accepts code the compiler refuses (session 8: a constexpr reassigned in a ``static_range``
 loop ran on the CPU and failed every int8 launch on the H200), so every kernel of the rotated int8 path is
-compiled to a cubin (both ways of rotating the query) with the Triton of this machine, in a subprocess: the tests' process has
+compiled to a cubin (both ways of rotating the query; the split query and token-blocked values of
+int8, and the converted-codes path they replace) with the Triton of this machine, in a subprocess: the tests' process has
 TRITON_INTERPRET=1, under which the kernels are interpreter objects the compiler cannot take.
 """
 from __future__ import annotations
@@ -27,6 +28,15 @@ CASES = {
     "decode split, query rotated by an MMA": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=True, ROTATE_QUERY_BY_MMA=True)),
+    "decode split, unrotated, converted keys, row-major values": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
+        dict(SPLIT_OUTPUT=True, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=False, VALUE_BLOCK=0)),
+    "decode split, head dim 16 (no split query), masked": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
+        dict(SPLIT_OUTPUT=True, HEAD_DIM=16, BLOCK_D=16, ROTATE_STAGES=4, ROTATE_SHIFT=2, SPLIT_QUERY=False)),
+    "quantize rows into token blocks": (
+        "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16)),
     "merge, rotated": (
         "lowering.kernels.decode_attention:merge_splits_kernel", {"Part": "*fp32", "Out": "*bf16"},
         dict(HEAD_DIM=128, BLOCK_D=128, SPLIT_BLOCK=16, ROTATE_STAGES=7, ROTATE_SHIFT=4)),
@@ -36,7 +46,8 @@ SPLIT_POINTERS = {"Q": "*bf16", "K": "*i8", "V": "*i8", "Mask": "*u8", "Out": "*
                   "Stats": "*i64"}
 SPLIT_CONSTANTS = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=256, BLOCK_D=128, MASK_KIND=1, MASK_PER_KEY=True,
                        IS_CAUSAL=False, SKIP_MASKED_KEYS=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FORMAT=1,
-                       QUANT_GROUP=32, FOLD_V_SCALE=True, ROTATE_STAGES=7, ROTATE_SHIFT=4)
+                       QUANT_GROUP=32, FOLD_V_SCALE=True, ROTATE_STAGES=7, ROTATE_SHIFT=4, ROTATE_QUERY_BY_MMA=False,
+                       SPLIT_QUERY=True, VALUE_BLOCK=16)  # int8's path: the split query, token-blocked values
 FLOAT_ARGS = {"sm_scale", "skip_error", "value_bound", "half_tau"}
 
 

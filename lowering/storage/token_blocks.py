@@ -1,0 +1,63 @@
+"""Value codes stored in blocks of ``TOKENS`` tokens, token-minor: section [B, Hkv, ceil(L / T), D, T].
+
+Why: in the decode kernel's P @ V product the value tile is the MMA's right operand with the keys as its
+reduction dimension, and an MMA operand of 16-bit type holds pairs of consecutive *keys*. Row-major 1-byte
+codes ([L, D], channels contiguous) give those pairs only through byte-wise shared-memory reads: Triton 3.6
+emits 256 ``LDS.U8`` plus the byte permutes per warp and 256-key tile, a third of the int8 kernel's loop
+(sm_90 SASS, 2026-12-02). With 16 tokens contiguous per channel the operand is read as ``ldmatrix`` rows
+and the loop shrinks by that much. Keys stay row-major: their reduction dimension is the channels.
+
+A token's row is D bytes at stride T; the last block of a length that is not a multiple of T is partly
+filled (its other bytes are never read: the kernel masks keys past the length). Host code moves rows
+through ``write_rows`` / ``read_rows``; kernels compute the same offsets
+(``lowering/kernels/quantize_rows.py``, ``lowering/kernels/packed_tiles.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+TOKENS = 16  # tokens per block: one 16-byte vector per channel (int8 / fp8 codes)
+# float8 has no index_put / strided-copy kernels everywhere (torch 2.13 CPU): its codes move as bytes, exactly.
+BYTE_MOVED = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def blocks(length):
+    """Blocks holding ``length`` tokens (an int or a SymInt)."""
+    return (length + TOKENS - 1) // TOKENS
+
+
+def shape(batch, kv_heads, length, dim) -> tuple:
+    return (batch, kv_heads, blocks(length), dim, TOKENS)
+
+
+def _rows_view(section: torch.Tensor) -> torch.Tensor:
+    """[B, H, blocks, D, T] -> a [B, H, blocks, T, D] view (token-major indexing, same memory)."""
+    return section.transpose(-1, -2)
+
+
+def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor) -> None:
+    """Rows [B, H, n, D] into tokens start .. start + n - 1 of ``section``."""
+    n = rows.shape[2]
+    if n == 0:
+        return
+    tokens = torch.arange(start, start + n, device=section.device)
+    rows = rows.to(section.dtype)
+    if section.dtype in BYTE_MOVED:
+        section, rows = section.view(torch.uint8), rows.view(torch.uint8)
+    _rows_view(section)[:, :, tokens // TOKENS, tokens % TOKENS] = rows
+
+
+def read_rows(section: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` token rows, [B, H, length, D] (a copy)."""
+    B, H, nblk, D, T = section.shape
+    raw = section.view(torch.uint8) if section.dtype in BYTE_MOVED else section
+    rows = _rows_view(raw).reshape(B, H, nblk * T, D)[:, :, :length]
+    return rows.view(section.dtype) if raw is not section else rows
+
+
+def copy_blocks(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
+    """The blocks holding ``length`` tokens of ``src`` into ``dst`` (whole blocks: the bytes past the
+    length are never read)."""
+    from lowering.packed import copy_unless_same
+
+    copy_unless_same(dst[:, :, :blocks(length)], src[:, :, :blocks(length)])
