@@ -57,6 +57,8 @@ import triton.language as tl
 
 from lowering.kernels.packed_tiles import (_load_aligned, _load_aligned_low, _load_code_blocks, _load_codes,
                                           _load_int4_values, _load_tile)
+from lowering.kernels.fixed_point import split_query
+from lowering.kernels.reductions import _max, _sum  # noqa: F401 - also imported from here
 from lowering.kernels.rotation import rotate, rotate_row, signs
 
 # Tags of the mask operand (a constexpr switch instead of three copies of the kernel).
@@ -73,29 +75,6 @@ KV_ALIGNED = 3  # 12-bit codes: int8 high part, 4-bit low part read on demand
 # l lies in [-8, 7]); |value| <= ALIGNED_CODE_MAX + 1/2 steps.
 ALIGNED_LOW_MAX = 8.0
 ALIGNED_CODE_MAX = 2039.5
-
-
-@triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _add_combine(a, b):
-    return a + b
-
-
-# tl.max / tl.sum / tl.zeros are themselves @triton.jit library code, compiled (not interpreted)
-# when triton was imported before TRITON_INTERPRET=1 was set (pytest's kvpass plugin does that);
-# the kernels use tl.reduce with their own combine functions and tl.full so they run either way.
-@triton.jit
-def _max(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _max_combine)
-
-
-@triton.jit
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _add_combine)
 
 
 @triton.jit
@@ -127,23 +106,6 @@ def reduce_states(o, lse):
     o_out = _sum(o * w[:, None], axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
     lse_out = tl.where(w_sum == 0.0, float("-inf"), shift + tl.log(w_sum))
     return o_out, lse_out
-
-
-# y + 1.5 * 2^23 - 1.5 * 2^23 rounds fp32 |y| < 2^22 to the nearest integer (ties to even), no libdevice call.
-ROUND_MAGIC = tl.constexpr(12582912.0)
-SPLIT_QUERY_MAX = tl.constexpr(32512.0)  # |Q| <= 32512 + 1: hi = (Q + 128) >> 8 stays within int8
-
-
-@triton.jit
-def split_query(q):
-    """The query [M, D] as a 16-bit fixed point per row, q ~ step * (256 hi + lo), hi and lo int8:
-    (hi, lo, step [M]). Rows of zeros take step 1 (all codes 0). Error bound: ``Int8.kernel_query_error``."""
-    q_f = q.to(tl.float32)
-    q_max = _max(tl.abs(q_f), axis=1)
-    step = tl.where(q_max > 0.0, q_max * (1.0 / SPLIT_QUERY_MAX), 1.0)
-    fixed = ((q_f / step[:, None] + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
-    hi = (fixed + 128) >> 8
-    return hi.to(tl.int8), (fixed - hi * 256).to(tl.int8), step
 
 
 @triton.jit

@@ -11,12 +11,10 @@ into the sections: a decode step appends one token per layer, and every op is ho
 import triton
 import triton.language as tl
 
-from lowering.kernels.decode_attention import _max
+from lowering.kernels.fixed_point import ROUND_MAGIC
+from lowering.kernels.reductions import _max
 from lowering.kernels.rotation import rotate_row
 
-# y + 1.5 * 2^23 - 1.5 * 2^23 rounds fp32 |y| < 2^22 to the nearest integer, ties to even (torch.round's
-# rule) in the default rounding mode, with no libdevice call (the same code under the CPU interpreter).
-ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit

@@ -1,0 +1,27 @@
+"""Reductions the kernels share, written so they run compiled and under the CPU interpreter: device code only."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add_combine(a, b):
+    return a + b
+
+
+# tl.max / tl.sum / tl.zeros are themselves @triton.jit library code, compiled (not interpreted)
+# when triton was imported before TRITON_INTERPRET=1 was set (pytest's kvpass plugin does that);
+# the kernels use tl.reduce with their own combine functions and tl.full so they run either way.
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _max_combine)
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add_combine)
