@@ -164,8 +164,9 @@ def loop_mask(batch: int, length: int, device, width: int | None = None) -> dict
 # ([B, 1, L, L]: it cannot look at the mask's values to skip it as eager does) and SDPA then runs a masked
 # kernel: Inductor's 8B prefill at 8 x 32k ran out of the H200's memory that way (2026-12-01). Eager HF
 # sees an all-ones mask, drops it and runs causal flash attention. The cache it leaves is the same
-# DynamicCache / StaticCache the compiled decode reads; kvpass methods must prefill compiled (the
-# rewritten site writes their packed cache), so they always do.
+# DynamicCache / StaticCache the compiled decode reads. kvpass's exact variant keeps HF's cache too (it
+# rewrites only the attention), so it prefills the same way; the other kvpass methods must prefill compiled
+# (the rewritten site writes their packed cache), so they always do.
 EAGER_PREFILL = False
 # Untimed decode steps per point. Triton specialises integer arguments divisible by 16, so the kernels of
 # a step whose length is a multiple of 16 compile on first sight: with 2 warm-up steps that happened
@@ -176,8 +177,14 @@ WARMUP_STEPS = 17
 
 def prefill_forward(model, forward, name: str):
     spec, _ = METHODS[name]
-    keeps_hf_cache = spec is None or spec["backend"] != "kvpass"
+    keeps_hf_cache = spec is None or spec["backend"] != "kvpass" or _kvpass_exact(spec["options"])
     return model.forward if EAGER_PREFILL and keeps_hf_cache else forward
+
+
+def _kvpass_exact(options: dict) -> bool:
+    from kvpass.options import parse_options
+
+    return parse_options(options).is_exact
 
 
 def decode_run(model, forward, name, batch, context, new_tokens, device, vocab, prefill_chunk=0):
@@ -320,10 +327,10 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
         before = _compat.dynamo_compile_count()
         try:
             times, cache = decode_run(model, forward, name, batch, context, new_tokens, device,
-                                      SHAPES[shape]["vocab_size"])
+                                      model.config.vocab_size)
             if first:  # again, warm: the difference is compile time
                 warm, cache = decode_run(model, forward, name, batch, context, new_tokens, device,
-                                         SHAPES[shape]["vocab_size"])
+                                         model.config.vocab_size)
                 row["compile_s"] = round(times["prefill"] + sum(times["warmup_steps"]) - warm["prefill"]
                                          - sum(warm["warmup_steps"]), 2)
                 times = warm
@@ -346,7 +353,7 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
             if args.generate and (not args.generate_points or f"{batch}x{context}" in args.generate_points.split(",")):
                 row["generate_ms_per_token"] = round(
                     generate_run(model, forward, name, batch, context, new_tokens, device,
-                                 SHAPES[shape]["vocab_size"]) * 1e3, 3)
+                                 model.config.vocab_size) * 1e3, 3)
                 row["compiles_with_generate"] = _compat.dynamo_compile_count() - before
             stats = kvpass.stats()["attention_calls"]
             if stats:
@@ -362,7 +369,7 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     if args.fit_context and device == "cuda" and (not args.fit_methods or name in args.fit_methods.split(",")):
         fit_probe(model, forward, name, args.fit_context, [int(b) for b in args.fit_batches.split(",")], device,
-                  SHAPES[shape]["vocab_size"], rows, shape, args.fit_chunk, args.fit_tries)
+                  model.config.vocab_size, rows, shape, args.fit_chunk, args.fit_tries)
 
 
 COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
@@ -391,6 +398,7 @@ def main():
     ap.add_argument("--fit-chunk", type=int, default=0,
                     help="the probe prefills in chunks of this many tokens (0: at once)")
     ap.add_argument("--dynamic", action="store_true", help="compile with dynamic=True (see DYNAMIC)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's; fewer for probes)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     device = "cpu" if args.smoke else "cuda"
@@ -411,13 +419,14 @@ def main():
     for shape in shapes:
         points = ([tuple(map(int, p.split("x"))) for p in args.points.split(",")] if args.points
                   else default_points[shape])
-        model = build_model(shape, device, dtype)
+        model = build_model(shape, device, dtype, args.layers)
+        label = shape if args.layers is None else f"{shape}, {args.layers} layers"
         for name in args.methods.split(","):
             why = method_available(name)
             if why:
-                rows.append(dict(shape=shape, method=name, error=f"not available: {why}"))
+                rows.append(dict(shape=label, method=name, error=f"not available: {why}"))
                 continue
-            run_method(model, shape, name, points, args.new_tokens if not args.smoke else 4, device, rows, args)
+            run_method(model, label, name, points, args.new_tokens if not args.smoke else 4, device, rows, args)
             write_json("e2e_decode.json", {"environment": environment(), "new_tokens": args.new_tokens, "rows": rows})
         del model
         gc.collect()

@@ -10,6 +10,7 @@ run() {  # name, seconds, command...
   local name=$1 secs=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S), limit ${secs}s)"
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; echo "=== $name rc=$? ($(date -u +%H:%M:%S))"
+  [ -f "$OUT/e2e_decode.json" ] && mv "$OUT/e2e_decode.json" "$OUT/$name.json"  # one JSON per step
   tail -n "${TAIL:-25}" "$OUT/$name.log"
 }
 P1B=8x4096,8x16384,8x32768,1x4096,1x16384,1x32768  # batch 8 first: dynamic=True graphs then serve every batch > 1
@@ -43,6 +44,12 @@ for step in "$@"; do
     # 2026-12-02 session 9: int8 keys scored by the query's int8 split, values in token blocks; against the old paths
     quant8) run quant8 240 python3 bench/attention_quant.py --schemes 8 8-convert 8-split 8-blocked fp8 4 --budget-s 200 --json $OUT/quant8.json ;;
     sweep8) run sweep8 200 python3 bench/attention_quant.py --sweep --grid block_n=128,256 num_warps=4,8 rotate_query_by_mma=0,1 --schemes 8 --budget-s 170 --json $OUT/sweep8.json ;;
+    # 2026-12-02 session 10: why kvpass exact crashes under StaticCache + reduce-overhead (2 layers of the 1B
+    # shape): both RO methods with eager prefill, with compiled prefill, and kvpass without graph partitions
+    roprobe) TAIL=60 run roprobe 300 bash -c 'E="python3 bench/e2e_decode.py --shapes llama3.2-1b --layers 2 --points 1x4096,8x4096 --new-tokens 8 --profile-steps 0 --verbose"; echo "## a: eager prefill"; $E --eager-prefill --methods inductor-static-ro,kvpass-exact-static-ro 2>&1 | grep -v Warning | tail -40; echo "## b: compiled prefill"; $E --methods inductor-static-ro,kvpass-exact-static-ro 2>&1 | tail -40; echo "## c: compiled prefill, no graph partition"; TORCHINDUCTOR_GRAPH_PARTITION=0 $E --methods kvpass-exact-static-ro 2>&1 | tail -30' ;;
+    # the 8B shape's missing points (baselines; --dynamic: one compile per method serves every point)
+    e2e8ba) run e2e8ba 330 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,1x4096,1x16384,1x32768 --eager-prefill --dynamic --methods inductor,inductor-static-ro --new-tokens 8 --profile-steps 0 ;;
+    e2e8bb) run e2e8bb 560 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,8x32768,1x4096,1x16384,1x32768 --eager-prefill --dynamic --methods kvpass-exact,kvpass-int8,kvpass-int4 --new-tokens 8 --profile-steps 0 ;;
     *) echo "unknown step $step" ;;
   esac
 done
