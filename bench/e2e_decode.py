@@ -362,7 +362,7 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         except Exception as e:  # one failing method must not stop the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"  # an assert has no text
             if args.verbose:
                 traceback.print_exc()
         rows.append(row)

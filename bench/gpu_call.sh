@@ -49,7 +49,8 @@ for step in "$@"; do
     roprobe) TAIL=60 run roprobe 300 bash -c 'E="python3 bench/e2e_decode.py --shapes llama3.2-1b --layers 2 --points 1x4096,8x4096 --new-tokens 8 --profile-steps 0 --verbose"; echo "## a: eager prefill"; $E --eager-prefill --methods inductor-static-ro,kvpass-exact-static-ro 2>&1 | grep -v Warning | tail -40; echo "## b: compiled prefill"; $E --methods inductor-static-ro,kvpass-exact-static-ro 2>&1 | tail -40; echo "## c: compiled prefill, no graph partition"; TORCHINDUCTOR_GRAPH_PARTITION=0 $E --methods kvpass-exact-static-ro 2>&1 | tail -30' ;;
     # the 8B shape's missing points (baselines; --dynamic: one compile per method serves every point)
     e2e8ba) run e2e8ba 330 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,1x4096,1x16384,1x32768 --eager-prefill --dynamic --methods inductor,inductor-static-ro --new-tokens 8 --profile-steps 0 ;;
-    e2e8bb) run e2e8bb 560 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,8x32768,1x4096,1x16384,1x32768 --eager-prefill --dynamic --methods kvpass-exact,kvpass-int8,kvpass-int4 --new-tokens 8 --profile-steps 0 ;;
+    e2e8bb) run e2e8bb 470 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,8x32768,1x4096,1x32768 --eager-prefill --dynamic --methods kvpass-exact-static-ro,kvpass-int8 --new-tokens 8 --profile-steps 0 ;;
+    e2e8bc) run e2e8bc 300 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768,8x4096,1x32768 --dynamic --methods kvpass-int4 --new-tokens 8 --profile-steps 0 ;;
     *) echo "unknown step $step" ;;
   esac
 done
