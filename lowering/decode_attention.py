@@ -53,6 +53,7 @@ class DecodeAttentionConfig:
     split_block: int = 64  # splits merged per step of stage 2
     merge_num_warps: int = 4
     rotate_query_by_mma: bool = False  # rotated caches (int8): the query by one MMA, not the butterfly
+    split_query: bool = True  # int8 keys: take the query's split where the scheme offers it (``KVOperands``)
 
     def __post_init__(self):
         for name in ("block_n", "split_block"):
@@ -102,7 +103,10 @@ def default_config(programs_per_split: int, sm_count: int) -> DecodeAttentionCon
 # 554.5 / 617.6 with 4 warps, 5 stages and the rule's program count.
 PACKED_RULES = {
     kernels.KV_SCALED_ROWS: {
-        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4)
+        # The split's two int8 MMAs pay where programs fill the GPU; with few programs (B=1) its per-program
+        # setup does not: H200, 2026-12-02, 1 x 32k: 38.6 us with it, 35.0 without (bench/RESULTS.md, session 9).
+        regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4,
+                     split_query=regime != "tiny")
         for regime in RULE_CONFIGS},
     kernels.KV_INT4: {
         regime: dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=8 if regime == "small" else 4,
@@ -399,7 +403,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 # int4 dequantizes as c * scale + min with two roundings, as its reference does.
                 enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
-                VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query,
+                VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query and config.split_query,
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.

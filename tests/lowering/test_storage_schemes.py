@@ -233,14 +233,25 @@ def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
 @settings(max_examples=8)
 @given(problem=kt.decode_problems(head_dims=(8, 16, 64), q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
                                   causal=(False,), device=DEVICE), splits=st.sampled_from((1, 3)),
-       by_mma=st.booleans())
-def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits, by_mma):
+       by_mma=st.booleans(), split_query=st.booleans())
+def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits, by_mma, split_query):
     """int8 rotates the query as stage 1 loads it (by the butterfly or by one MMA against H) and turns the
     output back where it is written: in stage 1 with one split, in the merge with several (the rule takes
-    one split at these lengths on the CPU)."""
+    one split at these lengths on the CPU); with the query's split for the key scores or, as the rule's
+    tiny regime runs, the converted codes."""
     from lowering.decode_attention import DecodeAttentionConfig
 
-    check_scheme("8", problem, config=DecodeAttentionConfig(block_n=16, num_splits=splits, rotate_query_by_mma=by_mma))
+    check_scheme("8", problem, config=DecodeAttentionConfig(block_n=16, num_splits=splits, rotate_query_by_mma=by_mma,
+                                                            split_query=split_query))
+
+
+def test_rule_takes_the_query_split_only_where_programs_fill_the_gpu():
+    """int8's split pays at B=8 and B=32 (8 KV heads, 132 SMs) and not at B=1 (bench/RESULTS.md, session 9)."""
+    from lowering.decode_attention import KVOperands, packed_config
+    from lowering.kernels.decode_attention import KV_SCALED_ROWS
+
+    kv = KVOperands(None, None, 1, KV_SCALED_ROWS, ())
+    assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [False, True, True]
 
 
 @pytest.mark.parametrize("key", QUANTIZED)
