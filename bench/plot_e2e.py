@@ -2,7 +2,7 @@
 
     python bench/plot_e2e.py bench/data/e2e_decode_h100_1b_matrix.json [more.json ...] --out bench/results
 
-Writes ``e2e_tokens_per_s.png`` (tokens/s vs context, one panel per shape and batch, one line per method)
+Writes ``e2e_tokens_per_s.png`` (``--prefix``) (tokens/s vs context, one panel per shape and batch, one line per method)
 and ``e2e_memory.png`` (KV-cache GiB, solid, and peak GiB, dashed, vs context, same panels). Rows of the
 largest-batch probe and rows that failed are left out; each JSON's GPU is named in the panel title, and
 runs on different GPUs are kept in different panels (their timings do not compare).
@@ -38,18 +38,20 @@ def panels(rows: list[dict]) -> dict[tuple, dict[str, list[dict]]]:
     return out
 
 
-def plot(rows: list[dict], out_dir: Path, note: str = "") -> list[Path]:
+def plot(rows: list[dict], out_dir: Path, note: str = "", prefix: str = "e2e") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = panels(rows)
+    # one colour per method across panels, so a method reads the same in every panel
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({r["method"] for r in rows}))}
     keys = sorted(groups, key=lambda k: (k[0], k[1], k[2]))
     written = []
     for name, ylabel, series_of in (
-        ("e2e_tokens_per_s.png", "tokens / s", lambda r: [("", r["tokens_per_s"], "-")]),
-        ("e2e_memory.png", "GiB (KV solid, peak dashed)",
+        (f"{prefix}_tokens_per_s.png", "tokens / s", lambda r: [("", r["tokens_per_s"], "-")]),
+        (f"{prefix}_memory.png", "GiB (KV solid, peak dashed)",
          lambda r: [("KV", r["kv_GiB"], "-"), ("peak", r.get("peak_GiB"), "--")]),
     ):
         fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
@@ -61,7 +63,7 @@ def plot(rows: list[dict], out_dir: Path, note: str = "") -> list[Path]:
                     values = [p[i][1] for p in parts]
                     if any(v is None for v in values):
                         continue
-                    ax.plot(contexts, values, style, marker="o", label=f"{method} {label}".strip())
+                    ax.plot(contexts, values, style, marker="o", color=colours[method], label=f"{method} {label}".strip())
             gpu, shape, batch = key
             ax.set_title(f"{shape}, batch {batch}\n{gpu}", fontsize=9)
             ax.set_xscale("log", base=2)
@@ -84,10 +86,11 @@ def main():
     ap.add_argument("json", nargs="+")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--note", default="", help="a line printed above the panels")
+    ap.add_argument("--prefix", default="e2e", help="file names: PREFIX_tokens_per_s.png, PREFIX_memory.png")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in plot(load_rows(args.json), out, args.note):
+    for path in plot(load_rows(args.json), out, args.note, args.prefix):
         print(f"wrote {path}")
 
 
