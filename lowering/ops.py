@@ -145,6 +145,11 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
             if out is not None:
                 calls["packed_decode_in_place"] += 1
                 return _finish(out, root, old_length + new_k.shape[2], site)
+        out = _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
+        if out is not None:
+            return out
+        if root is None:
+            packed.check_current(past_k, old_length)
         old = _sections(packed.slot_buffer(past_k) if root is None else root, fmt, layout_of, old_length)
     elif past_k.dtype == torch.uint8 and old_length:
         packed.slot_buffer(past_k)  # a materialised copy of a slot (beam search reordering): raises, never guesses
@@ -180,6 +185,24 @@ def _decode_in_place(fmt, q, root, layout_of, old_length, new_k, new_v, attn_mas
         return None
     sections = _capacity_views(root, layout_of, packed.capacity(old_length))
     return decode(q, sections, old_length, new_k, new_v, attn_mask, scale)
+
+
+def _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale, site):
+    """A budgeted format's decode step on the slot's own buffer, the new token written over the evicted one
+    (``lowering/slot_replacement.py``; the slot must be its buffer's last writer), or None."""
+    from lowering import packed
+
+    decode = getattr(fmt, "decode_replacing", None)
+    root = packed.growable_root(past_k, old_length) if decode is not None else None
+    if root is None:
+        return None
+    out = decode(q, _sections(root, fmt, layout_of, old_length), old_length, new_k, new_v, attn_mask, is_causal,
+                 scale, site)
+    if out is None:
+        return None
+    calls["policy_replace_in_place"] += 1
+    packed.mark_rewritten(root)
+    return _finish(out, root, old_length + new_k.shape[2], site)
 
 
 @cache_attention.register_fake

@@ -165,6 +165,30 @@ def commit(root: torch.Tensor, length: int) -> None:
     heads[root.data_ptr()] = (weakref.ref(root), length)
 
 
+# Buffers whose kept rows a decode step rewrote in place (``lowering/slot_replacement.py``): address ->
+# weak reference to the allocating tensor. A slot older than such a buffer's last writer no longer reads
+# the tokens it held (``check_current``).
+rewritten: dict[int, weakref.ref] = {}
+
+
+def mark_rewritten(root: torch.Tensor) -> None:
+    rewritten[root.data_ptr()] = weakref.ref(root)
+
+
+def check_current(slot: torch.Tensor, length: int) -> None:
+    """Raise if ``slot`` (holding ``length`` tokens) is not its buffer's last writer and the buffer's rows
+    were rewritten in place since: reading it would silently give another step's tokens."""
+    ptr = slot.untyped_storage().data_ptr()
+    ref, entry = rewritten.get(ptr), heads.get(ptr)
+    if ref is None or ref() is None or entry is None or entry[1] == length:
+        return
+    raise RuntimeError(
+        f"kvpass: this cache slot holds {length} tokens, but a later decode step ({entry[1]} tokens) rewrote "
+        "its buffer in place (a budgeted policy replaces evicted tokens in their slots). Reusing an earlier "
+        "cache state is not supported with policies; keep a copy of the cache (copy.deepcopy before the step) "
+        "or set lowering.policies.REPLACE_IN_PLACE = False.")
+
+
 def growable_root(slot: torch.Tensor, length: int) -> torch.Tensor | None:
     """The allocation behind ``slot`` if ``slot`` is the last writer of its buffer (it holds ``length``
     tokens and nothing appended since), else None (the caller copies into a fresh buffer)."""

@@ -8,13 +8,13 @@ score. The model's logical length L stays the slot's, so HF computes RoPE positi
 the full sequence. Layout, a pure function of (L, budget)::
 
     <scheme sections>  [B, Hkv, hot, ...]   hot = sym_min(L, budget), scheme's rows (k, v, scales)
-    pos                [B, Hkv, hot] int32  logical positions of the kept tokens, ascending
+    pos                [B, Hkv, hot] int32  logical positions of the kept tokens (ascending after a general step)
     score              [B, Hkv, hot] fp32   the policy's score (NEVER: a token no query may attend)
 
 Overhead: 8 bytes per kept token and KV head (3% of a bf16 K+V row at D=128). ADORE adds a cold store.
 
 One step (``BudgetedFormat.step``), for the C = hot_old + n *candidates* (old hot tokens then this
-step's, so in position order):
+step's; in position order unless slots were replaced in place):
 
 - prefill (query length > 16, or SDPA's top-left ``is_causal``): attend exactly over every candidate
   (the whole prompt on a first prefill, so the output is the full-cache output), then score and keep
@@ -29,6 +29,11 @@ chosen while enough attendable tokens exist), +inf for tokens the policy protect
 observation window), else the score; the kept set is the top ``hot`` keys, re-sorted by position.
 With budget >= L nothing is dropped and the step makes exactly the calls the dense format makes, on the
 same tensors and the model's own mask, so the output is bit for bit the full-cache one.
+
+Once the hot set is full, a one-token decode step of a policy whose decode scores need no rows
+(``replaces_in_place``: streaming, snapkv, asl) writes the new token over the evicted one in the slot's own
+buffer instead (``lowering/slot_replacement.py``; on CUDA, or where ``REPLACE_IN_PLACE`` says): the same
+kept set, its slots no longer in position order, which is why selection breaks ties by position.
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ NEVER = torch.finfo(torch.float32).min  # stored score of a token no query may a
 # Fused decode scoring (``lowering.scored_decode_attention``, policies with ``fused_scoring``): None = on
 # CUDA; tests set True to run the Triton kernels under TRITON_INTERPRET=1 on the CPU, False = reference.
 FUSED_SCORING: bool | None = None
+# Decode steps that replace the evicted slot in place (``lowering/slot_replacement.py``, formats with
+# ``replaces_in_place``): None = on CUDA; tests set True (CPU) or False (the general step everywhere).
+REPLACE_IN_PLACE: bool | None = None
 # Prefill scoring by all queries (H2O) works on query chunks holding at most this many fp32 weights:
 # 2^26 * 4 B = 256 MB at 32k context instead of Lq * L * Hq * 4 B = 128 GB at once.
 SCORE_CHUNK_ELEMENTS = 1 << 26
@@ -189,7 +197,8 @@ def window_scores(q, k, attn_mask, is_causal, pos, length: int, full: bool, scal
 
 @dataclasses.dataclass
 class Candidates:
-    """The tokens one step chooses from (old hot then new, in position order) and what scoring needs.
+    """The tokens one step chooses from (old hot then new; in position order unless slots were replaced in
+    place) and what scoring needs.
 
     q [B, Hq, Lq, Dk]; k, v [B, Hkv, C, D] in the model dtype (old hot dequantized, new at full
     precision); stored: the scheme's sections [B, Hkv, C, ...]; pos int64 [B, Hkv, C]; score fp32
@@ -267,9 +276,15 @@ def _visible(attn_mask, is_causal, q_len: int, length: int, pos: torch.Tensor, q
     return seen.gather(-1, pos.long())
 
 
-def select(key: torch.Tensor, hot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices [B, H, N] of the keys in descending order, stable: (first ``hot``, the rest)."""
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+def select(key: torch.Tensor, hot: int, pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B, H, N] of the keys in descending order: (first ``hot``, the rest). Equal keys: the lower
+    position first when ``pos`` is given (the hot set need not be in position order once decode steps have
+    replaced slots in place: ``lowering/slot_replacement.py``), else the lower index."""
+    if pos is None:
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+        return order[..., :hot], order[..., hot:]
+    by_pos = pos.argsort(dim=-1, stable=True)
+    order = by_pos.gather(-1, torch.sort(key.gather(-1, by_pos), dim=-1, descending=True, stable=True).indices)
     return order[..., :hot], order[..., hot:]
 
 
@@ -383,7 +398,7 @@ class BudgetedFormat:
 
     def keep(self, c: Candidates, score: torch.Tensor, out: State) -> None:
         """Write the kept tokens (the top keys) into ``out``; the others are dropped."""
-        idx, dropped = select(self.selection_key(c, score), min(c.length, self.budget))
+        idx, dropped = select(self.selection_key(c, score), min(c.length, self.budget), c.pos)
         write_hot(c, score, idx, out)
         stats.add(c.site, "evicted", dropped.numel())
 
@@ -410,12 +425,32 @@ class BudgetedFormat:
             if self.tolerance is not None:  # scoring read every kept key: nothing was left to skip
                 early_exit.count_blocks(site, c.k.shape[0] * c.k.shape[1] * early_exit.num_blocks(hot), None)
             return kept_attention(c.extra["scored"], c.extra["kept"], out["v"])
-        mask = attn_mask if hot == c.length else gather_model_mask(attn_mask, out["pos"], q.shape[1], q.shape[2],
-                                                                   c.length)
-        state = {name: out[name] for name in c.stored}
+        return self.attend_kept(q, {name: out[name] for name in c.stored}, out["pos"], hot, c.length, attn_mask,
+                                scale, site)
+
+    def attend_kept(self, q, state: State, pos: torch.Tensor, hot: int, length: int, attn_mask, scale,
+                    site: str) -> torch.Tensor:
+        """A decode step's attention over the ``hot`` kept tokens (scheme sections ``state``, positions ``pos``),
+        with the model's mask gathered at their positions."""
+        mask = attn_mask if hot == length else gather_model_mask(attn_mask, pos, q.shape[1], q.shape[2], length)
         if self.tolerance is None:
             return self.storage.decode_attention(q, state, hot, mask, scale)
         return self.bounded_decode_attention(q, state, hot, mask, scale, site)
+
+    # -- the in-place decode step (lowering/slot_replacement.py)
+    replaces_in_place: bool = False  # decode scores from per-token metadata only (score, position, visibility)
+
+    def decode_replacing(self, q, state: State, old_length: int, new_k, new_v, attn_mask, is_causal, scale,
+                         site: str) -> torch.Tensor | None:
+        """A one-token decode step on a full hot set that writes the new token over the evicted one in
+        ``state`` (the slot's own sections), or None where the general step must run."""
+        enabled = q.is_cuda if REPLACE_IN_PLACE is None else REPLACE_IN_PLACE
+        if not (enabled and self.replaces_in_place and new_k.shape[2] == 1 and not is_causal
+                and q.shape[2] <= MAX_DECODE_QUERY_LEN and old_length >= self.budget):
+            return None
+        from lowering.slot_replacement import replace_step
+
+        return replace_step(self, q, state, old_length, new_k, new_v, attn_mask, scale, site)
 
     def bounded_decode_attention(self, q, state: State, hot: int, mask, scale, site: str) -> torch.Tensor:
         """early_exit over the kept tokens (``lowering/early_exit.py``: the same bound and kernel as the

@@ -53,6 +53,7 @@ def decode_recent(budget: int) -> int:
 @register_format("snapkv")
 class SnapKV(BudgetedFormat):
     policy = "snapkv"
+    replaces_in_place = True  # decode scores from stored metadata alone (lowering/slot_replacement.py)
     kernel = KERNEL
 
     def window_size(self, c: Candidates) -> int:

@@ -23,6 +23,7 @@ SINK = torch.finfo(torch.float32).max
 @register_format("streaming")
 class Streaming(BudgetedFormat):
     policy = "streaming"
+    replaces_in_place = True  # decode scores from stored metadata alone (lowering/slot_replacement.py)
 
     @property
     def n_sink(self) -> int:

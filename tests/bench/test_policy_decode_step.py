@@ -1,0 +1,20 @@
+"""bench/policy_decode_step.py times the paths it names: the in-place rows are served in place, every step."""
+import torch
+
+import bench.policy_decode_step as bench
+from lowering.formats import FormatSpec
+
+
+def test_each_path_serves_the_steps_it_is_named_for(monkeypatch):
+    from lowering import policies
+
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
+    q = torch.randn(1, 4, 64, 16, generator=g)
+    spec = FormatSpec(policy="snapkv", budget=16).to_json()
+    for flag, expected in ((False, 0), (True, 5)):
+        monkeypatch.setattr(policies, "REPLACE_IN_PLACE", flag)
+        seconds, served, nbytes = bench.time_steps(spec, q, k, v, 40, 3, 2, "cpu")
+        assert served == expected and seconds > 0
+        # 16 kept rows of k and v (fp32, D=16) plus 8 bytes of position and score per row, per KV head
+        assert nbytes == 2 * 16 * (2 * 16 * 4 + 8)
