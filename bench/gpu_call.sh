@@ -54,7 +54,7 @@ for step in "$@"; do
     # the budgeted policies' decode step: general vs in place (lowering/slot_replacement.py), and the full cache
     policystep) run policystep 150 python3 bench/policy_decode_step.py ;;
     quant84s) run quant84s 150 python3 bench/attention_quant.py --schemes 8 4 --budget-s 80 --json $OUT/quant84s.json ;;
-    tests10) KVPASS_TEST_DEVICE=cuda run tests10 200 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/lowering/test_slot_replacement.py -k "cuda or int4 or kernel or in_place or 4" ;;
+    tests10) KVPASS_TEST_DEVICE=cuda run tests10 200 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "4 or int4 or in_place" ;;
     *) echo "unknown step $step" ;;
   esac
 done
