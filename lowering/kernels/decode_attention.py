@@ -40,7 +40,7 @@ per token, plus the full-precision residual window past ``quant_len`` read from 
 halves and the query, the scores' MMAs, the output accumulator and its stores come in halves too
 (``lowering/kernels/int4_tiles.py``). ``BLOCK_N`` divides ``QUANT_GROUP`` (the launcher caps it), so a tile lies
 in one key group: its scales and minima are one [D] vector each, broadcast over the tile; keys are
-``code * scale + min`` in fp32 rounded once to the dtype, as the scheme's ``dequantize``.
+``code * scale + min`` rounded once to the dtype (one fma), as the scheme's ``dequantize``.
 Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), codes 0..15 exact in the
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
@@ -350,9 +350,9 @@ def decode_attention_split_kernel(
                                                              quant_len, rows_cap, res_cap, dtype, HEAD_DIM, UPCAST_DOT)
             if FOLD_V_SCALE:
                 p_v = p * v_scale[None, :]
-            else:  # fp16 (see KV_SCALED_ROWS): dequantized tiles, two roundings as the scheme's dequantize
-                v = (v.to(tl.float32) * v_scale[:, None] + v_min[:, None]).to(dtype)
-                v_hi = (v_hi.to(tl.float32) * v_scale[:, None] + v_min[:, None]).to(dtype)
+            else:  # fp16 (see KV_SCALED_ROWS): dequantized tiles, as the scheme's dequantize
+                v = int4_tiles.dequantize(v, v_scale[:, None], v_min[:, None], dtype, UPCAST_DOT)
+                v_hi = int4_tiles.dequantize(v_hi, v_scale[:, None], v_min[:, None], dtype, UPCAST_DOT)
         else:
             v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)

@@ -30,17 +30,34 @@ def _codes_f32(c):
 
 
 @triton.jit
+def _codes_bf16(c):
+    """uint8 codes 0..15 -> bf16, exact: the bf16 bit pattern 128 + c minus 128, in 16-bit lanes, so the subtraction
+    is one packed HADD2.BF16 per two codes (sm_90 SASS of the loop: 1537 instructions against 1706 through fp32)."""
+    return (c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+
+
+@triton.jit
 def _load_codes(x_base, n, ok, h, stride_n, HALF: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Codes of channels h and HALF + h of tokens ``n``: two [BLOCK_N, BLOCK_H] tiles from one byte tile, 0 on
-    lanes off ``ok`` and past the channels, in ``DTYPE`` (exact; fp32 under ``UPCAST``, see ``_mma``). Converted
-    before any use: the compiler's layout conversions then move 16-bit, not 32-bit, tiles (sm_90 SASS of the
-    loop: 1706 instructions against 1737 with fp32 codes)."""
+    lanes off ``ok`` and past the channels, in ``DTYPE`` (exact; fp32 under ``UPCAST``, see ``_mma``: the
+    interpreter's bf16 arithmetic works on the bit patterns). Converted before any use: the compiler's layout
+    conversions then move 16-bit, not 32-bit, tiles (1706 loop instructions against 1737 with fp32 codes)."""
     codes = tl.load(x_base + n[:, None] * stride_n + h[None, :], mask=ok[:, None] & (h < HALF)[None, :], other=0)
-    lo = _codes_f32(codes & 15)
-    hi = _codes_f32(codes >> 4)
     if UPCAST:
-        return lo, hi
-    return lo.to(DTYPE), hi.to(DTYPE)
+        return _codes_f32(codes & 15), _codes_f32(codes >> 4)
+    if DTYPE == tl.bfloat16:
+        return _codes_bf16(codes & 15), _codes_bf16(codes >> 4)
+    return _codes_f32(codes & 15).to(DTYPE), _codes_f32(codes >> 4).to(DTYPE)
+
+
+@triton.jit
+def dequantize(c, scale, low, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """c * scale + min rounded once to ``DTYPE`` (one fma: the scheme's ``dequantize_groups``), from codes of
+    ``_load_codes`` and scales and minima in ``DTYPE``; under ``UPCAST`` an fp32 fma (c * scale is exact in fp32)
+    rounded to bf16 as the interpreter rounds (truncating)."""
+    if UPCAST:
+        return tl.fma(c, scale.to(tl.float32), low.to(tl.float32)).to(DTYPE)
+    return tl.fma(c, scale.to(DTYPE), low.to(DTYPE))
 
 
 @triton.jit
@@ -70,9 +87,8 @@ def key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh, n0, n, kv_ok, h, stride_n, qu
     in_codes = h * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     scale_lo, scale_hi = load_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
     low_lo, low_hi = load_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
-    # Two roundings (product, sum) as the scheme's dequantize: the launch disables FMA contraction.
-    k_lo = (c_lo.to(tl.float32) * scale_lo.to(tl.float32)[None, :] + low_lo.to(tl.float32)[None, :]).to(DTYPE)
-    k_hi = (c_hi.to(tl.float32) * scale_hi.to(tl.float32)[None, :] + low_hi.to(tl.float32)[None, :]).to(DTYPE)
+    k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
+    k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
     s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
     if n0 >= quant_len:
         # A branch, so the (unpipelined) residual load is issued for that one tile only, not as a

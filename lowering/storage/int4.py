@@ -56,8 +56,9 @@ def quantize_groups(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype) -> torch.Tensor:
-    """code * scale + min in fp32 with two roundings (the kernel runs without FMA contraction), then dtype."""
-    return (codes.float() * scale.float() + low.float()).to(dtype)
+    """code * scale + min rounded once to ``dtype``, as the kernel's fma (``int4_tiles.dequantize``): the float64
+    sum is exact unless min and code * scale lie 2^25 (fp32 scales; 2^41 for 16-bit ones) or more apart."""
+    return (codes.double() * scale.double() + low.double()).to(dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
