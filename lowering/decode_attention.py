@@ -397,8 +397,6 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 KV_FORMAT=kv.kv_format, QUANT_GROUP=kv.quant_group,
                 FOLD_V_SCALE=q.dtype != torch.float16,
                 num_warps=config.num_warps, num_stages=config.num_stages,
-                # int4's fp16 tiles dequantize by an explicit fma; kept off as measured (bench/RESULTS.md).
-                enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
                 VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query,
             )

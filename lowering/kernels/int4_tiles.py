@@ -70,6 +70,18 @@ def load_halves(row_ptrs, ok, h, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_row_halves(row_ptr, ok, h, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Channels h and HALF + h of one row (a group's scales or minima) from a single [2, BLOCK_H] load, 0 off
+    ``ok`` [BLOCK_H] and past ``HEAD_DIM``. One load of the whole row gives each thread 4 contiguous bytes (bf16,
+    D=128, 2 warps), which the pipeliner issues ahead as cp.async; the [BLOCK_H] halves (2 bytes a thread) were
+    plain loads waited on in their own iteration, each then broadcast through shared memory (two barriers): sm_90
+    loop 1335 -> 1260 instructions and no global load left in it but the mask and the value scales."""
+    ch = tl.arange(0, 2)[:, None] * HALF + h[None, :]
+    row = tl.load(row_ptr + ch, mask=ok[None, :] & (h < HALF)[None, :] & (ch < HEAD_DIM), other=0.0)
+    return tl.split(tl.permute(row, (1, 0)))
+
+
+@triton.jit
 def key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap, res_cap,
                DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT_GROUP: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
@@ -85,8 +97,8 @@ def key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh, n0, n, kv_ok, h, stride_n, qu
     # gather moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
     grp_off = (bh * (rows_cap // QUANT_GROUP) + n0 // QUANT_GROUP) * HEAD_DIM
     in_codes = h * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
-    scale_lo, scale_hi = load_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
-    low_lo, low_hi = load_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
+    scale_lo, scale_hi = _load_row_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
+    low_lo, low_hi = _load_row_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
     k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
     k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
     s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
