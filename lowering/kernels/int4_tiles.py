@@ -30,10 +30,10 @@ def _codes_f32(c):
 
 
 @triton.jit
-def _codes_bf16(c):
-    """uint8 codes 0..15 -> bf16, exact: the bf16 bit pattern 128 + c minus 128, in 16-bit lanes, so the subtraction
-    is one packed HADD2.BF16 per two codes (sm_90 SASS of the loop: 1537 instructions against 1706 through fp32)."""
-    return (c.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+def _codes_bf16(c16):
+    """int16 codes 0..15 -> bf16, exact: the bf16 bit pattern 128 + c minus 128, so the subtraction is one packed
+    HADD2.BF16 per two codes (sm_90 SASS of the loop: 1537 instructions against 1706 through fp32)."""
+    return (c16 | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
 
 
 @triton.jit
@@ -46,7 +46,10 @@ def _load_codes(x_base, n, ok, h, stride_n, HALF: tl.constexpr, DTYPE: tl.conste
     if UPCAST:
         return _codes_f32(codes & 15), _codes_f32(codes >> 4)
     if DTYPE == tl.bfloat16:
-        return _codes_bf16(codes & 15), _codes_bf16(codes >> 4)
+        # Widened to 16 bits before the nibbles are taken: byte-wise masks and shifts cost 45 more permutes and
+        # masks per tile (loop 1241 -> 1196 instructions).
+        c16 = codes.to(tl.int16)
+        return _codes_bf16(c16 & 15), _codes_bf16(c16 >> 4)
     return _codes_f32(codes & 15).to(DTYPE), _codes_f32(codes >> 4).to(DTYPE)
 
 
