@@ -28,12 +28,18 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _mma_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, the MMA accumulating into ``acc`` (fp32; None: a fresh accumulator)."""
     # UPCAST: the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot
     # (triton-lang/triton#11584, "we just don't support it yet"). Upcasting the already-rounded
     # bf16 operands is exact, so the result equals a bf16 MMA with fp32 accumulation.
     if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        out = tl.dot(a, b, input_precision=PRECISION)
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    return _mma_acc(a, b, None, PRECISION, UPCAST)
