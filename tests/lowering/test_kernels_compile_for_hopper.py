@@ -79,7 +79,7 @@ def compile_case(name: str) -> int:
     if attr == "decode_attention_split_kernel":
         pointers, constants = {**SPLIT_POINTERS, **(pointers or {})}, {**SPLIT_CONSTANTS, **constants}
         if constants["KV_FORMAT"] == 2:  # the launcher's int4 options
-            options = dict(num_warps=2, num_stages=3, enable_fp_fusion=False)
+            options = dict(num_warps=2, num_stages=3)
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "fp32" if arg in FLOAT_ARGS else "i32")
                  for arg in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
