@@ -7,13 +7,11 @@ q_lo . k_lo + q_hi . k_hi (two MMAs), the output is accumulated as two halves an
 tile is ever interleaved (the 2j / 2j + 1 layout's join + reshape cost register shuffles and byte-wise
 shared-memory reads).
 
-Keys fold their per-channel scale into the query (``FOLD``, bf16 and fp32 queries): a tile lies in one key
-group, so for its keys s_j = sum_d q_d (c_jd scale_d + min_d) = (q o scale) . c_j + q . min: the code tile
-goes to the MMA as it is (0..15, exact in the dtype), the elementwise work is on the [BLOCK_M, D] query
-instead of the [BLOCK_N, D] keys, and the kernel attends over the exact keys c * scale + min. q o scale is
-fp32, split into two parts of the dtype, hi + lo, one MMA each (|q o scale - hi - lo| <= u^2 |q o scale|:
-``Int4Kivi.kernel_fold_error``); fp32 takes one part. fp16 queries dequantize the key tile instead (its
-q o scale may overflow or turn subnormal), as they do the value tile.
+Key tiles lie in one key group (the launcher caps BLOCK_N at it), so their scales and minima are one [D] row
+each; keys are dequantized in registers by one fma in the dtype (``dequantize``), codes built as bit patterns
+(``_codes_16bit``). Folding the scale into the query instead (s = (q o scale) . c + q . min) measured worse in
+the sm_90 SASS (bench/RESULTS.md, session 10): with 16 query rows and 2 warps each holding the whole query
+operand, q o scale is as many elements per thread and tile as the key tile itself.
 """
 
 import triton
