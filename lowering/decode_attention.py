@@ -117,7 +117,7 @@ PACKED_RULES = {
 
 def packed_config(programs_per_split: int, sm_count: int, kv: "KVOperands") -> DecodeAttentionConfig:
     """The rule's configuration for a packed format (``PACKED_RULES``; the bf16 rule for the others). int4
-    tiles are capped at the key group by the launcher whatever the rule says."""
+    tiles lie in one key group: the launcher caps them at it whatever the rule says."""
     regime = grid_regime(programs_per_split, sm_count)
     rule = PACKED_RULES.get(kv.kv_format)
     config = RULE_CONFIGS[regime]
@@ -343,7 +343,8 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
 
     group = num_heads // num_kv_heads
     block_m = max(16, min(MAX_BLOCK_M, _next_power_of_2(group * q_len)))
-    block_d = max(16, _next_power_of_2(head_dim))
+    # int4 splits the channels in two halves, each at least tl.dot's 16.
+    block_d = max(32 if kv.kv_format == kernels.KV_INT4 else 16, _next_power_of_2(head_dim))
     row_blocks = _cdiv(group * q_len, block_m)
     programs_per_split = batch * num_kv_heads * row_blocks
     mask_kind, mask, mask_strides, mask_per_key = kernels.MASK_NONE, q, (0, 0, 0, 0), False
@@ -362,9 +363,9 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     code_bytes = None if kv.kv_format == kernels.KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim
     config = fit_shared_memory(config, block_m, block_d, q.element_size(),
                                mask_kind != kernels.MASK_NONE and not mask_per_key, _smem_limit(q.device), code_bytes)
-    if kv.kv_format == kernels.KV_INT4 and kv.quant_group % config.block_n and config.block_n % kv.quant_group:
-        # A tile lies in one key group or spans whole groups, so its scales are one [D] row per group.
-        config = dataclasses.replace(config, block_n=min(config.block_n, kv.quant_group))
+    if kv.kv_format == kernels.KV_INT4 and kv.quant_group % config.block_n:
+        # A tile lies in one key group: its scales fold into the query as one [D] row (int4_tiles.key_scores).
+        config = dataclasses.replace(config, block_n=math.gcd(config.block_n, kv.quant_group))
     shape_key = (q.device, q.dtype, group, head_dim, block_m, mask_kind, mask_per_key, kv.kv_format)
     while (config, *shape_key) in _SHRUNK:
         config = _SHRUNK[(config, *shape_key)]
@@ -400,8 +401,6 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 KV_FORMAT=kv.kv_format, QUANT_GROUP=kv.quant_group,
                 FOLD_V_SCALE=q.dtype != torch.float16,
                 num_warps=config.num_warps, num_stages=config.num_stages,
-                # int4 dequantizes as c * scale + min with two roundings, as its reference does.
-                enable_fp_fusion=kv.kv_format != kernels.KV_INT4,
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
                 VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query and config.split_query,
             )

@@ -36,12 +36,15 @@ The two cut the loop of the int8 kernel from 2872 to 1809 instructions per warp 
 SASS of Triton 3.6, rotated, bf16, D=128; 2026-12-02).
 ``KV_INT4``: KIVI, two 4-bit codes per byte, keys per channel in groups of ``QUANT_GROUP`` tokens, values
 per token, plus the full-precision residual window past ``quant_len`` read from its own section
-(``lowering/storage/int4.py``). With ``BLOCK_N`` dividing ``QUANT_GROUP`` (the rule's) a tile lies in one
-key group, so its scales and minima are one [D] vector each, broadcast over the tile (a multiple of the
-group: one vector per group, broadcast through a [groups, G, D] view);
-keys are ``code * scale + min`` in fp32 rounded once to the dtype, as the scheme's ``dequantize``.
+(``lowering/storage/int4.py``). Byte j holds channels j and j + ceil(D / 2), so a tile is two plain channel
+halves and the query, the scores' MMAs, the output accumulator and its stores come in halves too
+(``lowering/kernels/int4_tiles.py``). ``BLOCK_N`` divides ``QUANT_GROUP`` (the launcher caps it), so a tile lies
+in one key group: its scales and minima are one [D] vector each, broadcast over the tile; keys are
+``code * scale + min`` rounded once to the dtype (one fma), as the scheme's ``dequantize``.
 Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), codes 0..15 exact in the
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
+Halves, bf16 codes by bit pattern, fma dequantization and pipelined group scales cut the int4 loop from
+1748 to 1196 instructions per warp and 32-key tile (sm_90 SASS of Triton 3.6, bf16, D=128; 2026-12-02).
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
 loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
 both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.
@@ -55,10 +58,10 @@ Ye et al., FlashInfer (arXiv 2501.01005), section 3.1.
 import triton
 import triton.language as tl
 
-from lowering.kernels.packed_tiles import (_load_aligned, _load_aligned_low, _load_code_blocks, _load_codes,
-                                          _load_int4_values, _load_tile)
+from lowering.kernels import int4_tiles
+from lowering.kernels.packed_tiles import _load_aligned, _load_aligned_low, _load_code_blocks, _load_codes
 from lowering.kernels.fixed_point import split_query
-from lowering.kernels.reductions import _max, _sum  # noqa: F401 - also imported from here
+from lowering.kernels.reductions import _max, _mma, _mma_acc, _sum  # noqa: F401 - also imported from here
 from lowering.kernels.rotation import rotate, rotate_row, signs
 
 # Tags of the mask operand (a constexpr switch instead of three copies of the kernel).
@@ -108,24 +111,12 @@ def reduce_states(o, lse):
     return o_out, lse_out
 
 
-@triton.jit
-def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot
-    # (triton-lang/triton#11584, "we just don't support it yet"). Upcasting the already-rounded
-    # bf16 operands is exact, so the result equals a bf16 MMA with fp32 accumulation.
-    if UPCAST:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b, input_precision=PRECISION)
-    return out
-
-
 @triton.jit(do_not_specialize=["kv_len", "keys_per_split", "quant_len", "res_len", "rows_cap", "res_cap"])
 def decode_attention_split_kernel(
     Q, K, V, Mask,  #
     Out,  # [B, Hq, Lq, D] contiguous; written only when SPLIT_OUTPUT is off
     Part,  # fp32 partial states, see _part_offsets; written only when SPLIT_OUTPUT is on
-    KS, VS, KZ, VZ, KR, VR,  # packed formats' scales, minima, int4 residual / aligned low parts (_load_tile)
+    KS, VS, KZ, VZ, KR, VR,  # packed formats' scales, minima, int4 residual / aligned low parts
     Stats,  # KV_ALIGNED: int64 [2] += (tokens whose low parts were read, tokens read)
     stride_qb, stride_qh, stride_qm,  # q [B, Hq, Lq, D], last dim contiguous
     stride_kb, stride_kh, stride_kn,  # k [B, Hkv, L, D] (packed: the codes section)
@@ -181,8 +172,15 @@ def decode_attention_split_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + i[:, None] * stride_qm + d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_rows = Q + b * stride_qb + head * stride_qh + i * stride_qm
+    if KV_FORMAT == 2:
+        # int4: channel halves h and HALF + h, as the codes store them (lowering/kernels/int4_tiles.py).
+        tl.static_assert(ROTATE_STAGES == 0, "int4 rows are not rotated")
+        HALF: tl.constexpr = (HEAD_DIM + 1) // 2
+        h = tl.arange(0, BLOCK_D // 2)
+        q_lo, q_hi = int4_tiles.load_halves(q_rows[:, None], row_ok[:, None], h[None, :], HALF, HEAD_DIM)
+    else:
+        q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ROTATE_STAGES:  # q H 2^-shift, rounded once to the dtype: the query of the stored basis
         if ROTATE_QUERY_BY_MMA:
             q_h = _mma(q, signs(BLOCK_D, HEAD_DIM).to(dtype), DOT_PRECISION, UPCAST_DOT)
@@ -203,7 +201,14 @@ def decode_attention_split_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    if KV_FORMAT == 2:  # the output's channel halves h and HALF + h
+        acc = tl.full([BLOCK_M, BLOCK_D // 2], 0.0, dtype=tl.float32)
+        acc_hi = tl.full([BLOCK_M, BLOCK_D // 2], 0.0, dtype=tl.float32)
+        # sum_j p_j min_j, the same for every channel: one running sum per row (rescaled as l_i), added to the
+        # output once at the end instead of to both accumulators per tile.
+        min_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    else:
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     if KV_FORMAT == 3:
         # Skip-rule state, in the same running frame as l_i: e_i bounds the output error of the low
         # parts skipped so far, c_i their weight perturbation, w_i = sum_j p_j |v_j|max.
@@ -259,14 +264,18 @@ def decode_attention_split_kernel(
             else:
                 k = _load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT)
                 s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
+        elif KV_FORMAT == 2:
+            tl.static_assert(QUANT_GROUP % BLOCK_N == 0, "an int4 tile lies in one key group")
+            s = int4_tiles.key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, h, stride_kn, quant_len,
+                                      rows_cap, res_cap, dtype, HEAD_DIM, QUANT_GROUP, DOT_PRECISION, UPCAST_DOT) \
+                * sm_scale
         else:
             if KV_FORMAT == 3:
                 k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, rows_cap)
                 k = (k_code * k_step[:, None]).to(dtype)
             else:
-                k = _load_tile(K, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, d, d_ok, stride_kn, quant_len, res_len,
-                               rows_cap, res_cap,
-                               dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, True, QUANT_GROUP, BLOCK_N)
+                k = tl.load(k_base + n[:, None] * stride_kn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
+                            other=0.0)
             s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * sm_scale
         if MASK_KIND == 2:
             s = s + bias
@@ -339,40 +348,63 @@ def decode_attention_split_kernel(
                 # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
                 # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
                 v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
-        elif KV_FORMAT == 2 and FOLD_V_SCALE:
+        elif KV_FORMAT == 2:
             # int4 values c * scale_v + min_v per token: acc += (p * scale_v) @ c_v + (p . min_v), the
             # codes 0..15 exact in the dtype; residual tokens are their stored rows with scale 1, min 0.
-            v, v_scale, v_min = _load_int4_values(VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn,
-                                                  quant_len, res_len, rows_cap, res_cap, dtype, HEAD_DIM, BLOCK_D, UPCAST_DOT,
-                                                  QUANT_GROUP, BLOCK_N)
-            p_v = p * v_scale[None, :]
-            min_term = _sum(p * v_min[None, :], axis=1)  # [BLOCK_M], in fp32
+            v, v_hi, v_scale, v_min = int4_tiles.load_values(VS, VZ, VR, v_base, bh64, n0, n, kv_ok, h, stride_vn,
+                                                             quant_len, rows_cap, res_cap, dtype, HEAD_DIM, UPCAST_DOT)
+            if FOLD_V_SCALE:
+                p_v = p * v_scale[None, :]
+            else:  # fp16 (see KV_SCALED_ROWS): dequantized tiles, as the scheme's dequantize
+                v = int4_tiles.dequantize(v, v_scale[:, None], v_min[:, None], dtype, UPCAST_DOT)
+                v_hi = int4_tiles.dequantize(v_hi, v_scale[:, None], v_min[:, None], dtype, UPCAST_DOT)
         else:
-            v = _load_tile(V, VS, VZ, VR, v_base, bh64, n0, n, kv_ok, d, d_ok, stride_vn, quant_len, res_len,
-                           rows_cap, res_cap,
-                           dtype, HEAD_DIM, BLOCK_D, KV_FORMAT, False, QUANT_GROUP, BLOCK_N)
-        acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
-        if KV_FORMAT == 2 and FOLD_V_SCALE:
-            acc = acc + min_term[:, None]
+            v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        if KV_FORMAT == 2:  # the MMAs accumulate into the rescaled halves (with min_i: 1196 -> 1177 loop instructions)
+            acc = _mma_acc(p_v.to(dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
+            acc_hi = _mma_acc(p_v.to(dtype), v_hi, acc_hi * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
+            if FOLD_V_SCALE:
+                min_i = min_i * alpha + _sum(p * v_min[None, :], axis=1)
+        else:
+            acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
         m_i = m_new
 
     if KV_FORMAT == 3:
         tl.atomic_add(Stats, low_tokens.to(tl.int64))
         tl.atomic_add(Stats + 1, read_tokens.to(tl.int64))
-    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    norm = tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_rows = (bh * num_rows + rows).to(tl.int64)  # == (b * Hq + head) * Lq + i, the row of Out
     if SPLIT_OUTPUT:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
         num_splits = tl.num_programs(1)
         total_rows = (tl.num_programs(0) // row_blocks) * num_rows
         o_off, lse_off = _part_offsets(out_rows, split, num_splits, total_rows, HEAD_DIM)
-        tl.store(Part + o_off[:, None] + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(Part + lse_off, lse, mask=row_ok)
+        out_ptrs = Part + o_off
     else:
-        if ROTATE_STAGES:  # turned back in fp32, before the one rounding to the dtype
+        out_ptrs = Out + out_rows * HEAD_DIM
+    if KV_FORMAT == 2:
+        if FOLD_V_SCALE:
+            acc = acc + min_i[:, None]
+            acc_hi = acc_hi + min_i[:, None]
+        _store_rows(out_ptrs, acc / norm, row_ok, h, h < HALF, SPLIT_OUTPUT)
+        _store_rows(out_ptrs + HALF, acc_hi / norm, row_ok, h, HALF + h < HEAD_DIM, SPLIT_OUTPUT)
+    else:
+        o = acc / norm
+        if ROTATE_STAGES and not SPLIT_OUTPUT:  # turned back in fp32, before the one rounding to the dtype
             o = rotate(o, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
-        tl.store(Out + out_rows[:, None] * HEAD_DIM + d[None, :], o.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        _store_rows(out_ptrs, o, row_ok, d, d_ok, SPLIT_OUTPUT)
+
+
+@triton.jit
+def _store_rows(row_ptrs, o, row_ok, cols, col_ok, SPLIT_OUTPUT: tl.constexpr):
+    """o [BLOCK_M, C] to columns ``cols`` of rows ``row_ptrs``: fp32 partials, or the output's dtype."""
+    ptrs = row_ptrs[:, None] + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_OUTPUT:
+        tl.store(ptrs, o, mask=mask)
+    else:
+        tl.store(ptrs, o.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Reductions the kernels share, written so they run compiled and under the CPU interpreter: device code only."""
+"""Reductions (and the MMA wrapper) the kernels share, written so they run compiled and under the CPU interpreter: device code only."""
 
 import triton
 import triton.language as tl
@@ -25,3 +25,21 @@ def _max(x, axis: tl.constexpr):
 @triton.jit
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, _add_combine)
+
+
+@triton.jit
+def _mma_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b, the MMA accumulating into ``acc`` (fp32; None: a fresh accumulator)."""
+    # UPCAST: the CPU interpreter multiplies bf16 bit patterns as integers in tl.dot
+    # (triton-lang/triton#11584, "we just don't support it yet"). Upcasting the already-rounded
+    # bf16 operands is exact, so the result equals a bf16 MMA with fp32 accumulation.
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    return _mma_acc(a, b, None, PRECISION, UPCAST)

@@ -24,12 +24,23 @@ import torch
 
 from lowering.packed import Layout
 from lowering.storage import State, register_scheme
-from lowering.storage.int4 import pack_nibbles, unpack_nibbles
 from lowering.storage.int8 import UNIT_ROUNDOFF, copy_old_tokens, quantize_rows, rounding_slack
 
 CODE_MAX = 2039.0  # 16 * 127 + 7: the high part fits int8 for every |C| <= CODE_MAX
 LOW_MAX = 8.0  # |l| <= 8, so |C s - 16 h s| <= 8 s
 TAU = 2.0 ** -8
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 low parts 0..15 [..., D] -> [..., ceil(D / 2)] bytes: channel 2j low nibble, 2j + 1 high (the
+    kernel's ``_load_aligned_low`` reads them in this order)."""
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)[..., :dim]
 
 
 def split_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

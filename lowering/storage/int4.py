@@ -5,7 +5,7 @@ arXiv 2402.02750): keys have outlier *channels* (a few channels large for every 
 quantized per channel, over groups of G = 32 tokens along the sequence (KIVI's group size: the range
 of one channel over 32 tokens, not of the whole row, sets the step); values have no fixed outlier
 channels and are quantized per token. Both asymmetric (scale and minimum), two 4-bit codes per byte
-(channel 2j in the low nibble, 2j + 1 in the high one).
+(channel j in byte j's low nibble, channel j + ceil(D / 2) in its high one: ``pack_nibbles``).
 
 Value groups: the whole row (all D channels) rather than 32-channel groups. Their step is the row's
 range / 15; on Gaussian rows of D=128 a 32-channel group's range is only ~20% smaller (4.1 vs 5.2
@@ -56,19 +56,22 @@ def quantize_groups(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype) -> torch.Tensor:
-    """code * scale + min in fp32 with two roundings (the kernel runs without FMA contraction), then dtype."""
-    return (codes.float() * scale.float() + low.float()).to(dtype)
+    """code * scale + min rounded once to ``dtype``, as the kernel's fma (``int4_tiles.dequantize``): the float64
+    sum is exact unless min and code * scale lie 2^25 (fp32 scales; 2^41 for 16-bit ones) or more apart."""
+    return (codes.double() * scale.double() + low.double()).to(dtype)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes 0..15 [..., D] -> [..., ceil(D / 2)] bytes: channel 2j low nibble, 2j + 1 high."""
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    """uint8 codes 0..15 [..., D] -> [..., ceil(D / 2)] bytes: byte j holds channel j in its low nibble and
+    channel j + ceil(D / 2) in its high one (0 past D). The kernel unpacks a tile into its two channel
+    halves with a mask and a shift, each a plain [N, D / 2] tile, instead of interleaving 2j and 2j + 1."""
+    half = (codes.shape[-1] + 1) // 2
+    high = torch.nn.functional.pad(codes[..., half:], (0, 2 * half - codes.shape[-1]))
+    return codes[..., :half] | (high << 4)
 
 
 def unpack_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)[..., :dim]
+    return torch.cat([packed & 15, packed >> 4], dim=-1)[..., :dim]
 
 
 def split_length(length):

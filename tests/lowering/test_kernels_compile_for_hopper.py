@@ -14,7 +14,12 @@ import sys
 
 import pytest
 
-# (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, and the merge.
+# int4's pointers and constexprs over the split kernel's (below): codes as bytes, scales in the model's dtype.
+INT4_POINTERS = {"K": "*u8", "V": "*u8", "KS": "*bf16", "VS": "*bf16", "Mask": "*bf16"}
+INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=False,
+                      VALUE_BLOCK=0, SPLIT_OUTPUT=True)
+# (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, int4's, and the merge. The split
+# kernel's cases give only what differs from SPLIT_POINTERS / SPLIT_CONSTANTS.
 CASES = {
     "quantize rows, rotated": (
         "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
@@ -34,6 +39,14 @@ CASES = {
     "decode split, head dim 16 (no split query), masked": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=True, HEAD_DIM=16, BLOCK_D=16, ROTATE_STAGES=4, ROTATE_SHIFT=2, SPLIT_QUERY=False)),
+    # int4 (KIVI): one-group tiles of the launcher's rule, HF's per-key additive mask, bf16 and fp16 (dequantized tiles).
+    "decode split, int4, bf16": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_POINTERS, INT4_CONSTANTS),
+    "decode split, int4, fp16, odd head dim, one split": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel",
+        {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp16", "VS": "*fp16", "KZ": "*fp16", "VZ": "*fp16",
+         "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"},
+        {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False}),
     "quantize rows into token blocks": (
         "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16)),
@@ -62,12 +75,15 @@ def compile_case(name: str) -> int:
     path, pointers, constants = CASES[name]
     module, attr = path.split(":")
     kernel = getattr(importlib.import_module(module), attr)
-    if pointers is None:
-        pointers, constants = SPLIT_POINTERS, {**SPLIT_CONSTANTS, **constants}
+    options = dict(num_warps=4, num_stages=3)
+    if attr == "decode_attention_split_kernel":
+        pointers, constants = {**SPLIT_POINTERS, **(pointers or {})}, {**SPLIT_CONSTANTS, **constants}
+        if constants["KV_FORMAT"] == 2:  # the launcher's int4 options
+            options = dict(num_warps=2, num_stages=3)
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "fp32" if arg in FLOAT_ARGS else "i32")
                  for arg in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4, num_stages=3))
+                              options=options)
     return len(compiled.asm["cubin"])
 
 

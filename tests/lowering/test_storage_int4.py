@@ -36,10 +36,26 @@ def test_residual_tokens_are_stored_exactly_and_a_filled_group_is_quantized():
     assert torch.equal(kd[:, :, G:], k[:, :, G:]) and not torch.equal(kd[:, :, :G], k[:, :, :G])
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3, 16, 33, 128])
+def test_a_byte_holds_channel_j_and_channel_j_plus_half(dim):
+    """The layout the kernel reads (int4_tiles): byte j = channel j | channel j + ceil(D / 2) << 4, 0 past D."""
+    from lowering.storage.int4 import pack_nibbles, unpack_nibbles
+
+    codes = torch.randint(0, 16, (2, 3, dim), dtype=torch.uint8, generator=torch.Generator().manual_seed(dim))
+    packed = pack_nibbles(codes)
+    half = (dim + 1) // 2
+    assert packed.shape == (2, 3, half) and packed.dtype == torch.uint8
+    high = torch.zeros_like(packed)
+    high[..., :dim - half] = codes[..., half:]
+    assert torch.equal(packed & 15, codes[..., :half]) and torch.equal(packed >> 4, high)
+    assert torch.equal(unpack_nibbles(packed, dim), codes)
+
+
 @needs_kernel
 @pytest.mark.parametrize("length", [1, G - 1, G, G + 1, 2 * G - 1, 3 * G + 5])
 @pytest.mark.parametrize("chunks", ["one append", "token by token"])
-@pytest.mark.parametrize("block_n", [None, 2 * G, 4 * G])  # the rule's one-group tiles, tiles of 2 and 4 groups
+# The rule's one-group tiles, half-group tiles, and a config asking for 2 groups (the launcher caps it at one).
+@pytest.mark.parametrize("block_n", [None, G // 2, 2 * G])
 def test_kernel_across_the_residual_boundary(length, chunks, block_n):
     from lowering.decode_attention import DecodeAttentionConfig
 

@@ -1,0 +1,142 @@
+"""KIVI int4 tiles for the split-KV decode kernel (``lowering/kernels/decode_attention.py``): device code only.
+
+Byte j of a packed row holds channel j (low nibble) and channel j + HALF (high nibble), HALF = ceil(D / 2)
+(``lowering/storage/int4.py``: ``pack_nibbles``). A tile is therefore two plain [BLOCK_N, BLOCK_H] code tiles,
+``c & 15`` and ``c >> 4``, BLOCK_H = BLOCK_D / 2: the query is loaded as its two channel halves, scores are
+q_lo . k_lo + q_hi . k_hi (two MMAs), the output is accumulated as two halves and written as two, and no
+tile is ever interleaved (the 2j / 2j + 1 layout's join + reshape cost register shuffles and byte-wise
+shared-memory reads).
+
+Key tiles lie in one key group (the launcher caps BLOCK_N at it), so their scales and minima are one [D] row
+each; keys are dequantized in registers by one fma in the dtype (``dequantize``), codes built as bit patterns
+(``_codes_16bit``). Folding the scale into the query instead (s = (q o scale) . c + q . min) measured worse in
+the sm_90 SASS (bench/RESULTS.md, session 10): with 16 query rows and 2 warps each holding the whole query
+operand, q o scale is as many elements per thread and tile as the key tile itself.
+"""
+
+import triton
+import triton.language as tl
+
+from lowering.kernels.reductions import _mma, _sum
+
+
+@triton.jit
+def _codes_f32(c):
+    """uint8 codes 0..15 -> fp32, exact: the bit pattern 2^23 + c minus 2^23, two ALU operations instead of an
+    int-to-float conversion (1.10x on int4 decode at 8 x 32k, H200, 2026-12-01: bench/RESULTS.md)."""
+    return (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _codes_16bit(c16, DTYPE: tl.constexpr):
+    """int16 codes 0..15 -> bf16 / fp16, exact: the bit pattern of 128 + c (bf16) or 1024 + c (fp16) minus that
+    offset, so the subtraction is one packed HADD2 per two codes (sm_90 SASS of the bf16 loop: 1537 instructions
+    against 1706 through fp32; fp16's 1472 -> 1253)."""
+    if DTYPE == tl.bfloat16:
+        x = (c16 | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        x = (c16 | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    return x
+
+
+@triton.jit
+def _load_codes(x_base, n, ok, h, stride_n, HALF: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """Codes of channels h and HALF + h of tokens ``n``: two [BLOCK_N, BLOCK_H] tiles from one byte tile, 0 on
+    lanes off ``ok`` and past the channels, in ``DTYPE`` (exact; fp32 under ``UPCAST``, see ``_mma``: the
+    interpreter's bf16 arithmetic works on the bit patterns). Converted before any use: the compiler's layout
+    conversions then move 16-bit, not 32-bit, tiles (1706 loop instructions against 1737 with fp32 codes)."""
+    codes = tl.load(x_base + n[:, None] * stride_n + h[None, :], mask=ok[:, None] & (h < HALF)[None, :], other=0)
+    if UPCAST or DTYPE == tl.float32:
+        lo = _codes_f32(codes & 15)
+        hi = _codes_f32(codes >> 4)
+    else:
+        # Widened to 16 bits before the nibbles are taken: byte-wise masks and shifts cost 45 more permutes and
+        # masks per tile (bf16 loop 1241 -> 1196 instructions).
+        c16 = codes.to(tl.int16)
+        lo = _codes_16bit(c16 & 15, DTYPE)
+        hi = _codes_16bit(c16 >> 4, DTYPE)
+    return lo, hi
+
+
+@triton.jit
+def dequantize(c, scale, low, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """c * scale + min rounded once to ``DTYPE`` (one fma: the scheme's ``dequantize_groups``), from codes of
+    ``_load_codes`` and scales and minima in ``DTYPE``; under ``UPCAST`` an fp32 fma (c * scale is exact in fp32)
+    rounded to bf16 as the interpreter rounds (truncating)."""
+    if UPCAST:
+        x = tl.fma(c, scale.to(tl.float32), low.to(tl.float32)).to(DTYPE)
+    else:
+        x = tl.fma(c, scale.to(DTYPE), low.to(DTYPE))
+    return x
+
+
+@triton.jit
+def load_halves(row_ptrs, ok, h, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Channels h and HALF + h of full-precision rows at ``row_ptrs`` (the residual window, the query): two
+    tiles, 0 on lanes off ``ok`` and past ``HEAD_DIM``. A [BLOCK_H] vector's halves for a scalar ``row_ptrs``."""
+    lo = tl.load(row_ptrs + h, mask=ok & (h < HALF), other=0.0)
+    hi = tl.load(row_ptrs + HALF + h, mask=ok & (HALF + h < HEAD_DIM), other=0.0)
+    return lo, hi
+
+
+@triton.jit
+def _load_row_halves(row_ptr, ok, h, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Channels h and HALF + h of one row (a group's scales or minima) from a single [2, BLOCK_H] load, 0 off
+    ``ok`` [BLOCK_H] and past ``HEAD_DIM``. One load of the whole row gives each thread 4 contiguous bytes (bf16,
+    D=128, 2 warps), which the pipeliner issues ahead as cp.async; the [BLOCK_H] halves (2 bytes a thread) were
+    plain loads waited on in their own iteration, each then broadcast through shared memory (two barriers): sm_90
+    loop 1335 -> 1260 instructions and no global load left in it but the mask and the value scales."""
+    ch = tl.arange(0, 2)[:, None] * HALF + h[None, :]
+    row = tl.load(row_ptr + ch, mask=ok[None, :] & (h < HALF)[None, :] & (ch < HEAD_DIM), other=0.0)
+    return tl.split(tl.permute(row, (1, 0)))
+
+
+@triton.jit
+def key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap, res_cap,
+               DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT_GROUP: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """q . k_j, fp32 [BLOCK_M, BLOCK_N], for keys ``n`` = ``n0`` + 0..BLOCK_N-1 of head row ``bh``, from the
+    query's halves ``q_lo``, ``q_hi`` [BLOCK_M, BLOCK_H] in ``DTYPE``. ``KS``/``KZ``: scales and minima per
+    (key group, channel) [B, Hkv, rows_cap / G, D]; ``KR``: the residual window [B, Hkv, res_cap, D] for keys
+    past ``quant_len``. The tile lies in one key group and is all codes or all residual (the launcher's
+    BLOCK_N divides the group, and quant_len is a multiple of it)."""
+    HALF: tl.constexpr = (HEAD_DIM + 1) // 2
+    quant = n < quant_len
+    c_lo, c_hi = _load_codes(k_base, n, kv_ok & quant, h, stride_n, HALF, DTYPE, UPCAST)
+    # The tile's group: one [D] row of scales and one of minima, broadcast over its keys (a [BLOCK_N, D]
+    # gather moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
+    grp_off = (bh * (rows_cap // QUANT_GROUP) + n0 // QUANT_GROUP) * HEAD_DIM
+    in_codes = h * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
+    scale_lo, scale_hi = _load_row_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
+    low_lo, low_hi = _load_row_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
+    k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
+    k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
+    s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
+    if n0 >= quant_len:
+        # A branch, so the (unpipelined) residual load is issued for that one tile only, not as a
+        # predicated-off load (a zero-filled [BLOCK_N, D] shared-memory stage) on every tile.
+        r_lo, r_hi = load_halves(KR + (bh * res_cap + (n - quant_len))[:, None] * HEAD_DIM, kv_ok[:, None],
+                                 h[None, :], HALF, HEAD_DIM)
+        s = _mma(q_lo, tl.trans(r_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(r_hi), PRECISION, UPCAST)
+    return s
+
+
+@triton.jit
+def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap, res_cap,
+                DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Value tile for the folded product: (x_lo, x_hi [BLOCK_N, BLOCK_H], scale, min [BLOCK_N]) with value
+    = x * scale + min: codes 0..15 (``DTYPE``: exact; fp32 under ``UPCAST``) with the token's scale and minimum, or
+    for the residual window past ``quant_len`` the stored rows with scale 1, min 0 (all codes or all residual,
+    as ``key_scores``); masked keys give zeros."""
+    HALF: tl.constexpr = (HEAD_DIM + 1) // 2
+    quant = kv_ok & (n < quant_len)
+    x_lo, x_hi = _load_codes(v_base, n, quant, h, stride_n, HALF, DTYPE, UPCAST)
+    scale = tl.load(VS + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)
+    low = tl.load(VZ + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)
+    if n0 >= quant_len:
+        r_lo, r_hi = load_halves(VR + (bh * res_cap + (n - quant_len))[:, None] * HEAD_DIM, kv_ok[:, None],
+                                 h[None, :], HALF, HEAD_DIM)
+        x_lo = r_lo.to(x_lo.dtype)
+        x_hi = r_hi.to(x_hi.dtype)
+        scale = scale * 0.0 + 1.0
+    return x_lo, x_hi, scale, low
