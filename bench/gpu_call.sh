@@ -52,9 +52,9 @@ for step in "$@"; do
     e2e8bb) run e2e8bb 470 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096,8x16384,8x32768,1x4096,1x32768 --eager-prefill --dynamic --methods kvpass-exact-static-ro,kvpass-int8 --new-tokens 8 --profile-steps 0 ;;
     e2e8bc) run e2e8bc 300 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768,8x4096,1x32768 --dynamic --methods kvpass-int4 --new-tokens 8 --profile-steps 0 ;;
     # the budgeted policies' decode step: general vs in place (lowering/slot_replacement.py), and the full cache
-    policystep) run policystep 150 python3 bench/policy_decode_step.py ;;
-    quant84s) run quant84s 150 python3 bench/attention_quant.py --schemes 8 4 --budget-s 80 --json $OUT/quant84s.json ;;
-    tests10) KVPASS_TEST_DEVICE=cuda run tests10 200 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "4 or int4 or in_place" ;;
+    policystep) run policystep 100 python3 bench/policy_decode_step.py ;;
+    quant84s) run quant84s 130 python3 bench/attention_quant.py --schemes 8 4 --budget-s 70 --json $OUT/quant84s.json ;;
+    tests10) KVPASS_TEST_DEVICE=cuda run tests10 150 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "4 or int4 or in_place" ;;
     *) echo "unknown step $step" ;;
   esac
 done
