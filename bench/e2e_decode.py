@@ -159,7 +159,7 @@ def loop_mask(batch: int, length: int, device, width: int | None = None) -> dict
     return {"attention_mask": mask}
 
 
-# ``--eager-prefill``: methods that keep HF's own cache (eager, Inductor) prefill through the uncompiled
+# ``--eager-prefill``: methods that keep HF's own cache (eager, Inductor, kvpass exact) prefill through the uncompiled
 # model and decode through the compiled one. Compiled, HF builds the 4-D causal mask from the 2-D one
 # ([B, 1, L, L]: it cannot look at the mask's values to skip it as eager does) and SDPA then runs a masked
 # kernel: Inductor's 8B prefill at 8 x 32k ran out of the H200's memory that way (2026-12-01). Eager HF
@@ -390,7 +390,7 @@ def main():
     ap.add_argument("--fit-batches", default="8,16", help="two batches the probe measures to predict the largest")
     ap.add_argument("--no-loop-mask", action="store_true", help="plain loop without an attention mask (old rows)")
     ap.add_argument("--eager-prefill", action="store_true",
-                    help="eager/Inductor methods prefill uncompiled (see EAGER_PREFILL); rows are marked")
+                    help="eager, Inductor and kvpass-exact methods prefill uncompiled (see EAGER_PREFILL); rows are marked")
     ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed decode steps per point")
     ap.add_argument("--generate-points", default="", help="with --generate: only these points (e.g. 8x32768)")
     ap.add_argument("--fit-tries", type=int, default=4, help="probe attempts beyond the predicted batch")
