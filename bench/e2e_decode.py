@@ -390,7 +390,7 @@ def main():
     ap.add_argument("--fit-batches", default="8,16", help="two batches the probe measures to predict the largest")
     ap.add_argument("--no-loop-mask", action="store_true", help="plain loop without an attention mask (old rows)")
     ap.add_argument("--eager-prefill", action="store_true",
-                    help="eager, Inductor and kvpass-exact methods prefill uncompiled (see EAGER_PREFILL); rows are marked")
+                    help="eager, Inductor, kvpass exact prefill uncompiled (EAGER_PREFILL); rows are marked")
     ap.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="untimed decode steps per point")
     ap.add_argument("--generate-points", default="", help="with --generate: only these points (e.g. 8x32768)")
     ap.add_argument("--fit-tries", type=int, default=4, help="probe attempts beyond the predicted batch")

@@ -60,9 +60,10 @@ def replace_step(fmt, q, state: State, old_length: int, new_k, new_v, attn_mask,
     fmt.storage.append(None, 0, new_k, new_v, new_rows)
     new_pos = torch.full((B, Hkv, 1), old_length, dtype=torch.long, device=q.device)
     old_score = state["score"]
+    visible_new = _visible(attn_mask, False, q.shape[2], length, new_pos, q.shape[1])
     c = Candidates(q, None, None, {}, torch.cat([state["pos"].long(), new_pos], 2),
                    torch.cat([old_score, old_score.new_zeros(B, Hkv, 1)], 2),
-                   torch.cat([old_score > NEVER, _visible(attn_mask, False, q.shape[2], length, new_pos, q.shape[1])], 2),
+                   torch.cat([old_score > NEVER, visible_new], 2),
                    attn_mask, False, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale), 1, length, False,
                    False, site)
     score = fmt.score(c).masked_fill(~c.visible, NEVER)
