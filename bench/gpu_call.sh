@@ -55,6 +55,8 @@ for step in "$@"; do
     policystep) run policystep 100 python3 bench/policy_decode_step.py ;;
     quant84s) run quant84s 130 python3 bench/attention_quant.py --schemes 8 4 --budget-s 70 --json $OUT/quant84s.json ;;
     tests10) KVPASS_TEST_DEVICE=cuda run tests10 150 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "4 or int4 or in_place" ;;
+    # whose recording fails when the same compiled function also ran the prefill: each method in its own process
+    robprobe) TAIL=30 run robprobe 170 bash -c 'E="python3 bench/e2e_decode.py --shapes llama3.2-1b --layers 2 --points 1x4096 --new-tokens 4 --profile-steps 0 --verbose"; for m in inductor-static-ro kvpass-exact-static-ro; do echo "## $m, compiled prefill"; timeout 80 $E --methods $m 2>&1 | grep -E "static-ro|Error|error" | grep -v "^W1" | tail -6; done' ;;
     *) echo "unknown step $step" ;;
   esac
 done
