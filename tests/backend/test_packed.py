@@ -306,3 +306,26 @@ def test_a_deep_copied_prompt_cache_serves_two_continuations(kv_bits):
         assert all(is_slot(layer.keys) for layer in first.layers)
         got_first, got_second, got_original = run(first), run(second), run(prompt_cache)
     assert torch.equal(got_first, got_original) and torch.equal(got_second, got_original)
+
+
+@pytest.mark.parametrize("kv_bits", ["16", "8"])
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "asl"])
+def test_in_place_policy_steps_give_the_general_steps_logits(monkeypatch, policy, kv_bits):
+    """Through an HF model with left padding: decode steps that replace the evicted slot in place
+    (``lowering/slot_replacement.py``, forced on for the CPU) give the general step's logits. Both attend over
+    the same kept rows (tests/lowering/test_slot_replacement.py checks them bit for bit), in another order, so
+    at 16 bits only fp32 reassociation separates them: 1e-5 relative, against errors of order 1 for a wrong token.
+    Quantized, that 1e-7 move of a layer's output can round a later layer's new row to the neighbouring code (seen:
+    equal codes, scales apart in the last bit, then 1.6e-4 in the logits), so the scheme's own allowance applies."""
+    from lowering import ops, policies
+    from lowering.formats import asl
+
+    runs = {}
+    for in_place in (False, True):
+        monkeypatch.setattr(policies, "REPLACE_IN_PLACE", in_place)
+        asl.reset()
+        before = ops.calls["policy_replace_in_place"]
+        runs[in_place] = _run(_options(kv_bits, policy=policy, budget=6), steps=5)[1]
+        served = ops.calls["policy_replace_in_place"] - before
+        assert (served > 0) == in_place, f"in-place steps: {served}"
+    assert _relative_error(runs[True], runs[False]) <= (1e-5 if kv_bits == "16" else 8 * RELATIVE_STEP[kv_bits])
