@@ -57,6 +57,10 @@ for step in "$@"; do
     tests10) KVPASS_TEST_DEVICE=cuda run tests10 150 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py tests/backend/test_packed.py -k "4 or int4 or in_place" ;;
     # whose recording fails when the same compiled function also ran the prefill: each method in its own process
     robprobe) TAIL=30 run robprobe 170 bash -c 'E="python3 bench/e2e_decode.py --shapes llama3.2-1b --layers 2 --points 1x4096 --new-tokens 4 --profile-steps 0 --verbose"; for m in inductor-static-ro kvpass-exact-static-ro; do echo "## $m, compiled prefill"; timeout 80 $E --methods $m 2>&1 | grep -E "static-ro|Error|error" | grep -v "^W1" | tail -6; done' ;;
+    # next session: the 8B rows still missing (bench/RESULTS.md, session 10), int4 with this session's kernel
+    e2e8bd) run e2e8bd 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768,8x4096,1x4096,1x32768 --dynamic --methods kvpass-int4,kvpass-int8 --new-tokens 8 --profile-steps 0 ;;
+    e2e8be) run e2e8be 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 1x4096,1x16384,1x32768,8x32768 --eager-prefill --dynamic --methods inductor-static-ro,kvpass-snapkv2048 --new-tokens 8 --profile-steps 0 ;;
+    fit8b) run fit8b 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096 --eager-prefill --methods inductor,kvpass-int4 --new-tokens 4 --profile-steps 0 --fit-context 32768 --fit-chunk 8192 --fit-batches 8,16 --fit-tries 1 ;;
     *) echo "unknown step $step" ;;
   esac
 done
