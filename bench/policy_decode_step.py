@@ -8,7 +8,9 @@ Each row: prefill ``--context`` tokens through the op (the policy selects ``--bu
 single-token decode steps, each fed the previous step's slots as HF's cache does; the time per step is
 wall time over the timed steps after ``--warmup`` untimed ones, synchronised (an eager call of the op, host
 time included: what a decode step without CUDA graphs pays per layer). ``full``: the exact cache
-(``policy="full"``, kv_bits 16) over the whole context, the same op path.
+(``policy="full"``, kv_bits 16) over the whole context, the same op path. Each in-place row is checked
+against the general row just run: the same kept positions (``same_kept``) and the last step's output
+(``max_out_diff``; the same rows in another order, so summation order alone).
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
 import lowering.formats  # noqa: E402,F401  (registers the formats; lowering.policies needs them)
 from bench.common import environment, format_table, write_json  # noqa: E402
 from lowering import ops, packed, policies  # noqa: E402
-from lowering.formats import FormatSpec  # noqa: E402
+from lowering.formats import FormatSpec, build_format  # noqa: E402
 
-COLUMNS = ["policy", "path", "context", "budget", "ms_per_step", "in_place_steps", "cache_MiB"]
+COLUMNS = ["policy", "path", "context", "budget", "ms_per_step", "in_place_steps", "cache_MiB", "same_kept",
+           "max_out_diff"]
 
 
 def sync(device):
@@ -37,8 +40,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(spec, q, k, v, context, steps, warmup, device) -> tuple[float, int, int]:
-    """(seconds per decode step, steps served in place, cache bytes after the run)."""
+def time_steps(spec, q, k, v, context, steps, warmup, device):
+    """(seconds per decode step, steps served in place, cache bytes after the run, the last step's output, the
+    kept positions at the end, sorted: what the in-place rows are checked against the general step's with)."""
     B, Hkv, _, D = k.shape
     empty = torch.empty(0, device=device)
     with torch.no_grad():  # prefill: 32 query rows (> 16: the prefill path), no mask, the policy selects
@@ -52,11 +56,15 @@ def time_steps(spec, q, k, v, context, steps, warmup, device) -> tuple[float, in
                 t0 = time.perf_counter()
             t = context + i
             past = packed.slot_view(kbuf, (B, Hkv, t, D)), packed.slot_view(vbuf, (B, Hkv, t, D))
-            _, kbuf, vbuf = torch.ops.kvpass.cache_attention(q[:, :, t:t + 1], *past, k[:, :, t:t + 1],
-                                                             v[:, :, t:t + 1], None, False, None, spec, "bench")
+            out, kbuf, vbuf = torch.ops.kvpass.cache_attention(q[:, :, t:t + 1], *past, k[:, :, t:t + 1],
+                                                               v[:, :, t:t + 1], None, False, None, spec, "bench")
         sync(device)
         elapsed = (time.perf_counter() - t0) / steps
-    return elapsed, ops.calls["policy_replace_in_place"] - before, packed.whole_buffer(kbuf).numel()
+    fmt, kept = build_format(spec), None
+    if not getattr(fmt, "grows_in_place", False):  # budgeted: the buffer is the layout of its length
+        sections = packed.views(packed.whole_buffer(kbuf), fmt.layout(B, Hkv, context + warmup + steps, D, D, q.dtype))
+        kept = sections["pos"].sort(-1).values
+    return elapsed, ops.calls["policy_replace_in_place"] - before, packed.whole_buffer(kbuf).numel(), out, kept
 
 
 def main():
@@ -84,12 +92,17 @@ def main():
         spec = FormatSpec(policy=policy, budget=None if policy == "full" else args.budget).to_json()
         saved, policies.REPLACE_IN_PLACE = policies.REPLACE_IN_PLACE, flag
         try:
-            seconds, served, nbytes = time_steps(spec, q, k, v, context, args.steps, args.warmup, device)
+            seconds, served, nbytes, out, kept = time_steps(spec, q, k, v, context, args.steps, args.warmup, device)
         finally:
             policies.REPLACE_IN_PLACE = saved
-        rows.append(dict(policy=policy, path=path, context=context, budget=args.budget if policy != "full" else "",
-                         ms_per_step=round(seconds * 1e3, 3), in_place_steps=served,
-                         cache_MiB=round(nbytes / 2**20, 1)))
+        row = dict(policy=policy, path=path, context=context, budget=args.budget if policy != "full" else "",
+                   ms_per_step=round(seconds * 1e3, 3), in_place_steps=served, cache_MiB=round(nbytes / 2**20, 1))
+        if flag:  # against the general step of the same policy, just run: the same kept tokens, the same output
+            row["same_kept"] = bool(torch.equal(kept, general[1]))
+            row["max_out_diff"] = f"{(out.float() - general[0].float()).abs().max().item():.1e}"
+        elif flag is False:
+            general = out, kept
+        rows.append(row)
         print(format_table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
     print()
     print(f"B={B} Hq={Hq} Hkv={Hkv} D={D} {dtype} on {device}; {args.steps} timed steps after {args.warmup}")

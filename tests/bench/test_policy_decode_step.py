@@ -14,7 +14,8 @@ def test_each_path_serves_the_steps_it_is_named_for(monkeypatch):
     spec = FormatSpec(policy="snapkv", budget=16).to_json()
     for flag, expected in ((False, 0), (True, 5)):
         monkeypatch.setattr(policies, "REPLACE_IN_PLACE", flag)
-        seconds, served, nbytes = bench.time_steps(spec, q, k, v, 40, 3, 2, "cpu")
+        seconds, served, nbytes, _, kept = bench.time_steps(spec, q, k, v, 40, 3, 2, "cpu")
         assert served == expected and seconds > 0
         # 16 kept rows of k and v (fp32, D=16) plus 8 bytes of position and score per row, per KV head
         assert nbytes == 2 * 16 * (2 * 16 * 4 + 8)
+        assert kept.shape == (1, 2, 16) and (kept.diff(dim=-1) > 0).all() and int(kept.max()) < 45
