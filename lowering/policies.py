@@ -29,11 +29,7 @@ chosen while enough attendable tokens exist), +inf for tokens the policy protect
 observation window), else the score; the kept set is the top ``hot`` keys, re-sorted by position.
 With budget >= L nothing is dropped and the step makes exactly the calls the dense format makes, on the
 same tensors and the model's own mask, so the output is bit for bit the full-cache one.
-
-Once the hot set is full, a one-token decode step of a policy whose decode scores need no rows
-(``replaces_in_place``: streaming, snapkv, asl) writes the new token over the evicted one in the slot's own
-buffer instead (``lowering/slot_replacement.py``; on CUDA, or where ``REPLACE_IN_PLACE`` says): the same
-kept set, its slots no longer in position order, which is why selection breaks ties by position.
+Full hot sets of ``replaces_in_place`` policies decode in place instead (``lowering/slot_replacement.py``).
 """
 from __future__ import annotations
 
@@ -57,8 +53,7 @@ NEVER = torch.finfo(torch.float32).min  # stored score of a token no query may a
 # Fused decode scoring (``lowering.scored_decode_attention``, policies with ``fused_scoring``): None = on
 # CUDA; tests set True to run the Triton kernels under TRITON_INTERPRET=1 on the CPU, False = reference.
 FUSED_SCORING: bool | None = None
-# Decode steps that replace the evicted slot in place (``lowering/slot_replacement.py``, formats with
-# ``replaces_in_place``): None = on CUDA; tests set True (CPU) or False (the general step everywhere).
+# In-place decode steps (``lowering/slot_replacement.py``): None = on CUDA; tests force True or False.
 REPLACE_IN_PLACE: bool | None = None
 # Prefill scoring by all queries (H2O) works on query chunks holding at most this many fp32 weights:
 # 2^26 * 4 B = 256 MB at 32k context instead of Lq * L * Hq * 4 B = 128 GB at once.
@@ -278,8 +273,7 @@ def _visible(attn_mask, is_causal, q_len: int, length: int, pos: torch.Tensor, q
 
 def select(key: torch.Tensor, hot: int, pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [B, H, N] of the keys in descending order: (first ``hot``, the rest). Equal keys: the lower
-    position first when ``pos`` is given (the hot set need not be in position order once decode steps have
-    replaced slots in place: ``lowering/slot_replacement.py``), else the lower index."""
+    position first given ``pos`` (slots replaced in place are out of position order), else the lower index."""
     if pos is None:
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices
         return order[..., :hot], order[..., hot:]
@@ -430,27 +424,18 @@ class BudgetedFormat:
 
     def attend_kept(self, q, state: State, pos: torch.Tensor, hot: int, length: int, attn_mask, scale,
                     site: str) -> torch.Tensor:
-        """A decode step's attention over the ``hot`` kept tokens (scheme sections ``state``, positions ``pos``),
-        with the model's mask gathered at their positions."""
+        """Attention over the ``hot`` kept tokens (sections ``state``), the model's mask gathered at ``pos``."""
         mask = attn_mask if hot == length else gather_model_mask(attn_mask, pos, q.shape[1], q.shape[2], length)
         if self.tolerance is None:
             return self.storage.decode_attention(q, state, hot, mask, scale)
         return self.bounded_decode_attention(q, state, hot, mask, scale, site)
 
-    # -- the in-place decode step (lowering/slot_replacement.py)
     replaces_in_place: bool = False  # decode scores from per-token metadata only (score, position, visibility)
-
     def decode_replacing(self, q, state: State, old_length: int, new_k, new_v, attn_mask, is_causal, scale,
                          site: str) -> torch.Tensor | None:
-        """A one-token decode step on a full hot set that writes the new token over the evicted one in
-        ``state`` (the slot's own sections), or None where the general step must run."""
-        enabled = q.is_cuda if REPLACE_IN_PLACE is None else REPLACE_IN_PLACE
-        if not (enabled and self.replaces_in_place and new_k.shape[2] == 1 and not is_causal
-                and q.shape[2] <= MAX_DECODE_QUERY_LEN and old_length >= self.budget):
-            return None
-        from lowering.slot_replacement import replace_step
-
-        return replace_step(self, q, state, old_length, new_k, new_v, attn_mask, scale, site)
+        """The in-place decode step on ``state`` (the slot's own sections), or None: ``slot_replacement``."""
+        from lowering.slot_replacement import decode_replacing
+        return decode_replacing(self, q, state, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
 
     def bounded_decode_attention(self, q, state: State, hot: int, mask, scale, site: str) -> torch.Tensor:
         """early_exit over the kept tokens (``lowering/early_exit.py``: the same bound and kernel as the

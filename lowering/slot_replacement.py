@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from lowering import stats
-from lowering.policies import MOVED_AS_BYTES, NEVER, Candidates, _visible, take
+from lowering import policies, stats
+from lowering.policies import MAX_DECODE_QUERY_LEN, MOVED_AS_BYTES, NEVER, Candidates, _visible, take
 from lowering.storage import State
 
 
@@ -46,6 +46,17 @@ def put(t: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, write: torch.Te
     write = write.reshape(*write.shape, *([1] * (t.dim() - 3)))
     src = torch.where(write, rows.to(t.dtype), take(t, slot))
     t.scatter_(2, slot.reshape(*slot.shape, *([1] * (t.dim() - 3))).expand_as(src), src)
+
+
+def decode_replacing(fmt, q, state: State, old_length: int, new_k, new_v, attn_mask, is_causal, scale,
+                     site: str) -> torch.Tensor | None:
+    """A one-token decode step of ``fmt`` on a full hot set, the new token written over the evicted one in
+    ``state``, or None where the general step must run (``policies.REPLACE_IN_PLACE``: None = on CUDA)."""
+    enabled = q.is_cuda if policies.REPLACE_IN_PLACE is None else policies.REPLACE_IN_PLACE
+    if not (enabled and fmt.replaces_in_place and new_k.shape[2] == 1 and not is_causal
+            and q.shape[2] <= MAX_DECODE_QUERY_LEN and old_length >= fmt.budget):
+        return None
+    return replace_step(fmt, q, state, old_length, new_k, new_v, attn_mask, scale, site)
 
 
 def replace_step(fmt, q, state: State, old_length: int, new_k, new_v, attn_mask, scale, site: str) -> torch.Tensor:
