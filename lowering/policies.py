@@ -298,12 +298,12 @@ def by_position(pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return idx.gather(-1, take(pos, idx).argsort(-1))
 
 
-def write_hot(c: Candidates, score: torch.Tensor, idx: torch.Tensor, out: State) -> None:
-    """Kept candidates ``idx`` [B, Hkv, hot] into the hot sections of ``out``, in position order."""
+def write_hot(c: Candidates, score: torch.Tensor, idx: torch.Tensor, out: State, rows=None) -> None:
+    """Kept candidates ``idx`` [B, Hkv, hot] into ``out`` by position; ``rows(idx)``: their sections (ADORE's cold)."""
     idx = by_position(c.pos, idx)
     c.extra["kept"] = idx  # the fused path attends over these candidates' stored scores
-    for name, t in c.stored.items():
-        out[name].copy_(take(t, idx))
+    for name, t in (rows(idx) if rows else {name: take(t, idx) for name, t in c.stored.items()}).items():
+        out[name].copy_(t)
     out["pos"].copy_(take(c.pos, idx))
     out["score"].copy_(take(score, idx))
 

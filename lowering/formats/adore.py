@@ -37,20 +37,25 @@ Time per decode step: one pass over the cold int8 keys (L - budget rows, a quart
 K+V bytes at bf16) for the scores, the hot keys once more for their weights (on CUDA with kv_bits=16 one
 fused pass reads hot keys and int8 cold codes once and the attention reuses its scores:
 ``lowering.scored_decode_attention``, 6.3x the reference at B=8, 2k hot + 30k cold on an H100), a sort of
-L scores, and the
-copy of the (already copied every step, by the packed design) buffer; attention itself reads budget
-tokens. Statistics per site (``kvpass.stats()``): ``kept``, ``released``, ``rebuilt``, ``cold_bytes``.
+L scores, and the int8 rewrite of the cold store into the step's new buffer (the packed design copies it
+every step); attention itself reads budget tokens. Cold rows are otherwise left where they are
+(``lazy_cold_rows``): only the rebuilt ones are dequantized and stored in the hot form, and the released
+rows are spliced as int8 codes, so no step materialises the cold store at full precision (the reference
+scoring's dequantized keys aside). CPU, fp32, one thread, B=2, Hq=32, Hkv=8, D=128, 16k tokens, budget
+2048: 0.54-0.57 s per step and layer, against 1.04 s when every cold row was spliced at full precision.
+Statistics per site (``kvpass.stats()``): ``kept``, ``released``, ``rebuilt``, ``cold_bytes``.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from lowering import stats
 from lowering.formats import register_format
-from lowering.policies import (BudgetedFormat, Candidates, by_position, candidate_bias, hot_layout, key_weights,
-                               select, take, write_hot)
+from lowering.policies import (MOVED_AS_BYTES, NEVER, BudgetedFormat, Candidates, by_position, candidate_bias,
+                               hot_layout, key_weights, select, take, write_hot)
 from lowering.storage.int8 import dequantize_rows, quantize_rows
 
 GAMMA = 0.9  # score memory of ~1 / (1 - GAMMA) = 10 steps: a token unused for 10 steps has lost 65% of its score
@@ -58,11 +63,36 @@ WINDOW = 32  # prefill: the last 32 prompt queries score the prompt (SnapKV's an
 COLD = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale", "cold_pos", "cold_score")
 
 
+def _splice(t: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor:
+    """Rows ``middle`` inserted into t [B, H, N, ...] before row ``at`` (the cold rows between old hot and new)."""
+    return torch.cat([t[:, :, :at], middle, t[:, :, at:]], 2)
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cold-store form of rows x: int8 codes (not quantize_rows' float32 ones: the cold sections are int8, and
+    the released rows are spliced and gathered in that form) and fp32 scales."""
+    codes, scale = quantize_rows(x)
+    return codes.to(torch.int8), scale
+
+
+def _where_rows(pick: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` where ``pick`` [B, H, K], else of ``b`` (both [B, H, K, ...])."""
+    if a.dtype in MOVED_AS_BYTES:  # no where kernel for float8: choose the bytes
+        return _where_rows(pick, a.view(torch.uint8), b.view(torch.uint8)).view(a.dtype)
+    return torch.where(pick.reshape(*pick.shape, *([1] * (a.dim() - 3))), a, b)
+
+
 @register_format("adore")
 class Adore(BudgetedFormat):
     policy = "adore"
     fused_scoring = True
     gamma = GAMMA
+    # Decode steps leave the cold rows in the cold store: the candidates' k, v and stored sections hold the
+    # old hot and new tokens only, the cold keys are dequantized for reference scoring alone (the fused
+    # kernel reads their codes) and only the rebuilt rows are converted to the hot form, O(budget) rows per
+    # step instead of O(L). A prefill over a compressed cache attends over every candidate, so it splices
+    # every cold row in; False does that on every step (the tests compare the two).
+    lazy_cold_rows = True
 
     @property
     def recent(self) -> int:
@@ -79,33 +109,66 @@ class Adore(BudgetedFormat):
         return layout
 
     def candidates(self, q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site) -> Candidates:
-        """Old hot, then the cold store, then the new tokens (so ``is_new`` stays the last n)."""
+        """Old hot, then the cold store, then the new tokens (so ``is_new`` stays the last n). The cold rows
+        themselves stay in the cold store unless the step is a prefill or ``lazy_cold_rows`` is off (class
+        docstring): ``c.k``, ``c.v`` and ``c.stored`` then hold the old hot and new candidates only."""
         c = super().candidates(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
-        hot_old = min(old_length, self.budget)
-        n_hot = hot_old  # candidates before the cold ones
-        if old is None or old_length == hot_old:
+        n_hot = min(old_length, self.budget)  # candidates before the cold ones
+        if old is None or old_length == n_hot:
             c.extra.update(regions=(n_hot, 0), int8=None)
             return c
-        cold_k = dequantize_rows(old["cold_k"], old["cold_k_scale"], q.dtype)
-        cold_v = dequantize_rows(old["cold_v"], old["cold_v_scale"], q.dtype)
-        B, Hkv, n_cold, _ = cold_k.shape
-        cold_stored = {name: torch.empty(shape, dtype=dt, device=q.device) for name, (shape, dt) in
-                       self.storage.layout(B, Hkv, n_cold, cold_k.shape[-1], cold_v.shape[-1], q.dtype).items()}
-        self.storage.append(None, 0, cold_k, cold_v, cold_stored)
-
-        def splice(t, middle):  # insert the cold rows between the old hot and the new candidates
-            return torch.cat([t[:, :, :n_hot], middle, t[:, :, n_hot:]], 2)
-
+        n_cold = old["cold_k"].shape[2]
+        splice = functools.partial(_splice, at=n_hot)
         # int8 form of every candidate, for the ones released now; the cold ones keep their bytes exactly
-        ks, vs = quantize_rows(c.k), quantize_rows(c.v)
+        ks, vs = _int8_rows(c.k), _int8_rows(c.v)
         int8 = {"cold_k": splice(ks[0], old["cold_k"]), "cold_k_scale": splice(ks[1], old["cold_k_scale"]),
-                      "cold_v": splice(vs[0], old["cold_v"]), "cold_v_scale": splice(vs[1], old["cold_v_scale"])}
-        return dataclasses.replace(
-            c, k=splice(c.k, cold_k), v=splice(c.v, cold_v),
-            stored={name: splice(t, cold_stored[name]) for name, t in c.stored.items()},
-            pos=splice(c.pos, old["cold_pos"].long()), score=splice(c.score, old["cold_score"]),
-            visible=splice(c.visible, old["cold_score"] > torch.finfo(torch.float32).min),
-            extra={"regions": (n_hot, n_cold), "int8": int8, "cold_k": (old["cold_k"], old["cold_k_scale"])})
+                "cold_v": splice(vs[0], old["cold_v"]), "cold_v_scale": splice(vs[1], old["cold_v_scale"])}
+        c = dataclasses.replace(
+            c, pos=splice(c.pos, old["cold_pos"].long()), score=splice(c.score, old["cold_score"]),
+            visible=splice(c.visible, old["cold_score"] > NEVER),
+            extra={"regions": (n_hot, n_cold), "int8": int8, "spliced": False,
+                   "cold_k": (old["cold_k"], old["cold_k_scale"]), "cold_v": (old["cold_v"], old["cold_v_scale"])})
+        return self._splice_cold_rows(c) if c.prefill or not self.lazy_cold_rows else c
+
+    def _splice_cold_rows(self, c: Candidates) -> Candidates:
+        """``c`` with every cold row dequantized into ``k``, ``v`` and ``stored`` (O(L) per step)."""
+        n_hot, _ = c.extra["regions"]
+        cold_k, cold_v = self._cold_rows(c, None)
+        stored = self._stored_form(cold_k, cold_v)
+        return dataclasses.replace(c, k=_splice(c.k, cold_k, n_hot), v=_splice(c.v, cold_v, n_hot),
+                                   stored={name: _splice(t, stored[name], n_hot) for name, t in c.stored.items()},
+                                   extra={**c.extra, "spliced": True})
+
+    def _cold_rows(self, c: Candidates, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the cold rows ``idx`` [B, Hkv, K] (all of them for None), dequantized."""
+        pick = (lambda t: t) if idx is None else (lambda t: take(t, idx))  # noqa: E731
+        return tuple(dequantize_rows(pick(codes), pick(scales), c.q.dtype)
+                     for codes, scales in (c.extra["cold_k"], c.extra["cold_v"]))
+
+    def _stored_form(self, k: torch.Tensor, v: torch.Tensor) -> State:
+        """Rows k, v [B, Hkv, K, D] in the hot storage scheme's sections."""
+        B, Hkv, n = k.shape[:3]
+        out = {name: torch.empty(shape, dtype=dt, device=k.device)
+               for name, (shape, dt) in self.storage.layout(B, Hkv, n, k.shape[-1], v.shape[-1], k.dtype).items()}
+        self.storage.append(None, 0, k, v, out)
+        return out
+
+    def _keys(self, c: Candidates) -> torch.Tensor:
+        """Keys of every candidate (the cold ones dequantized from their int8 rows), for reference scoring."""
+        n_hot, n_cold = c.extra["regions"]
+        if not n_cold or c.extra["spliced"]:
+            return c.k
+        return _splice(c.k, self._cold_rows(c, None)[0], n_hot)
+
+    def _kept_rows(self, c: Candidates, idx: torch.Tensor) -> State:
+        """Stored sections of the kept candidates ``idx`` [B, Hkv, K] when the cold rows were not spliced: old
+        hot and new ones taken from ``c.stored``, rebuilt cold ones converted from their int8 rows, only
+        those (O(budget)). Row for row what the spliced candidates hold: dequantizing and storing is per row."""
+        n_hot, n_cold = c.extra["regions"]
+        in_cold = (idx >= n_hot) & (idx < n_hot + n_cold)
+        local = torch.where(idx >= n_hot + n_cold, idx - n_cold, idx).clamp(max=c.k.shape[2] - 1)
+        rebuilt = self._stored_form(*self._cold_rows(c, (idx - n_hot).clamp(0, n_cold - 1)))
+        return {name: _where_rows(in_cold, rebuilt[name], take(t, local)) for name, t in c.stored.items()}
 
     def score(self, c: Candidates) -> torch.Tensor:
         if c.extra.get("fused"):  # decode on CUDA: one pass over hot keys and int8 cold codes
@@ -115,7 +178,7 @@ class Adore(BudgetedFormat):
             Lq = c.q.shape[2]
             rows = slice(Lq - min(WINDOW, Lq), Lq) if c.prefill else slice(None)
             bias = candidate_bias(c.attn_mask, c.is_causal, rows, Lq, c.length, c.pos, full, c.q.shape[1])
-            w = key_weights(c.q[:, :, rows], c.k, bias, c.scale, mean=True)
+            w = key_weights(c.q[:, :, rows], self._keys(c), bias, c.scale, mean=True)
         c.extra["weight_now"] = w
         return torch.where(c.is_new, w, self.gamma * c.score + (1 - self.gamma) * w)
 
@@ -137,16 +200,18 @@ class Adore(BudgetedFormat):
         if not n_cold:
             return [KeySegment(c.k)]
         codes, scales = c.extra["cold_k"]
-        return [KeySegment(c.k[:, :, :n_hot]), KeySegment(codes, scales), KeySegment(c.k[:, :, n_hot + n_cold:])]
+        new = c.k[:, :, n_hot + n_cold:] if c.extra["spliced"] else c.k[:, :, n_hot:]
+        return [KeySegment(c.k[:, :, :n_hot]), KeySegment(codes, scales), KeySegment(new)]
 
     def keep(self, c: Candidates, score: torch.Tensor, out) -> None:
         idx, rest = select(self.selection_key(c, score), min(c.length, self.budget))
-        write_hot(c, score, idx, out)
+        lazy = c.extra["regions"][1] and not c.extra["spliced"]
+        write_hot(c, score, idx, out, functools.partial(self._kept_rows, c) if lazy else None)
         n_hot, n_cold = c.extra["regions"]
         if rest.shape[-1]:
             rest = by_position(c.pos, rest)
             if c.extra["int8"] is None:  # no cold store yet: quantize the released candidates only
-                ks, vs = quantize_rows(take(c.k, rest)), quantize_rows(take(c.v, rest))
+                ks, vs = _int8_rows(take(c.k, rest)), _int8_rows(take(c.v, rest))
                 cold = {"cold_k": ks[0], "cold_k_scale": ks[1], "cold_v": vs[0], "cold_v_scale": vs[1]}
             else:
                 cold = {name: take(t, rest) for name, t in c.extra["int8"].items()}

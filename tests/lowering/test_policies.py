@@ -299,6 +299,34 @@ def test_adore_rebuilds_a_cold_token_that_becomes_dominant():
     assert site["cold_bytes"] == sum(state[n].numel() * state[n].element_size() for n in adore_mod.COLD)
 
 
+@pytest.mark.parametrize("kv_bits", [16, 8, "fp8", 4, "aligned"])
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), budget=st.integers(1, 20), group=st.sampled_from([1, 2, 4]))
+def test_adore_steps_that_leave_cold_rows_in_place_equal_the_spliced_steps(kv_bits, seed, budget, group):
+    """Decode steps that convert only the rebuilt cold rows (``Adore.lazy_cold_rows``, O(budget) rows) write
+    the same sections bit for bit and return the same output as steps that splice every cold row into the
+    candidates (O(L)): dequantizing and storing rows is per row, so the order of gather and conversion
+    cannot matter. Left padding, GQA, and a 20-token chunk over the compressed cache (the prefill path,
+    which splices either way) between single-token steps."""
+    q, k, v, _ = decode_sequence(group=group, seed=seed, prompt=30, steps=30, dtype=torch.bfloat16)
+    bounds = [(0, 30)] + [(t, t + 1) for t in range(30, 35)] + [(35, 55)] + [(t, t + 1) for t in range(55, 60)]
+    calls = []
+    for lo, hi in bounds:
+        mask = (torch.arange(hi)[None, :] <= torch.arange(lo, hi)[:, None])[None, None].repeat(2, 1, 1, 1)
+        mask[1, :, :, :5] = False  # row 1 left-padded by 5
+        calls.append((lo, hi, mask))
+    runs = {}
+    for lazy in (False, True):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(adore_mod.Adore, "lazy_cold_rows", lazy)
+            runs[lazy] = run_sequence(fmt_for("adore", budget, kv_bits), q, k, v, calls)
+    for t, ((lo, hi, _), a, sa, b, sb) in enumerate(zip(calls, *runs[False], *runs[True])):
+        assert torch.equal(a, b), f"kv_bits={kv_bits}, budget={budget}: output of step {t} (L={hi}) differs"
+        for name in sa:
+            assert torch.equal(sa[name].view(torch.uint8), sb[name].view(torch.uint8)), \
+                f"kv_bits={kv_bits}, budget={budget}: section {name} of step {t} (L={hi}) differs"
+
+
 @given(budget=st.integers(1, 1 << 16))
 def test_snapkv_window_leaves_most_of_the_budget_to_the_scores(budget):
     """The window's tokens are always kept: at most 1/8 of the budget (a window equal to the budget kept
