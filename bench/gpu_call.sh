@@ -61,6 +61,10 @@ for step in "$@"; do
     e2e8bd) run e2e8bd 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768,8x4096,1x4096,1x32768 --dynamic --methods kvpass-int4,kvpass-int8 --new-tokens 8 --profile-steps 0 ;;
     e2e8be) run e2e8be 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 1x4096,1x16384,1x32768,8x32768 --eager-prefill --dynamic --methods inductor-static-ro,kvpass-snapkv2048 --new-tokens 8 --profile-steps 0 ;;
     fit8b) run fit8b 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096 --eager-prefill --methods inductor,kvpass-int4 --new-tokens 4 --profile-steps 0 --fit-context 32768 --fit-chunk 8192 --fit-batches 8,16 --fit-tries 1 ;;
+    # session 11: ADORE's step without the full-precision cold splice, next to snapkv and the full cache (and the
+    # 1B end-to-end point it was 152 ms per token at)
+    adorestep) run adorestep 200 python3 bench/policy_decode_step.py --policies snapkv,adore --steps 16 ;;
+    e2eadore) run e2eadore 420 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768 --eager-prefill --methods kvpass-adore2048,kvpass-snapkv2048,kvpass-exact --new-tokens 16 --profile-steps 0 ;;
     *) echo "unknown step $step" ;;
   esac
 done
