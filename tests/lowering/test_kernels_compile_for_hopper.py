@@ -64,27 +64,37 @@ SPLIT_CONSTANTS = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=256, BLOCK_D=1
 FLOAT_ARGS = {"sm_scale", "skip_error", "value_bound", "half_tau"}
 
 
-def compile_case(name: str) -> int:
-    """Compile one case for sm_90; returns the cubin's size in bytes."""
+def compile_kernel(name: str, pointers=None, constants=None, options=None, divisible=()):
+    """Compile one case for sm_90 (``pointers`` / ``constants`` / ``options``: overrides; ``divisible``: arguments
+    the compiler may take as multiples of 16, as Triton's launcher specializes them: bench/kernel_sass.py);
+    returns Triton's compiled kernel."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    path, pointers, constants = CASES[name]
+    path, case_pointers, case_constants = CASES[name]
     module, attr = path.split(":")
     kernel = getattr(importlib.import_module(module), attr)
-    options = dict(num_warps=4, num_stages=3)
+    launch_options = dict(num_warps=4, num_stages=3)
+    case_pointers, case_constants = case_pointers or {}, case_constants
     if attr == "decode_attention_split_kernel":
-        pointers, constants = {**SPLIT_POINTERS, **(pointers or {})}, {**SPLIT_CONSTANTS, **constants}
-        if constants["KV_FORMAT"] == 2:  # the launcher's int4 options
-            options = dict(num_warps=2, num_stages=3)
+        case_pointers, case_constants = {**SPLIT_POINTERS, **case_pointers}, {**SPLIT_CONSTANTS, **case_constants}
+        if case_constants["KV_FORMAT"] == 2:  # the launcher's int4 options
+            launch_options = dict(num_warps=2, num_stages=3)
+    pointers = {**case_pointers, **(pointers or {})}
+    constants = {**case_constants, **(constants or {})}
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "fp32" if arg in FLOAT_ARGS else "i32")
                  for arg in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                              options=options)
-    return len(compiled.asm["cubin"])
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={**launch_options, **(options or {})})
+
+
+def compile_case(name: str) -> int:
+    """Compile one case for sm_90; returns the cubin's size in bytes."""
+    return len(compile_kernel(name).asm["cubin"])
 
 
 @pytest.mark.parametrize("name", list(CASES))
