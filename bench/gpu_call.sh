@@ -61,6 +61,9 @@ for step in "$@"; do
     e2e8bd) run e2e8bd 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x32768,8x4096,1x4096,1x32768 --dynamic --methods kvpass-int4,kvpass-int8 --new-tokens 8 --profile-steps 0 ;;
     e2e8be) run e2e8be 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 1x4096,1x16384,1x32768,8x32768 --eager-prefill --dynamic --methods inductor-static-ro,kvpass-snapkv2048 --new-tokens 8 --profile-steps 0 ;;
     fit8b) run fit8b 575 python3 bench/e2e_decode.py --shapes llama3-8b --points 8x4096 --eager-prefill --methods inductor,kvpass-int4 --new-tokens 4 --profile-steps 0 --fit-context 32768 --fit-chunk 8192 --fit-batches 8,16 --fit-tries 1 ;;
+    # 2026-12-05 session 11 (CPU only, not yet timed): int4 keys by the folded query's int8 split. Its timing at the
+    # issue's three shapes against the dequantized keys (4-dequant) and SDPA bf16, then the int4 CUDA tests.
+    int4split) run int4split 480 bash -c "python3 bench/attention_quant.py --schemes 4 4-dequant --budget-s 150 --json $OUT/int4split.json; KVPASS_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py -k 'int4 or folded or 4'" ;;
     *) echo "unknown step $step" ;;
   esac
 done
