@@ -4,13 +4,15 @@ The cases and their compilation are those of tests/lowering/test_kernels_compile
 the counts describe what the test compiles). Run with the GPU image's Triton (3.6) in a process without
 TRITON_INTERPRET, e.g.
 
-    python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install -q triton==3.6.0
+    python -m venv --system-site-packages /tmp/t36
+    /tmp/t36/bin/pip install -q triton==3.6.0
     /tmp/t36/bin/python bench/kernel_sass.py "decode split, int4, bf16"
-    /tmp/t36/bin/python bench/kernel_sass.py "decode split, int4, bf16" --set BLOCK_N=64 --set MASK_KIND=0
+    /tmp/t36/bin/python bench/kernel_sass.py "decode split, int4, bf16" --set SPLIT_QUERY=False --dump /tmp/a.sass
 
 The main loop is the longest range between a backward branch and its target (Triton's pipelined key loop;
 everything inside it is unrolled); its "hot path" leaves out the blocks warp-uniform branches skip (int4's
-residual-window tile), so it is what a warp issues per key tile of codes.
+residual-window tile), so it is what a warp issues per key tile of codes; "steady" also leaves out long blocks that branches inside
+convergence regions skip (int4's lazy rescale: check in --dump that they are the rare path).
 """
 from __future__ import annotations
 
@@ -62,16 +64,20 @@ def main_loop(code: list[Instruction]) -> list[Instruction]:
     return best
 
 
-def hot_path(loop: list[Instruction]) -> list[Instruction]:
+def hot_path(loop: list[Instruction], min_divergent: int | None = None) -> list[Instruction]:
     """``loop`` without the blocks that predicated forward branches outside convergence regions (BSSY .. BSYNC)
     jump over: a warp-uniform ``if`` such as int4's residual-window tile, which runs for one tile of a split.
-    Branches inside BSSY regions are per-lane (a lane storing a reduction's result): the warp issues those."""
+    Branches inside BSSY regions are taken per lane (a lane storing a reduction's result): the warp issues
+    those blocks, unless ``min_divergent`` is given and the block has at least that many instructions (the
+    compiler wraps a uniform branch it cannot prove uniform, e.g. int4's lazy rescale, in BSSY too)."""
     skipped, depth = [], 0
     for ins in loop:
         depth += (ins[2] == "BSSY") - (ins[2] == "BSYNC")
         target = _branch_target(ins)
-        if ins[1] and target is not None and target > ins[0] and depth == 0:
-            skipped.append((ins[0], target))
+        if ins[1] and target is not None and target > ins[0]:
+            size = sum(ins[0] < x[0] < target for x in loop)
+            if depth == 0 or (min_divergent is not None and size >= min_divergent):
+                skipped.append((ins[0], target))
     return [x for x in loop if not any(a < x[0] < t for a, t in skipped)]
 
 
@@ -140,8 +146,10 @@ def main(argv=None) -> None:
     code = instructions(text)
     loop = main_loop(code)
     hot = hot_path(loop)
+    steady = hot_path(loop, min_divergent=16)
     print(f"{args.case} {constants or ''} {options or ''}")
     print(f"total {len(code)}  loop {len(loop)}  hot path {len(hot)} (loop without uniform skipped blocks)  "
+          f"steady {len(steady)} (also without blocks of >= 16 in convergence regions)  "
           f"shared {compiled.metadata.shared} B")
     print("hot path opcodes:")
     for op, count in histogram(hot).most_common(args.top):

@@ -45,9 +45,8 @@ Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), c
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
 Halves, bf16 codes by bit pattern, fma dequantization and pipelined group scales cut the int4 loop from
 1748 to 1196 instructions per warp and 32-key tile (sm_90 SASS of Triton 3.6, bf16, D=128; 2026-12-02).
-With ``SPLIT_QUERY`` (16-bit dtypes, D > 32) int4 keys skip the dequantization: each group's scales fold into
-the ``FOLD_ROWS`` real query rows, split to int8 parts, and the codes go to int8 MMAs as bytes
-(``lowering/kernels/int4_keys.py``; 1121 -> 1040 loop instructions, session 11).
+With ``SPLIT_QUERY`` (16-bit dtypes, D > 32) each key group's scales fold into the ``FOLD_ROWS`` real query
+rows, split to int8 parts for int8 MMAs of the raw codes (``int4_keys.py``; loop 1121 -> 1040, session 11).
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
 loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
 both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.
@@ -330,43 +329,44 @@ def decode_attention_split_kernel(
             c_blk = tl.where(read_low, 0.0, c_blk)
             v = (v_code * v_step[:, None]).to(dtype)
 
-        m_new = tl.maximum(m_i, _max(s, axis=1))
-        # Rows with nothing attended yet keep m = -inf; shift them by 0 to avoid -inf - -inf.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - shift)
-        p = tl.exp(s - shift[:, None])
-        l_i = l_i * alpha + _sum(p, axis=1)
-        p_v = p  # the weights of the PV product; packed formats may fold their value scales in below
-        if KV_FORMAT == 3:
-            # A skipped block kept the high-part scores, so its e_blk, c_blk are in this frame.
-            e_i = e_i * alpha + e_blk
-            c_i = c_i * alpha + c_blk
-            w_i = w_i * alpha + _sum(p * amp[None, :], axis=1)
-        elif KV_FORMAT == 1:
-            # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
-            # p * scale_v to the dtype in place of the rounding of p.
-            if VALUE_BLOCK:
-                v = _load_code_blocks(v_base, n0, end, d, d_ok, stride_vn, dtype, UPCAST_DOT, BLOCK_N, BLOCK_D,
-                                      VALUE_BLOCK)
-            else:
-                v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
-            v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
-            if FOLD_V_SCALE:
-                p_v = p * v_scale[None, :]
-            else:
-                # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
-                # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
-                v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
-        elif KV_FORMAT != 2:
-            v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         if KV_FORMAT == 2:  # values c * scale_v + min_v per token, folded (residual: scale 1, min 0)
-            acc, acc_hi, min_i = int4_tiles.accumulate_values(p, alpha, acc, acc_hi, min_i, VS, VZ, VR, v_base, bh64,
-                                                              n0, n, kv_ok, h, stride_vn, quant_len, rows_cap,
-                                                              res_cap, dtype, HEAD_DIM, DOT_PRECISION, UPCAST_DOT,
-                                                              FOLD_V_SCALE)
+            m_i, l_i, acc, acc_hi, min_i, p = int4_tiles.lazy_softmax(s, m_i, l_i, acc, acc_hi, min_i)
+            acc, acc_hi, min_i = int4_tiles.accumulate_values(p, acc, acc_hi, min_i, VS, VZ, VR, v_base, bh64, n0, n,
+                                                              kv_ok, h, stride_vn, quant_len, rows_cap, res_cap,
+                                                              dtype, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, FOLD_V_SCALE)
         else:
+            m_new = tl.maximum(m_i, _max(s, axis=1))
+            # Rows with nothing attended yet keep m = -inf; shift them by 0 to avoid -inf - -inf.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - shift)
+            p = tl.exp(s - shift[:, None])
+            l_i = l_i * alpha + _sum(p, axis=1)
+            p_v = p  # the weights of the PV product; packed formats may fold their value scales in below
+            if KV_FORMAT == 3:
+                # A skipped block kept the high-part scores, so its e_blk, c_blk are in this frame.
+                e_i = e_i * alpha + e_blk
+                c_i = c_i * alpha + c_blk
+                w_i = w_i * alpha + _sum(p * amp[None, :], axis=1)
+            elif KV_FORMAT == 1:
+                # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
+                # p * scale_v to the dtype in place of the rounding of p.
+                if VALUE_BLOCK:
+                    v = _load_code_blocks(v_base, n0, end, d, d_ok, stride_vn, dtype, UPCAST_DOT, BLOCK_N, BLOCK_D,
+                                          VALUE_BLOCK)
+                else:
+                    v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
+                v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
+                if FOLD_V_SCALE:
+                    p_v = p * v_scale[None, :]
+                else:
+                    # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
+                    # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
+                    v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
+            else:
+                v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
+                            other=0.0)
             acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+            m_i = m_new
 
     if KV_FORMAT == 3:
         tl.atomic_add(Stats, low_tokens.to(tl.int64))

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from lowering.kernels import int4_keys
-from lowering.kernels.reductions import _mma, _mma_acc, _sum
+from lowering.kernels.reductions import _max, _mma, _mma_acc, _sum
 
 
 @triton.jit
@@ -158,23 +158,46 @@ def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, ro
     return x_lo, x_hi, scale, low
 
 
+# Lazy rescaling (as FlashAttention-4): a row's frame m_i moves only when a tile's scores pass it by more than
+# this (natural log), so weights stay <= e^8 (bf16 / fp16 products and fp32 sums hold them) and most tiles skip
+# the rescale of l, the output halves and the minima's sum (a warp-uniform branch).
+LAZY_RESCALE = tl.constexpr(8.0)
+
+
 @triton.jit
-def accumulate_values(p, alpha, acc_lo, acc_hi, min_i, VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len,
+def lazy_softmax(s, m_i, l_i, acc_lo, acc_hi, min_i):
+    """This tile's weights p = exp(s - m_i) [BLOCK_M, BLOCK_N] and the running state, the frame m_i moved (and
+    l_i, the output halves, sum p . min_v rescaled) only when some row's scores pass it by ``LAZY_RESCALE``:
+    (m_i, l_i, acc_lo, acc_hi, min_i, p). Rows with nothing attended keep m = -inf and weights 0."""
+    m_tile = _max(s, axis=1)
+    if _max((m_tile > m_i + LAZY_RESCALE).to(tl.int32), axis=0) > 0:
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        l_i = l_i * alpha
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        min_i = min_i * alpha
+        m_i = m_new
+    p = tl.exp(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    return m_i, l_i + _sum(p, axis=1), acc_lo, acc_hi, min_i, p
+
+
+@triton.jit
+def accumulate_values(p, acc_lo, acc_hi, min_i, VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len,
                       rows_cap, res_cap, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                       UPCAST: tl.constexpr, FOLD_V_SCALE: tl.constexpr):
-    """The output halves and sum_j p_j min_j rescaled by ``alpha`` [BLOCK_M] plus this tile's weights ``p``
-    [BLOCK_M, BLOCK_N] (fp32): acc += (p * scale_v) @ c_v, min_i += p . min_v, the codes 0..15 exact in the
-    dtype, the MMAs accumulating into the rescaled halves (1196 -> 1177 loop instructions, session 10); fp16
-    (not ``FOLD_V_SCALE``, see the kernel's KV_SCALED_ROWS): dequantized tiles, as the scheme's dequantize."""
+    """The output halves and sum_j p_j min_j plus this tile's weights ``p`` [BLOCK_M, BLOCK_N] (fp32, in their
+    frame: ``lazy_softmax``): acc += (p * scale_v) @ c_v, min_i += p . min_v, the codes 0..15 exact in the dtype;
+    fp16 (not ``FOLD_V_SCALE``, see the kernel's KV_SCALED_ROWS): dequantized tiles, as the scheme's dequantize."""
     v_lo, v_hi, v_scale, v_min = load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap,
                                              res_cap, DTYPE, HEAD_DIM, UPCAST)
     if FOLD_V_SCALE:
         p_v = (p * v_scale[None, :]).to(DTYPE)
-        min_i = min_i * alpha + _sum(p * v_min[None, :], axis=1)
+        min_i = min_i + _sum(p * v_min[None, :], axis=1)
     else:
         p_v = p.to(DTYPE)
         v_lo = dequantize(v_lo, v_scale[:, None], v_min[:, None], DTYPE, UPCAST)
         v_hi = dequantize(v_hi, v_scale[:, None], v_min[:, None], DTYPE, UPCAST)
-    acc_lo = _mma_acc(p_v, v_lo, acc_lo * alpha[:, None], PRECISION, UPCAST)
-    acc_hi = _mma_acc(p_v, v_hi, acc_hi * alpha[:, None], PRECISION, UPCAST)
+    acc_lo = _mma_acc(p_v, v_lo, acc_lo, PRECISION, UPCAST)
+    acc_hi = _mma_acc(p_v, v_hi, acc_hi, PRECISION, UPCAST)
     return acc_lo, acc_hi, min_i

@@ -69,8 +69,9 @@ def test_kernel_across_the_residual_boundary(length, chunks, block_n):
 
 @needs_kernel
 @settings(max_examples=25, deadline=None)
-@given(problem=kt.decode_problems(head_dims=(33, 64, 128), dtypes=(torch.bfloat16, torch.float16), q_lens=st.integers(1, 3),
-                                  kv_lens=st.integers(1, 3 * G + 7), causal=(False,), device=DEVICE),
+@given(problem=kt.decode_problems(head_dims=(33, 64, 128), dtypes=(torch.bfloat16, torch.float16),
+                                  q_lens=st.integers(1, 3), kv_lens=st.integers(1, 3 * G + 7), causal=(False,),
+                                  device=DEVICE),
        block_n=st.sampled_from((G // 2, G)))
 def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
     """The split path (16-bit dtypes, D > 32): keys scored by int8 MMAs of the query folded with each group's
@@ -89,12 +90,14 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
     from lowering.kernels.decode_attention import KV_INT4
 
     scheme = SCHEMES["4"]
-    assert [scheme.splits_query(t, 128) for t in (torch.bfloat16, torch.float16, torch.float32)] == [True, True, False]
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    assert [scheme.splits_query(t, 128) for t in dtypes] == [True, True, False]
     assert [scheme.splits_query(torch.bfloat16, d) for d in (32, 33)] == [False, True]
     kv = KVOperands(None, None, 1, KV_INT4, ())
     assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [True, True, True]
     q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
-    state = pack(scheme, torch.zeros(1, 1, G, 64, dtype=torch.bfloat16), torch.zeros(1, 1, G, 64, dtype=torch.bfloat16))
+    zeros = torch.zeros(1, 1, G, 64, dtype=torch.bfloat16)
+    state = pack(scheme, zeros, zeros)
     assert scheme.kernel_operands(q, state, G).split_query
     assert not scheme.kernel_operands(q.float(), state, G).split_query
 
