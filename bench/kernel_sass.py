@@ -151,8 +151,8 @@ def main(argv=None) -> None:
     print(f"total {len(code)}  loop {len(loop)}  hot path {len(hot)} (loop without uniform skipped blocks)  "
           f"steady {len(steady)} (also without blocks of >= 16 in convergence regions)  "
           f"shared {compiled.metadata.shared} B")
-    print("hot path opcodes:")
-    for op, count in histogram(hot).most_common(args.top):
+    print("steady path opcodes:")
+    for op, count in histogram(steady).most_common(args.top):
         print(f"  {count:5d}  {op}")
 
 

@@ -16,6 +16,8 @@ import pytest
 
 # int4's pointers and constexprs over the split kernel's (below): codes as bytes, scales in the model's dtype.
 INT4_POINTERS = {"K": "*u8", "V": "*u8", "KS": "*bf16", "VS": "*bf16", "Mask": "*bf16"}
+INT4_FP16_POINTERS = {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp16", "VS": "*fp16", "KZ": "*fp16",
+                      "VZ": "*fp16", "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"}
 INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=True,
                       FOLD_ROWS=4, VALUE_BLOCK=0, SPLIT_OUTPUT=True)  # keys by the folded query's int8 split
 # (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, int4's, and the merge. The split
@@ -40,17 +42,19 @@ CASES = {
         "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=True, HEAD_DIM=16, BLOCK_D=16, ROTATE_STAGES=4, ROTATE_SHIFT=2, SPLIT_QUERY=False)),
     # int4 (KIVI): one-group tiles of the launcher's rule, HF's per-key additive mask, bf16 and fp16 (dequantized
-    # value tiles); keys by the folded query's split (GQA 4: 4 fold rows), and dequantized (fp32's, D <= 32's path).
+    # value tiles); keys by the folded query's split (GQA 4: 4 fold rows), and dequantized (fp32's, D <= 64's path).
     "decode split, int4, bf16": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_POINTERS, INT4_CONSTANTS),
     "decode split, int4, bf16, dequantized keys": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_POINTERS,
         {**INT4_CONSTANTS, "SPLIT_QUERY": False}),
     "decode split, int4, fp16, odd head dim, one split": (
-        "lowering.kernels.decode_attention:decode_attention_split_kernel",
-        {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp16", "VS": "*fp16", "KZ": "*fp16", "VZ": "*fp16",
-         "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"},
-        {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False}),
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_FP16_POINTERS,
+        {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False,
+         "SPLIT_QUERY": False}),
+    "decode split, int4, fp16, odd head dim, split query": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_FP16_POINTERS,
+        {**INT4_CONSTANTS, "HEAD_DIM": 65, "BLOCK_D": 128, "FOLD_V_SCALE": False}),
     "quantize rows into token blocks": (
         "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16)),

@@ -69,12 +69,12 @@ def test_kernel_across_the_residual_boundary(length, chunks, block_n):
 
 @needs_kernel
 @settings(max_examples=25, deadline=None)
-@given(problem=kt.decode_problems(head_dims=(33, 64, 128), dtypes=(torch.bfloat16, torch.float16),
+@given(problem=kt.decode_problems(head_dims=(65, 96, 128), dtypes=(torch.bfloat16, torch.float16),
                                   q_lens=st.integers(1, 3), kv_lens=st.integers(1, 3 * G + 7), causal=(False,),
                                   device=DEVICE),
        block_n=st.sampled_from((G // 2, G)))
 def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
-    """The split path (16-bit dtypes, D > 32): keys scored by int8 MMAs of the query folded with each group's
+    """The split path (16-bit dtypes, D > 64): keys scored by int8 MMAs of the query folded with each group's
     scales, against the float64 oracles over the exact keys with the scheme's score bound (check_scheme);
     GQA and speculative rows (fold rows > 4 and < 16), masks, residual windows, half-group tiles."""
     from lowering.decode_attention import DecodeAttentionConfig
@@ -84,19 +84,19 @@ def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
 
 
 def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
-    """The scheme offers it at 16-bit dtypes with D > 32 (int8 MMAs reduce over >= 32 channels of a half);
-    the launcher's int4 rule takes it in every regime (bench/RESULTS.md, session 11)."""
+    """The scheme offers it at 16-bit dtypes with D > 64 (below, the fold costs more than the dequantization it
+    saves); the launcher's int4 rule takes it in every regime (bench/RESULTS.md, session 11)."""
     from lowering.decode_attention import KVOperands, packed_config
     from lowering.kernels.decode_attention import KV_INT4
 
     scheme = SCHEMES["4"]
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
     assert [scheme.splits_query(t, 128) for t in dtypes] == [True, True, False]
-    assert [scheme.splits_query(torch.bfloat16, d) for d in (32, 33)] == [False, True]
+    assert [scheme.splits_query(torch.bfloat16, d) for d in (64, 65)] == [False, True]
     kv = KVOperands(None, None, 1, KV_INT4, ())
     assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [True, True, True]
-    q = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16)
-    zeros = torch.zeros(1, 1, G, 64, dtype=torch.bfloat16)
+    q = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16)
+    zeros = torch.zeros(1, 1, G, 128, dtype=torch.bfloat16)
     state = pack(scheme, zeros, zeros)
     assert scheme.kernel_operands(q, state, G).split_query
     assert not scheme.kernel_operands(q.float(), state, G).split_query
