@@ -98,17 +98,22 @@ class Int4Kivi:
     # kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
     split_query = True
 
-    def splits_query(self, dtype: torch.dtype, dim: int) -> bool:
+    def splits_query(self, dtype: torch.dtype, dim: int, rows: int) -> bool:
         """Whether the kernel scores keys by the folded query's int8 split: 16-bit dtypes (fp32 keeps its exact
-        dequantized keys) and D > 64. The fold's cost per group is fixed (row reductions, four query operands
-        through shared memory), the dequantization it saves grows with D: sm_90 SASS steady path per 32-key
-        tile with / without the split, bf16: D=64 691 / 664, D=128 841 / 913, D=256 1260 / ~1500 (session 11)."""
-        return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 64
+        dequantized keys), D > 64 and at most 8 query rows per KV head (GQA ratio x Lq: the fold's rows then fill
+        at most half of the MMA's 16, ``int4_keys._stacked_parts``). The fold costs per group and row, the
+        dequantization it saves grows with D: sm_90 SASS steady path per 32-key tile with / without the split,
+        bf16 (session 11): D=128 GQA 4 791 / 913, GQA 8 853 / 874, GQA 16 (a 16-row fold) 1047 / 909; D=64 GQA 4
+        691 / 664 (before the stacked operand)."""
+        return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 64 and rows <= 8
 
-    def kernel_keys(self, state: State, length: int, dtype: torch.dtype):
-        """The keys the kernel's scores are within ``kernel_score_error`` of, float64 [B, Hkv, L, D]: exact
-        c * scale + min, the residual as stored (None: the kernel dequantizes keys as ``dequantize`` does)."""
-        if not self.splits_query(dtype, state["k_res"].shape[-1]):
+    def _splits(self, q: torch.Tensor, state: State) -> bool:
+        return self.splits_query(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1] * q.shape[2])
+
+    def kernel_keys(self, q: torch.Tensor, state: State, length: int):
+        """The keys the kernel's scores for ``q`` are within ``kernel_score_error`` of, float64 [B, Hkv, L, D]:
+        exact c * scale + min, the residual as stored (None: the kernel dequantizes keys as ``dequantize`` does)."""
+        if not self._splits(q, state):
             return None
         codes, scale, low = self._key_groups(state)
         return torch.cat([codes * scale + low, state["k_res"].double()], 2)
@@ -123,7 +128,7 @@ class Int4Kivi:
         kernel's centred c - 8 for the high one); the integer dots are exact, and the fp32 conversions, the sum
         q . (min + 8 scale over the high half) and the final add err by < (D + 8) 2^-24 sum_d |q_d| (|c'_jd
         scale_d| + |min_d| + 8 scale_d). 0 on the residual window (its scores are the bf16 MMA's)."""
-        if not self.splits_query(q.dtype, q.shape[-1]):
+        if not self._splits(q, state):
             return None
         codes, scale, low = self._key_groups(state)
         B, H, quant, D = codes.shape
@@ -241,7 +246,7 @@ class Int4Kivi:
                           tuple(state[n] for n in ("k_scale", "v_scale", "k_min", "v_min", "k_res", "v_res")),
                           quant_len=quant, res_len=res, quant_group=GROUP, rows_cap=state["v_scale"].stride(1),
                           res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]),
-                          split_query=self.splits_query(q.dtype, q.shape[-1]))
+                          split_query=self._splits(q, state))
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

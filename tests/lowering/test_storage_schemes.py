@@ -84,7 +84,7 @@ def quantization_bound(problem, ek, ev) -> torch.Tensor:
     return grouped_matmul(w, p.v.to(F64).abs()) + grouped_matmul(probs + w, ev)
 
 
-def kernel_dequantized(scheme, state, length, dtype, **options):
+def kernel_dequantized(scheme, state, length, dtype, query=None, **options):
     """The values the kernel attends over: ``dequantize`` (fp32 product rounded to the dtype), except that
     Triton's CPU interpreter truncates fp32 to bf16 instead of rounding (kvpass.testing.tolerance), so
     under it bf16 tiles are the fp32 values truncated.
@@ -98,8 +98,8 @@ def kernel_dequantized(scheme, state, length, dtype, **options):
     product, u p_j scale_j |c_jd| = u p_j |v_jd|, the model's "p rounding" term. fp16 values excepted:
     there the kernel dequantizes value tiles as before (``FOLD_V_SCALE``).
 
-    int4 keys scored by the folded query's split (``kernel_keys``): the exact keys, the scores' error given
-    by ``kernel_score_error`` (``split_query_allowance``)."""
+    int4 keys scored by the folded query's split (``kernel_keys`` of ``query``): the exact keys, the scores'
+    error given by ``kernel_score_error`` (``split_query_allowance``)."""
     if getattr(scheme, "kernel_attends_over_products", False):
         k, v = scheme.dequantize(state, length, torch.float32, **options)
         if dtype == torch.float16:  # fp16 keeps dequantized value tiles (subnormal p * scale_v otherwise)
@@ -110,7 +110,7 @@ def kernel_dequantized(scheme, state, length, dtype, **options):
     else:
         k, v = tuple((x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
                      for x in scheme.dequantize(state, length, torch.float32, **options))
-    exact_keys = getattr(scheme, "kernel_keys", lambda *args: None)(state, length, dtype)
+    exact_keys = None if query is None else getattr(scheme, "kernel_keys", lambda *args: None)(query, state, length)
     return (k, v) if exact_keys is None else (exact_keys, v)
 
 
@@ -202,7 +202,7 @@ def check_scheme(key, problem, chunks=None, config=None):
     assume(refusal is None)  # such inputs take the reference path (test_cpu_reference_path_...)
     raw, stored = stored_domain(scheme, problem)
     L = problem.kv_len
-    kd, vd = kernel_dequantized(raw, state, L, problem.dtype)
+    kd, vd = kernel_dequantized(raw, state, L, problem.dtype, query=stored.q)
     vd, tolerance = kernel_tolerance(raw, state, L, dataclasses.replace(stored, k=kd, v=vd))
     deq = dataclasses.replace(stored, k=kd, v=vd)
     ref_deq = kt.quantized_attention(stored, lambda k: kd, lambda v: vd)
