@@ -109,7 +109,7 @@ PACKED_RULES = {
                      split_query=regime != "tiny")
         for regime in RULE_CONFIGS},
     # int4 keys by int8 MMAs of the folded query (lowering/kernels/int4_keys.py) wherever the scheme offers it
-    # (16-bit, D > 64, <= 8 query rows per KV head), in every regime: its setup is one query load (sm_90 SASS at
+    # (16-bit, D > 32, <= 8 query rows per KV head), in every regime: its setup is one query load (sm_90 SASS at
     # D=128, GQA 4: steady path 962 -> 791 with the lazy rescaling; session 11, not yet timed on a GPU).
     kernels.KV_INT4: {
         regime: dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=8 if regime == "small" else 4,

@@ -9,10 +9,10 @@ shared-memory reads).
 
 Key tiles lie in one key group (the launcher caps BLOCK_N at it), so their scales and minima are one [D] row
 each. With ``INT_KEYS`` (the kernel's SPLIT_QUERY) the scales fold into the query's real rows and the codes go to
-int8 MMAs unconverted (``lowering/kernels/int4_keys.py``); otherwise (fp32, head dims <= 64) keys are dequantized
-in registers by one fma in the dtype (``dequantize``), codes built as bit patterns (``_codes_16bit``). Folding
-into all 16 padded rows, in floating point, measured worse (session 10: as many elements per thread and tile as
-the key tile itself); 4 rows and integer MMAs measured better (session 11; bench/RESULTS.md).
+int8 MMAs unconverted (``lowering/kernels/int4_keys.py``); otherwise (fp32, D <= 32, > 8 query rows) keys are
+dequantized in registers by one fma in the dtype (``dequantize``), codes built as bit patterns (``_codes_16bit``).
+Folding into all 16 padded rows, in floating point, measured worse (session 10: as many elements per thread and
+tile as the key tile itself); 4 rows and integer MMAs measured better (session 11; bench/RESULTS.md).
 """
 
 import triton

@@ -100,12 +100,11 @@ class Int4Kivi:
 
     def splits_query(self, dtype: torch.dtype, dim: int, rows: int) -> bool:
         """Whether the kernel scores keys by the folded query's int8 split: 16-bit dtypes (fp32 keeps its exact
-        dequantized keys), D > 64 and at most 8 query rows per KV head (GQA ratio x Lq: the fold's rows then fill
-        at most half of the MMA's 16, ``int4_keys._stacked_parts``). The fold costs per group and row, the
-        dequantization it saves grows with D: sm_90 SASS steady path per 32-key tile with / without the split,
-        bf16 (session 11): D=128 GQA 4 791 / 913, GQA 8 853 / 874, GQA 16 (a 16-row fold) 1047 / 909; D=64 GQA 4
-        691 / 664 (before the stacked operand)."""
-        return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 64 and rows <= 8
+        dequantized keys), D > 32 (int8 MMAs reduce over a channel half of >= 32) and at most 8 query rows per KV
+        head (GQA ratio x Lq: the fold's rows then fill at most half of the MMA's 16, ``int4_keys._stacked_parts``;
+        the fold costs per group and row). sm_90 SASS steady path per 32-key tile with / without the split, bf16
+        (session 11): D=128 GQA 4 791 / 913, GQA 8 853 / 874, GQA 16 (a 16-row fold) 1047 / 909; D=64 578 / 664."""
+        return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
     def _splits(self, q: torch.Tensor, state: State) -> bool:
         return self.splits_query(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1] * q.shape[2])

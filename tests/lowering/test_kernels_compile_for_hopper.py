@@ -42,7 +42,8 @@ CASES = {
         "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=True, HEAD_DIM=16, BLOCK_D=16, ROTATE_STAGES=4, ROTATE_SHIFT=2, SPLIT_QUERY=False)),
     # int4 (KIVI): one-group tiles of the launcher's rule, HF's per-key additive mask, bf16 and fp16 (dequantized
-    # value tiles); keys by the folded query's split (GQA 4: 4 fold rows), and dequantized (fp32's, D <= 64's path).
+    # value tiles); keys by the folded query's split (GQA 4: 4 fold rows), and dequantized (the path of fp32, of
+    # D <= 32 and of more than 8 query rows per KV head).
     "decode split, int4, bf16": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_POINTERS, INT4_CONSTANTS),
     "decode split, int4, bf16, dequantized keys": (
@@ -50,11 +51,7 @@ CASES = {
         {**INT4_CONSTANTS, "SPLIT_QUERY": False}),
     "decode split, int4, fp16, odd head dim, one split": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_FP16_POINTERS,
-        {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False,
-         "SPLIT_QUERY": False}),
-    "decode split, int4, fp16, odd head dim, split query": (
-        "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_FP16_POINTERS,
-        {**INT4_CONSTANTS, "HEAD_DIM": 65, "BLOCK_D": 128, "FOLD_V_SCALE": False}),
+        {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False}),
     "quantize rows into token blocks": (
         "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16)),

@@ -69,12 +69,12 @@ def test_kernel_across_the_residual_boundary(length, chunks, block_n):
 
 @needs_kernel
 @settings(max_examples=25, deadline=None)
-@given(problem=kt.decode_problems(head_dims=(65, 96, 128), dtypes=(torch.bfloat16, torch.float16),
+@given(problem=kt.decode_problems(head_dims=(33, 64, 96, 128), dtypes=(torch.bfloat16, torch.float16),
                                   q_lens=st.integers(1, 3), kv_lens=st.integers(1, 3 * G + 7), causal=(False,),
                                   device=DEVICE),
        block_n=st.sampled_from((G // 2, G)))
 def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
-    """The split path (16-bit dtypes, D > 64, <= 8 query rows per KV head): keys scored by int8 MMAs of the query
+    """The split path (16-bit dtypes, D > 32, <= 8 query rows per KV head): keys scored by int8 MMAs of the query
     folded with each group's scales, against the float64 oracles over the exact keys with the scheme's score bound
     (check_scheme); GQA and speculative rows (1 to 8 fold rows), masks, residual windows, half-group tiles."""
     from lowering.decode_attention import DecodeAttentionConfig
@@ -85,16 +85,16 @@ def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
 
 
 def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
-    """The scheme offers it at 16-bit dtypes with D > 64 and <= 8 query rows per KV head (elsewhere the fold costs
-    more than the dequantization it saves); the launcher's int4 rule takes it in every regime (bench/RESULTS.md,
-    session 11)."""
+    """The scheme offers it at 16-bit dtypes with D > 32 (int8 MMAs over a channel half) and <= 8 query rows per KV
+    head (with more the fold costs more than the dequantization it saves); the launcher's int4 rule takes it in
+    every regime (bench/RESULTS.md, session 11)."""
     from lowering.decode_attention import KVOperands, packed_config
     from lowering.kernels.decode_attention import KV_INT4
 
     scheme = SCHEMES["4"]
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
     assert [scheme.splits_query(t, 128, 4) for t in dtypes] == [True, True, False]
-    assert [scheme.splits_query(torch.bfloat16, d, 4) for d in (64, 65)] == [False, True]
+    assert [scheme.splits_query(torch.bfloat16, d, 4) for d in (32, 33)] == [False, True]
     assert [scheme.splits_query(torch.bfloat16, 128, rows) for rows in (1, 8, 9)] == [True, True, False]
     kv = KVOperands(None, None, 1, KV_INT4, ())
     assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [True, True, True]
