@@ -65,6 +65,9 @@ for step in "$@"; do
     # 1B end-to-end point it was 152 ms per token at)
     adorestep) run adorestep 200 python3 bench/policy_decode_step.py --policies snapkv,adore --steps 16 ;;
     e2eadore) run e2eadore 420 python3 bench/e2e_decode.py --shapes llama3.2-1b --points 8x32768 --eager-prefill --methods kvpass-adore2048,kvpass-snapkv2048,kvpass-exact --new-tokens 16 --profile-steps 0 ;;
+    # 2026-12-05 session 11 (CPU only, not yet timed): int4 keys by the folded query's int8 split. Its timing at the
+    # issue's three shapes against the dequantized keys (4-dequant) and SDPA bf16, then the int4 CUDA tests.
+    int4split) run int4split 480 bash -c "python3 bench/attention_quant.py --schemes 4 4-dequant --budget-s 150 --json $OUT/int4split.json; KVPASS_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/lowering/test_storage_int4.py tests/lowering/test_storage_schemes.py -k 'int4 or folded or 4'" ;;
     *) echo "unknown step $step" ;;
   esac
 done

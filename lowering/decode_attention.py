@@ -53,7 +53,7 @@ class DecodeAttentionConfig:
     split_block: int = 64  # splits merged per step of stage 2
     merge_num_warps: int = 4
     rotate_query_by_mma: bool = False  # rotated caches (int8): the query by one MMA, not the butterfly
-    split_query: bool = True  # int8 keys: take the query's split where the scheme offers it (``KVOperands``)
+    split_query: bool = True  # int8 / int4 keys: take the query's split where the scheme offers it (``KVOperands``)
 
     def __post_init__(self):
         for name in ("block_n", "split_block"):
@@ -108,9 +108,12 @@ PACKED_RULES = {
         regime: dict(block_n=256, num_warps=4, num_stages=3, programs_per_sm=4, min_blocks_per_split=4,
                      split_query=regime != "tiny")
         for regime in RULE_CONFIGS},
+    # int4 keys by int8 MMAs of the folded query (lowering/kernels/int4_keys.py) wherever the scheme offers it
+    # (16-bit, D > 32, <= 8 query rows per KV head), in every regime: its setup is one query load (sm_90 SASS at
+    # D=128, GQA 4: steady path 962 -> 791 with the lazy rescaling; session 11, not yet timed on a GPU).
     kernels.KV_INT4: {
         regime: dict(block_n=32, num_warps=2, num_stages=3, programs_per_sm=8 if regime == "small" else 4,
-                     min_blocks_per_split=4)
+                     min_blocks_per_split=4, split_query=True)
         for regime in RULE_CONFIGS},
 }
 
@@ -291,7 +294,7 @@ class KVOperands:
     tau: float = 0.0
     rotated: bool = False  # rows stored as x H (int8, lowering/rotation.py): the kernel rotates q and turns o back
     value_block: int = 0  # value codes in blocks of this many tokens, token-minor (lowering/storage/token_blocks.py)
-    split_query: bool = False  # int8 keys: scores by two int8 MMAs of the query's 16-bit fixed-point split
+    split_query: bool = False  # int8 / int4 keys: scores by int8 MMAs of the query's fixed-point split
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -403,6 +406,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
                 VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query and config.split_query,
+                FOLD_ROWS=min(block_m, _next_power_of_2(group * q_len)),
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.

@@ -45,6 +45,8 @@ Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), c
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
 Halves, bf16 codes by bit pattern, fma dequantization and pipelined group scales cut the int4 loop from
 1748 to 1196 instructions per warp and 32-key tile (sm_90 SASS of Triton 3.6, bf16, D=128; 2026-12-02).
+With ``SPLIT_QUERY`` each key group's scales fold into the ``FOLD_ROWS`` real query rows, split to int8 parts
+for int8 MMAs of the raw codes (``int4_keys.py``); with lazy rescaling 962 -> 791 steady-path instructions.
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
 loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
 both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.
@@ -58,7 +60,7 @@ Ye et al., FlashInfer (arXiv 2501.01005), section 3.1.
 import triton
 import triton.language as tl
 
-from lowering.kernels import int4_tiles
+from lowering.kernels import int4_keys, int4_tiles
 from lowering.kernels.packed_tiles import _load_aligned, _load_aligned_low, _load_code_blocks, _load_codes
 from lowering.kernels.fixed_point import split_query
 from lowering.kernels.reductions import _max, _mma, _mma_acc, _sum  # noqa: F401 - also imported from here
@@ -145,7 +147,8 @@ def decode_attention_split_kernel(
     ROTATE_SHIFT: tl.constexpr = 0,  # and the query's / output's scaling 2^-shift (lowering/rotation.py)
     ROTATE_QUERY_BY_MMA: tl.constexpr = False,  # the query by one MMA against H instead of the butterfly
     VALUE_BLOCK: tl.constexpr = 0,  # KV_SCALED_ROWS: values in token blocks of this size (stride_vn: a block's)
-    SPLIT_QUERY: tl.constexpr = False,  # KV_SCALED_ROWS, int8 codes: key scores by two int8 MMAs (split_query)
+    SPLIT_QUERY: tl.constexpr = False,  # int8 codes / KV_INT4: key scores by int8 MMAs of the query's split
+    FOLD_ROWS: tl.constexpr = 16,  # KV_INT4 with SPLIT_QUERY: rows folded (power of two >= GROUP * Lq, <= BLOCK_M)
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -174,11 +177,16 @@ def decode_attention_split_kernel(
 
     q_rows = Q + b * stride_qb + head * stride_qh + i * stride_qm
     if KV_FORMAT == 2:
-        # int4: channel halves h and HALF + h, as the codes store them (lowering/kernels/int4_tiles.py).
+        # int4: channel halves h and HALF + h, as the codes store them (lowering/kernels/int4_tiles.py); with
+        # SPLIT_QUERY also the FOLD_ROWS real rows the key groups' scales fold into (int4_keys.py).
         tl.static_assert(ROTATE_STAGES == 0, "int4 rows are not rotated")
         HALF: tl.constexpr = (HEAD_DIM + 1) // 2
         h = tl.arange(0, BLOCK_D // 2)
         q_lo, q_hi = int4_tiles.load_halves(q_rows[:, None], row_ok[:, None], h[None, :], HALF, HEAD_DIM)
+        fold_lo, fold_hi = q_lo, q_hi
+        if SPLIT_QUERY:
+            fold_lo, fold_hi = int4_keys.load_fold_rows(Q, b, kv_head, row_block, q_len, stride_qb, stride_qh,
+                                                        stride_qm, h, GROUP, BLOCK_M, FOLD_ROWS, HALF, HEAD_DIM)
     else:
         q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ROTATE_STAGES:  # q H 2^-shift, rounded once to the dtype: the query of the stored basis
@@ -187,7 +195,7 @@ def decode_attention_split_kernel(
             q = (q_h * (1.0 / (1 << ROTATE_SHIFT))).to(dtype)
         else:
             q = rotate(q, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT).to(dtype)
-    if SPLIT_QUERY:  # transposed once here: the key tile is the MMA's left operand, read from shared memory
+    if SPLIT_QUERY and KV_FORMAT == 1:  # transposed once here: the key tile is the MMA's left operand (smem)
         q_hi, q_lo, q_step = split_query(q)
         q_hi = tl.trans(q_hi)
         q_lo = tl.trans(q_lo)
@@ -266,9 +274,9 @@ def decode_attention_split_kernel(
                 s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
         elif KV_FORMAT == 2:
             tl.static_assert(QUANT_GROUP % BLOCK_N == 0, "an int4 tile lies in one key group")
-            s = int4_tiles.key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, h, stride_kn, quant_len,
-                                      rows_cap, res_cap, dtype, HEAD_DIM, QUANT_GROUP, DOT_PRECISION, UPCAST_DOT) \
-                * sm_scale
+            s = int4_tiles.key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, h,
+                                      stride_kn, quant_len, rows_cap, res_cap, dtype, HEAD_DIM, QUANT_GROUP,
+                                      DOT_PRECISION, UPCAST_DOT, SPLIT_QUERY) * sm_scale
         else:
             if KV_FORMAT == 3:
                 k_code, k_step = _load_aligned(k_base, KS, bh64, n, kv_ok, d, d_ok, stride_kn, rows_cap)
@@ -321,53 +329,44 @@ def decode_attention_split_kernel(
             c_blk = tl.where(read_low, 0.0, c_blk)
             v = (v_code * v_step[:, None]).to(dtype)
 
-        m_new = tl.maximum(m_i, _max(s, axis=1))
-        # Rows with nothing attended yet keep m = -inf; shift them by 0 to avoid -inf - -inf.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - shift)
-        p = tl.exp(s - shift[:, None])
-        l_i = l_i * alpha + _sum(p, axis=1)
-        p_v = p  # the weights of the PV product; packed formats may fold their value scales in below
-        if KV_FORMAT == 3:
-            # A skipped block kept the high-part scores, so its e_blk, c_blk are in this frame.
-            e_i = e_i * alpha + e_blk
-            c_i = c_i * alpha + c_blk
-            w_i = w_i * alpha + _sum(p * amp[None, :], axis=1)
-        elif KV_FORMAT == 1:
-            # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
-            # p * scale_v to the dtype in place of the rounding of p.
-            if VALUE_BLOCK:
-                v = _load_code_blocks(v_base, n0, end, d, d_ok, stride_vn, dtype, UPCAST_DOT, BLOCK_N, BLOCK_D,
-                                      VALUE_BLOCK)
-            else:
-                v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
-            v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
-            if FOLD_V_SCALE:
-                p_v = p * v_scale[None, :]
-            else:
-                # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
-                # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
-                v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
-        elif KV_FORMAT == 2:
-            # int4 values c * scale_v + min_v per token: acc += (p * scale_v) @ c_v + (p . min_v), the
-            # codes 0..15 exact in the dtype; residual tokens are their stored rows with scale 1, min 0.
-            v, v_hi, v_scale, v_min = int4_tiles.load_values(VS, VZ, VR, v_base, bh64, n0, n, kv_ok, h, stride_vn,
-                                                             quant_len, rows_cap, res_cap, dtype, HEAD_DIM, UPCAST_DOT)
-            if FOLD_V_SCALE:
-                p_v = p * v_scale[None, :]
-            else:  # fp16 (see KV_SCALED_ROWS): dequantized tiles, as the scheme's dequantize
-                v = int4_tiles.dequantize(v, v_scale[:, None], v_min[:, None], dtype, UPCAST_DOT)
-                v_hi = int4_tiles.dequantize(v_hi, v_scale[:, None], v_min[:, None], dtype, UPCAST_DOT)
+        if KV_FORMAT == 2:  # values c * scale_v + min_v per token, folded (residual: scale 1, min 0)
+            m_i, l_i, acc, acc_hi, min_i, p = int4_tiles.lazy_softmax(s, m_i, l_i, acc, acc_hi, min_i)
+            acc, acc_hi, min_i = int4_tiles.accumulate_values(p, acc, acc_hi, min_i, VS, VZ, VR, v_base, bh64, n0, n,
+                                                              kv_ok, h, stride_vn, quant_len, rows_cap, res_cap,
+                                                              dtype, HEAD_DIM, DOT_PRECISION, UPCAST_DOT, FOLD_V_SCALE)
         else:
-            v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        if KV_FORMAT == 2:  # the MMAs accumulate into the rescaled halves (with min_i: 1196 -> 1177 loop instructions)
-            acc = _mma_acc(p_v.to(dtype), v, acc * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
-            acc_hi = _mma_acc(p_v.to(dtype), v_hi, acc_hi * alpha[:, None], DOT_PRECISION, UPCAST_DOT)
-            if FOLD_V_SCALE:
-                min_i = min_i * alpha + _sum(p * v_min[None, :], axis=1)
-        else:
+            m_new = tl.maximum(m_i, _max(s, axis=1))
+            # Rows with nothing attended yet keep m = -inf; shift them by 0 to avoid -inf - -inf.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - shift)
+            p = tl.exp(s - shift[:, None])
+            l_i = l_i * alpha + _sum(p, axis=1)
+            p_v = p  # the weights of the PV product; packed formats may fold their value scales in below
+            if KV_FORMAT == 3:
+                # A skipped block kept the high-part scores, so its e_blk, c_blk are in this frame.
+                e_i = e_i * alpha + e_blk
+                c_i = c_i * alpha + c_blk
+                w_i = w_i * alpha + _sum(p * amp[None, :], axis=1)
+            elif KV_FORMAT == 1:
+                # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
+                # p * scale_v to the dtype in place of the rounding of p.
+                if VALUE_BLOCK:
+                    v = _load_code_blocks(v_base, n0, end, d, d_ok, stride_vn, dtype, UPCAST_DOT, BLOCK_N, BLOCK_D,
+                                          VALUE_BLOCK)
+                else:
+                    v = _load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
+                v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
+                if FOLD_V_SCALE:
+                    p_v = p * v_scale[None, :]
+                else:
+                    # fp16: p * scale_v would be subnormal (2^-25 absolute, times |c| <= 127 instead of |v|)
+                    # wherever it is below 2^-14, e.g. p < 2.5e-3 at scale 3 / 127: dequantize the tile instead.
+                    v = (v.to(tl.float32) * v_scale[:, None]).to(dtype)
+            else:
+                v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
+                            other=0.0)
             acc = acc * alpha[:, None] + _mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
+            m_i = m_new
 
     if KV_FORMAT == 3:
         tl.atomic_add(Stats, low_tokens.to(tl.int64))

@@ -8,16 +8,18 @@ tile is ever interleaved (the 2j / 2j + 1 layout's join + reshape cost register 
 shared-memory reads).
 
 Key tiles lie in one key group (the launcher caps BLOCK_N at it), so their scales and minima are one [D] row
-each; keys are dequantized in registers by one fma in the dtype (``dequantize``), codes built as bit patterns
-(``_codes_16bit``). Folding the scale into the query instead (s = (q o scale) . c + q . min) measured worse in
-the sm_90 SASS (bench/RESULTS.md, session 10): with 16 query rows and 2 warps each holding the whole query
-operand, q o scale is as many elements per thread and tile as the key tile itself.
+each. With ``INT_KEYS`` (the kernel's SPLIT_QUERY) the scales fold into the query's real rows and the codes go to
+int8 MMAs unconverted (``lowering/kernels/int4_keys.py``); otherwise (fp32, D <= 32, > 8 query rows) keys are
+dequantized in registers by one fma in the dtype (``dequantize``), codes built as bit patterns (``_codes_16bit``).
+Folding into all 16 padded rows, in floating point, measured worse (session 10: as many elements per thread and
+tile as the key tile itself); 4 rows and integer MMAs measured better (session 11; bench/RESULTS.md).
 """
 
 import triton
 import triton.language as tl
 
-from lowering.kernels.reductions import _mma, _sum
+from lowering.kernels import int4_keys
+from lowering.kernels.reductions import _max, _mma, _mma_acc, _sum
 
 
 @triton.jit
@@ -28,19 +30,21 @@ def _codes_f32(c):
 
 
 @triton.jit
-def _codes_16bit(c16, DTYPE: tl.constexpr):
+def _codes_16bit(c16, zero, DTYPE: tl.constexpr):
     """int16 codes 0..15 -> bf16 / fp16, exact: the bit pattern of 128 + c (bf16) or 1024 + c (fp16) minus that
     offset, so the subtraction is one packed HADD2 per two codes (sm_90 SASS of the bf16 loop: 1537 instructions
-    against 1706 through fp32; fp16's 1472 -> 1253)."""
+    against 1706 through fp32; fp16's 1472 -> 1253). ``zero``: 0 at run time that the compiler cannot prove 0
+    (``opaque_zero``): with the pattern in a register, ptxas merges c & 15 and | pattern into one LOP3 (two
+    immediates need two: 16 fewer instructions per 32-key value tile)."""
     if DTYPE == tl.bfloat16:
-        x = (c16 | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        x = (c16 | (zero | 0x4300)).to(tl.bfloat16, bitcast=True) - 128.0
     else:
-        x = (c16 | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        x = (c16 | (zero | 0x6400)).to(tl.float16, bitcast=True) - 1024.0
     return x
 
 
 @triton.jit
-def _load_codes(x_base, n, ok, h, stride_n, HALF: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+def _load_codes(x_base, n, ok, h, stride_n, zero, HALF: tl.constexpr, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
     """Codes of channels h and HALF + h of tokens ``n``: two [BLOCK_N, BLOCK_H] tiles from one byte tile, 0 on
     lanes off ``ok`` and past the channels, in ``DTYPE`` (exact; fp32 under ``UPCAST``, see ``_mma``: the
     interpreter's bf16 arithmetic works on the bit patterns). Converted before any use: the compiler's layout
@@ -53,9 +57,16 @@ def _load_codes(x_base, n, ok, h, stride_n, HALF: tl.constexpr, DTYPE: tl.conste
         # Widened to 16 bits before the nibbles are taken: byte-wise masks and shifts cost 45 more permutes and
         # masks per tile (bf16 loop 1241 -> 1196 instructions).
         c16 = codes.to(tl.int16)
-        lo = _codes_16bit(c16 & 15, DTYPE)
-        hi = _codes_16bit(c16 >> 4, DTYPE)
+        z16 = zero.to(tl.int16)
+        lo = _codes_16bit(c16 & 15, z16, DTYPE)
+        hi = _codes_16bit(c16 >> 4, z16, DTYPE)
     return lo, hi
+
+
+@triton.jit
+def opaque_zero(quant_len):
+    """0 (quant_len >= 0) as a value the compiler does not know (``_codes_16bit``)."""
+    return quant_len >> 31
 
 
 @triton.jit
@@ -92,26 +103,31 @@ def _load_row_halves(row_ptr, ok, h, HALF: tl.constexpr, HEAD_DIM: tl.constexpr)
 
 
 @triton.jit
-def key_scores(q_lo, q_hi, KS, KZ, KR, k_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap, res_cap,
-               DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT_GROUP: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
+def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap,
+               res_cap, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, QUANT_GROUP: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, INT_KEYS: tl.constexpr):
     """q . k_j, fp32 [BLOCK_M, BLOCK_N], for keys ``n`` = ``n0`` + 0..BLOCK_N-1 of head row ``bh``, from the
-    query's halves ``q_lo``, ``q_hi`` [BLOCK_M, BLOCK_H] in ``DTYPE``. ``KS``/``KZ``: scales and minima per
+    query's halves ``q_lo``, ``q_hi`` [BLOCK_M, BLOCK_H] in ``DTYPE`` (``INT_KEYS``: codes scored from the fold
+    rows' fp32 halves ``fold_lo``, ``fold_hi``, ``int4_keys.load_fold_rows``). ``KS``/``KZ``: scales and minima per
     (key group, channel) [B, Hkv, rows_cap / G, D]; ``KR``: the residual window [B, Hkv, res_cap, D] for keys
     past ``quant_len``. The tile lies in one key group and is all codes or all residual (the launcher's
     BLOCK_N divides the group, and quant_len is a multiple of it)."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
     quant = n < quant_len
-    c_lo, c_hi = _load_codes(k_base, n, kv_ok & quant, h, stride_n, HALF, DTYPE, UPCAST)
     # The tile's group: one [D] row of scales and one of minima, broadcast over its keys (a [BLOCK_N, D]
     # gather moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
     grp_off = (bh * (rows_cap // QUANT_GROUP) + n0 // QUANT_GROUP) * HEAD_DIM
     in_codes = h * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     scale_lo, scale_hi = _load_row_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
     low_lo, low_hi = _load_row_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
-    k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
-    k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
-    s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
+    if INT_KEYS:
+        s = int4_keys.code_scores(k_base, n, kv_ok & quant, h, stride_n, fold_lo, fold_hi, scale_lo, scale_hi,
+                                  low_lo, low_hi, HALF, q_lo.shape[0] // fold_lo.shape[0])
+    else:  # (a known zero: the opaque one costs the key path 26 instructions)
+        c_lo, c_hi = _load_codes(k_base, n, kv_ok & quant, h, stride_n, quant_len * 0, HALF, DTYPE, UPCAST)
+        k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
+        k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
+        s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
     if n0 >= quant_len:
         # A branch, so the (unpipelined) residual load is issued for that one tile only, not as a
         # predicated-off load (a zero-filled [BLOCK_N, D] shared-memory stage) on every tile.
@@ -130,7 +146,7 @@ def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, ro
     as ``key_scores``); masked keys give zeros."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
     quant = kv_ok & (n < quant_len)
-    x_lo, x_hi = _load_codes(v_base, n, quant, h, stride_n, HALF, DTYPE, UPCAST)
+    x_lo, x_hi = _load_codes(v_base, n, quant, h, stride_n, opaque_zero(quant_len), HALF, DTYPE, UPCAST)
     scale = tl.load(VS + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)
     low = tl.load(VZ + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)
     if n0 >= quant_len:
@@ -140,3 +156,48 @@ def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, ro
         x_hi = r_hi.to(x_hi.dtype)
         scale = scale * 0.0 + 1.0
     return x_lo, x_hi, scale, low
+
+
+# Lazy rescaling (as FlashAttention-4): a row's frame m_i moves only when a tile's scores pass it by more than
+# this (natural log), so weights stay <= e^8 (bf16 / fp16 products and fp32 sums hold them) and most tiles skip
+# the rescale of l, the output halves and the minima's sum (a warp-uniform branch).
+LAZY_RESCALE = tl.constexpr(8.0)
+
+
+@triton.jit
+def lazy_softmax(s, m_i, l_i, acc_lo, acc_hi, min_i):
+    """This tile's weights p = exp(s - m_i) [BLOCK_M, BLOCK_N] and the running state, the frame m_i moved (and
+    l_i, the output halves, sum p . min_v rescaled) only when some row's scores pass it by ``LAZY_RESCALE``:
+    (m_i, l_i, acc_lo, acc_hi, min_i, p). Rows with nothing attended keep m = -inf and weights 0."""
+    m_tile = _max(s, axis=1)
+    if _max((m_tile > m_i + LAZY_RESCALE).to(tl.int32), axis=0) > 0:
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
+        l_i = l_i * alpha
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        min_i = min_i * alpha
+        m_i = m_new
+    p = tl.exp(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    return m_i, l_i + _sum(p, axis=1), acc_lo, acc_hi, min_i, p
+
+
+@triton.jit
+def accumulate_values(p, acc_lo, acc_hi, min_i, VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len,
+                      rows_cap, res_cap, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                      UPCAST: tl.constexpr, FOLD_V_SCALE: tl.constexpr):
+    """The output halves and sum_j p_j min_j plus this tile's weights ``p`` [BLOCK_M, BLOCK_N] (fp32, in their
+    frame: ``lazy_softmax``): acc += (p * scale_v) @ c_v, min_i += p . min_v, the codes 0..15 exact in the dtype;
+    fp16 (not ``FOLD_V_SCALE``, see the kernel's KV_SCALED_ROWS): dequantized tiles, as the scheme's dequantize."""
+    v_lo, v_hi, v_scale, v_min = load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, rows_cap,
+                                             res_cap, DTYPE, HEAD_DIM, UPCAST)
+    if FOLD_V_SCALE:
+        p_v = (p * v_scale[None, :]).to(DTYPE)
+        min_i = min_i + _sum(p * v_min[None, :], axis=1)
+    else:
+        p_v = p.to(DTYPE)
+        v_lo = dequantize(v_lo, v_scale[:, None], v_min[:, None], DTYPE, UPCAST)
+        v_hi = dequantize(v_hi, v_scale[:, None], v_min[:, None], DTYPE, UPCAST)
+    acc_lo = _mma_acc(p_v, v_lo, acc_lo, PRECISION, UPCAST)
+    acc_hi = _mma_acc(p_v, v_hi, acc_hi, PRECISION, UPCAST)
+    return acc_lo, acc_hi, min_i

@@ -94,6 +94,61 @@ class Int4Kivi:
 
         return Int4Rows()
 
+    # int4 keys by int8 MMAs of the query folded with each group's scales (lowering/kernels/int4_keys.py): the
+    # kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
+    split_query = True
+
+    def splits_query(self, dtype: torch.dtype, dim: int, rows: int) -> bool:
+        """Whether the kernel scores keys by the folded query's int8 split: 16-bit dtypes (fp32 keeps its exact
+        dequantized keys), D > 32 (int8 MMAs reduce over a channel half of >= 32) and at most 8 query rows per KV
+        head (GQA ratio x Lq: the fold's rows then fill at most half of the MMA's 16, ``int4_keys._stacked_parts``;
+        the fold costs per group and row). sm_90 SASS steady path per 32-key tile with / without the split, bf16
+        (session 11): D=128 GQA 4 791 / 913, GQA 8 853 / 874, GQA 16 (a 16-row fold) 1047 / 909; D=64 578 / 664."""
+        return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
+
+    def _splits(self, q: torch.Tensor, state: State) -> bool:
+        return self.splits_query(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1] * q.shape[2])
+
+    def kernel_keys(self, q: torch.Tensor, state: State, length: int):
+        """The keys the kernel's scores for ``q`` are within ``kernel_score_error`` of, float64 [B, Hkv, L, D]:
+        exact c * scale + min, the residual as stored (None: the kernel dequantizes keys as ``dequantize`` does)."""
+        if not self._splits(q, state):
+            return None
+        codes, scale, low = self._key_groups(state)
+        return torch.cat([codes * scale + low, state["k_res"].double()], 2)
+
+    def kernel_score_error(self, q: torch.Tensor, state: State, length: int):
+        """Bound of |kernel score - q . k_j| per (query row, key), float64 [B, Hq, Lq, L] before the softmax
+        scale, k the ``kernel_keys`` (None where the kernel takes no split).
+
+        The host twin of ``int4_keys.fold_query``: per row and group, q o scale (exact in fp32) is rounded to
+        step * F, step = 2^(e - 13) for the row's largest |q_d scale_d| in [2^e, 2^(e+1)) (e >= -100), so each
+        element moves by <= step / 2 and score j by step / 2 sum_d |c'_jd| (c' = c for the low channel half, the
+        kernel's centred c - 8 for the high one); the integer dots are exact, and the fp32 conversions, the sum
+        q . (min + 8 scale over the high half) and the final add err by < (D + 8) 2^-24 sum_d |q_d| (|c'_jd
+        scale_d| + |min_d| + 8 scale_d). 0 on the residual window (its scores are the bf16 MMA's)."""
+        if not self._splits(q, state):
+            return None
+        codes, scale, low = self._key_groups(state)
+        B, H, quant, D = codes.shape
+        centred = codes - 8.0 * (torch.arange(D, device=codes.device) >= (D + 1) // 2)
+        q64 = q.double().reshape(B, H, -1, D)  # query heads of one KV head together, as torch's enable_gqa
+        scale_g = scale[:, :, ::GROUP]  # [B, H, groups, D]
+        top = (q64.abs()[:, :, :, None, :] * scale_g[:, :, None]).amax(-1)  # [B, H, g * Lq, groups]
+        exponent = torch.frexp(top)[1] - 1  # floor(log2(top)); frexp(0) gives 0, clamped below as the kernel
+        step = torch.exp2(torch.where(top > 0, exponent, -100).clamp_min(-100).double() - 13)
+        rounding = step.repeat_interleave(GROUP, dim=-1) / 2 * centred.abs().sum(-1)[:, :, None, :]
+        magnitude = (centred * scale).abs() + low.abs() + 8 * scale.abs()
+        fp32 = (D + 8) * 2.0 ** -24 * (q64.abs() @ magnitude.transpose(-1, -2))
+        error = (rounding * (1 + 2.0 ** -20) + fp32).reshape(*q.shape[:3], quant)
+        return torch.cat([error, error.new_zeros(*q.shape[:3], length - quant)], -1)
+
+    def _key_groups(self, state: State):
+        """(codes, scale, min) of the quantized keys, float64 [B, Hkv, quant, D] each (scale, min per token)."""
+        D = state["k_res"].shape[-1]
+        expand = lambda t: t.double().repeat_interleave(GROUP, dim=2)  # noqa: E731
+        return unpack_nibbles(state["k"], D).double(), expand(state["k_scale"]), expand(state["k_min"])
+
     def kernel_values(self, state: State, length: int):
         """(values the folded kernel attends over, float64 [B, Hkv, L, Dv]: c * scale + min exactly, the
         residual as stored; the magnitude its roundings scale with: |c * scale| + |min|, |residual|)."""
@@ -189,7 +244,8 @@ class Int4Kivi:
         return KVOperands(state["k"], state["v"], length, KV_INT4,
                           tuple(state[n] for n in ("k_scale", "v_scale", "k_min", "v_min", "k_res", "v_res")),
                           quant_len=quant, res_len=res, quant_group=GROUP, rows_cap=state["v_scale"].stride(1),
-                          res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]))
+                          res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]),
+                          split_query=self._splits(q, state))
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

@@ -16,8 +16,10 @@ import pytest
 
 # int4's pointers and constexprs over the split kernel's (below): codes as bytes, scales in the model's dtype.
 INT4_POINTERS = {"K": "*u8", "V": "*u8", "KS": "*bf16", "VS": "*bf16", "Mask": "*bf16"}
-INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=False,
-                      VALUE_BLOCK=0, SPLIT_OUTPUT=True)
+INT4_FP16_POINTERS = {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp16", "VS": "*fp16", "KZ": "*fp16",
+                      "VZ": "*fp16", "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"}
+INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=True,
+                      FOLD_ROWS=4, VALUE_BLOCK=0, SPLIT_OUTPUT=True)  # keys by the folded query's int8 split
 # (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, int4's, and the merge. The split
 # kernel's cases give only what differs from SPLIT_POINTERS / SPLIT_CONSTANTS.
 CASES = {
@@ -39,13 +41,16 @@ CASES = {
     "decode split, head dim 16 (no split query), masked": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=True, HEAD_DIM=16, BLOCK_D=16, ROTATE_STAGES=4, ROTATE_SHIFT=2, SPLIT_QUERY=False)),
-    # int4 (KIVI): one-group tiles of the launcher's rule, HF's per-key additive mask, bf16 and fp16 (dequantized tiles).
+    # int4 (KIVI): one-group tiles of the launcher's rule, HF's per-key additive mask, bf16 and fp16 (dequantized
+    # value tiles); keys by the folded query's split (GQA 4: 4 fold rows), and dequantized (the path of fp32, of
+    # D <= 32 and of more than 8 query rows per KV head).
     "decode split, int4, bf16": (
         "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_POINTERS, INT4_CONSTANTS),
+    "decode split, int4, bf16, dequantized keys": (
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_POINTERS,
+        {**INT4_CONSTANTS, "SPLIT_QUERY": False}),
     "decode split, int4, fp16, odd head dim, one split": (
-        "lowering.kernels.decode_attention:decode_attention_split_kernel",
-        {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp16", "VS": "*fp16", "KZ": "*fp16", "VZ": "*fp16",
-         "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"},
+        "lowering.kernels.decode_attention:decode_attention_split_kernel", INT4_FP16_POINTERS,
         {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False}),
     "quantize rows into token blocks": (
         "lowering.kernels.quantize_rows:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
@@ -64,27 +69,37 @@ SPLIT_CONSTANTS = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=256, BLOCK_D=1
 FLOAT_ARGS = {"sm_scale", "skip_error", "value_bound", "half_tau"}
 
 
-def compile_case(name: str) -> int:
-    """Compile one case for sm_90; returns the cubin's size in bytes."""
+def compile_kernel(name: str, pointers=None, constants=None, options=None, divisible=()):
+    """Compile one case for sm_90 (``pointers`` / ``constants`` / ``options``: overrides; ``divisible``: arguments
+    the compiler may take as multiples of 16, as Triton's launcher specializes them: bench/kernel_sass.py);
+    returns Triton's compiled kernel."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    path, pointers, constants = CASES[name]
+    path, case_pointers, case_constants = CASES[name]
     module, attr = path.split(":")
     kernel = getattr(importlib.import_module(module), attr)
-    options = dict(num_warps=4, num_stages=3)
+    launch_options = dict(num_warps=4, num_stages=3)
+    case_pointers, case_constants = case_pointers or {}, case_constants
     if attr == "decode_attention_split_kernel":
-        pointers, constants = {**SPLIT_POINTERS, **(pointers or {})}, {**SPLIT_CONSTANTS, **constants}
-        if constants["KV_FORMAT"] == 2:  # the launcher's int4 options
-            options = dict(num_warps=2, num_stages=3)
+        case_pointers, case_constants = {**SPLIT_POINTERS, **case_pointers}, {**SPLIT_CONSTANTS, **case_constants}
+        if case_constants["KV_FORMAT"] == 2:  # the launcher's int4 options
+            launch_options = dict(num_warps=2, num_stages=3)
+    pointers = {**case_pointers, **(pointers or {})}
+    constants = {**case_constants, **(constants or {})}
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "fp32" if arg in FLOAT_ARGS else "i32")
                  for arg in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                              options=options)
-    return len(compiled.asm["cubin"])
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={**launch_options, **(options or {})})
+
+
+def compile_case(name: str) -> int:
+    """Compile one case for sm_90; returns the cubin's size in bytes."""
+    return len(compile_kernel(name).asm["cubin"])
 
 
 @pytest.mark.parametrize("name", list(CASES))

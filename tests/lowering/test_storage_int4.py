@@ -6,9 +6,10 @@ over the dequantized cache, step bound vs the unquantized cache).
 """
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import kvpass.testing as kt
 from kvpass.testing import make_problem
 from lowering.storage import SCHEMES
 from test_storage_schemes import DEVICE, check_scheme, needs_kernel, pack
@@ -64,6 +65,45 @@ def test_kernel_across_the_residual_boundary(length, chunks, block_n):
                            seed=length, device=DEVICE)
     config = None if block_n is None else DecodeAttentionConfig(block_n=block_n)
     check_scheme("4", problem, chunks=[1] * length if chunks == "token by token" else None, config=config)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(problem=kt.decode_problems(head_dims=(33, 64, 96, 128), dtypes=(torch.bfloat16, torch.float16),
+                                  q_lens=st.integers(1, 3), kv_lens=st.integers(1, 3 * G + 7), causal=(False,),
+                                  device=DEVICE),
+       block_n=st.sampled_from((G // 2, G)))
+def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
+    """The split path (16-bit dtypes, D > 32, <= 8 query rows per KV head): keys scored by int8 MMAs of the query
+    folded with each group's scales, against the float64 oracles over the exact keys with the scheme's score bound
+    (check_scheme); GQA and speculative rows (1 to 8 fold rows), masks, residual windows, half-group tiles."""
+    from lowering.decode_attention import DecodeAttentionConfig
+
+    rows = problem.q_heads // problem.kv_heads * problem.q_len
+    assume(SCHEMES["4"].splits_query(problem.dtype, problem.head_dim, rows))
+    check_scheme("4", problem, config=DecodeAttentionConfig(block_n=block_n, num_warps=2))
+
+
+def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
+    """The scheme offers it at 16-bit dtypes with D > 32 (int8 MMAs over a channel half) and <= 8 query rows per KV
+    head (with more the fold costs more than the dequantization it saves); the launcher's int4 rule takes it in
+    every regime (bench/RESULTS.md, session 11)."""
+    from lowering.decode_attention import KVOperands, packed_config
+    from lowering.kernels.decode_attention import KV_INT4
+
+    scheme = SCHEMES["4"]
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    assert [scheme.splits_query(t, 128, 4) for t in dtypes] == [True, True, False]
+    assert [scheme.splits_query(torch.bfloat16, d, 4) for d in (32, 33)] == [False, True]
+    assert [scheme.splits_query(torch.bfloat16, 128, rows) for rows in (1, 8, 9)] == [True, True, False]
+    kv = KVOperands(None, None, 1, KV_INT4, ())
+    assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [True, True, True]
+    q = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16)
+    zeros = torch.zeros(1, 1, G, 128, dtype=torch.bfloat16)
+    state = pack(scheme, zeros, zeros)
+    assert scheme.kernel_operands(q, state, G).split_query
+    assert not scheme.kernel_operands(q.float(), state, G).split_query
+    assert not scheme.kernel_operands(torch.zeros(1, 4, 3, 128, dtype=torch.bfloat16), state, G).split_query
 
 
 @settings(max_examples=40, deadline=None)

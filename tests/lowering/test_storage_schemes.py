@@ -84,7 +84,7 @@ def quantization_bound(problem, ek, ev) -> torch.Tensor:
     return grouped_matmul(w, p.v.to(F64).abs()) + grouped_matmul(probs + w, ev)
 
 
-def kernel_dequantized(scheme, state, length, dtype, **options):
+def kernel_dequantized(scheme, state, length, dtype, query=None, **options):
     """The values the kernel attends over: ``dequantize`` (fp32 product rounded to the dtype), except that
     Triton's CPU interpreter truncates fp32 to bf16 instead of rounding (kvpass.testing.tolerance), so
     under it bf16 tiles are the fp32 values truncated.
@@ -96,16 +96,22 @@ def kernel_dequantized(scheme, state, length, dtype, **options):
     unchanged: the scores are a dot of exact dtype values (codes) with fp32 accumulation and two more
     roundings (times scale_k * sm_scale), and p * scale_v is rounded once to the dtype before the PV
     product, u p_j scale_j |c_jd| = u p_j |v_jd|, the model's "p rounding" term. fp16 values excepted:
-    there the kernel dequantizes value tiles as before (``FOLD_V_SCALE``)."""
+    there the kernel dequantizes value tiles as before (``FOLD_V_SCALE``).
+
+    int4 keys scored by the folded query's split (``kernel_keys`` of ``query``): the exact keys, the scores'
+    error given by ``kernel_score_error`` (``split_query_allowance``)."""
     if getattr(scheme, "kernel_attends_over_products", False):
         k, v = scheme.dequantize(state, length, torch.float32, **options)
         if dtype == torch.float16:  # fp16 keeps dequantized value tiles (subnormal p * scale_v otherwise)
             v = scheme.dequantize(state, length, dtype, **options)[1]
         return k, v
     if not (DEVICE == "cpu" and dtype == torch.bfloat16):
-        return scheme.dequantize(state, length, dtype, **options)
-    return tuple((x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
-                 for x in scheme.dequantize(state, length, torch.float32, **options))
+        k, v = scheme.dequantize(state, length, dtype, **options)
+    else:
+        k, v = tuple((x.view(torch.int32) & -65536).view(torch.float32).to(dtype)
+                     for x in scheme.dequantize(state, length, torch.float32, **options))
+    exact_keys = None if query is None else getattr(scheme, "kernel_keys", lambda *args: None)(query, state, length)
+    return (k, v) if exact_keys is None else (exact_keys, v)
 
 
 def kernel_tolerance(scheme, state, length, deq):
@@ -125,21 +131,32 @@ def kernel_tolerance(scheme, state, length, deq):
     return v_exact, dataclasses.replace(tol, why="folded int4 values, |v| -> |c scale| + |min|: " + tol.why)
 
 
-def query_perturbation(problem, dq) -> torch.Tensor:
-    """Bound of how far the attention output moves when the query moves by at most ``dq`` per element
-    (float64, broadcastable to q): scores by <= scale sum_d dq_d |k_jd|, pushed through softmax as in
-    ``quantization_bound`` (the exact interval of kvpass.testing.tolerance), times |v|."""
+def score_allowance(problem, delta) -> torch.Tensor:
+    """Bound of how far the attention output moves when score j moves by at most ``delta`` (float64,
+    broadcastable to the scores, before the softmax scale), pushed through softmax as in ``quantization_bound``
+    (the exact interval of kvpass.testing.tolerance), times |v|."""
     s = reference_scores(problem.q, problem.k, problem.attn_mask, problem.is_causal, problem.scale)
-    delta = problem.softmax_scale * grouped_matmul(dq.expand_as(problem.q).to(F64), problem.k.to(F64).abs().transpose(-1, -2))
+    delta = problem.softmax_scale * delta.expand_as(s)
     delta = torch.where(torch.isfinite(s), delta, torch.zeros_like(s))
     return grouped_matmul(_weight_spread(s, delta, safe_softmax(s)), problem.v.to(F64).abs())
 
 
-def split_query_allowance(scheme, problem) -> torch.Tensor | float:
-    """int8's key scores use a 16-bit fixed-point split of the query the kernel reads (``kernel_query_error``):
-    the output moves by ``query_perturbation`` of that bound; 0 for schemes whose kernel reads the query as is."""
+def query_perturbation(problem, dq) -> torch.Tensor:
+    """``score_allowance`` for a query that moves by at most ``dq`` per element (float64, broadcastable to q):
+    scores by <= sum_d dq_d |k_jd|."""
+    return score_allowance(problem, grouped_matmul(dq.expand_as(problem.q).to(F64),
+                                                   problem.k.to(F64).abs().transpose(-1, -2)))
+
+
+def split_query_allowance(scheme, problem, state, length) -> torch.Tensor | float:
+    """The key scores' split (0 for schemes whose kernel reads the query as is): int8's 16-bit fixed point of
+    the query it reads (``kernel_query_error``), ``query_perturbation`` of that bound; int4's split of the query
+    folded with each key group's scales, whose score error the scheme bounds itself (``kernel_score_error``)."""
     dq = getattr(scheme, "kernel_query_error", lambda q: None)(problem.q)
-    return 0.0 if dq is None else query_perturbation(problem, dq)
+    if dq is not None:
+        return query_perturbation(problem, dq)
+    ds = getattr(scheme, "kernel_score_error", lambda *args: None)(problem.q, state, length)
+    return 0.0 if ds is None else score_allowance(problem, ds)
 
 
 def rotations(problem):
@@ -185,14 +202,14 @@ def check_scheme(key, problem, chunks=None, config=None):
     assume(refusal is None)  # such inputs take the reference path (test_cpu_reference_path_...)
     raw, stored = stored_domain(scheme, problem)
     L = problem.kv_len
-    kd, vd = kernel_dequantized(raw, state, L, problem.dtype)
+    kd, vd = kernel_dequantized(raw, state, L, problem.dtype, query=stored.q)
     vd, tolerance = kernel_tolerance(raw, state, L, dataclasses.replace(stored, k=kd, v=vd))
     deq = dataclasses.replace(stored, k=kd, v=vd)
     ref_deq = kt.quantized_attention(stored, lambda k: kd, lambda v: vd)
-    split = split_query_allowance(raw, deq)  # the query the key scores use (int8); 0 otherwise
+    split = split_query_allowance(raw, deq, state, L)  # the query the key scores use (int8, int4); 0 otherwise
     if not isinstance(split, float):
         tolerance = kt.Tolerance(atol=tolerance.allowed(ref_deq) + split, rtol=0.0,
-                                 why="the query's 16-bit split (split_query_allowance) + " + tolerance.why)
+                                 why="the query's split (split_query_allowance) + " + tolerance.why)
     out = kt.check_kernel(kernel(raw, state, L, **options), deq, reference=ref_deq,
                           tolerance=tolerance, out_arg=True)
     ek, ev = raw.error_bound(state, L, problem.dtype)
