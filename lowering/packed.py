@@ -209,5 +209,9 @@ def copy_unless_same(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def alias(root: torch.Tensor) -> torch.Tensor:
-    """A fresh tensor object over ``root``'s memory, with storage of its own that keeps ``root`` alive."""
-    return torch.from_dlpack(root)
+    """A fresh tensor object over ``root``'s memory, with storage of its own that keeps ``root`` alive.
+
+    stream=-1 (no synchronisation): producer and consumer are this same stream, while ``torch.from_dlpack`` on
+    a CUDA tensor looks the current stream up and, where it is not the legacy default, records and waits on an
+    event, per layer and decode step (its whole path was 0.12-0.14 ms under cProfile on the H200 host)."""
+    return torch._C._from_dlpack(root.__dlpack__(stream=-1))
