@@ -65,30 +65,26 @@ def _load_codes(x_base, n, ok, h, stride_n, zero, HALF: tl.constexpr, DTYPE: tl.
 
 
 @triton.jit
-def _pair_codes(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """int32 words, each two codes as 16-bit patterns (``_value_tile``) -> [..., 2] values, the low half first.
-    The subtraction is one HADD2 per word: ptxas keeps the halves in the word (no byte permutes)."""
-    if UPCAST or DTYPE == tl.float32:
-        return tl.join(_codes_f32(x & 0xFFFF), _codes_f32(x >> 16))
-    if DTYPE == tl.bfloat16:
-        offset: tl.constexpr = 128.0
-    else:
-        offset: tl.constexpr = 1024.0
-    return tl.join(x.to(tl.int16).to(DTYPE, bitcast=True) - offset, (x >> 16).to(tl.int16).to(DTYPE, bitcast=True)
-                   - offset)
-
-
-@triton.jit
 def _value_tile(words, shift, pattern, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """One channel half of a value tile, [16 * blocks, BLOCK_H] from words [blocks, 4, BLOCK_H]: word q's nibbles at
-    ``shift`` and ``shift + 16`` are keys 2q, 2q + 1 of the block, at ``shift + 8`` and ``shift + 24`` keys 2q + 8,
-    2q + 9 (``Int4Kivi.VALUE_SLOTS``). Each pair is ``(w >> s) & 0x000F000F | pattern``: one LOP3 (and a shift)
-    per two codes, with ``pattern`` a register (``_codes_16bit``). Byte-wise reads of row-major bytes cost 2.4
-    instructions per code (sm_90 SASS, bf16 D=128: steady path 791 -> 751 per 32-key tile, session 11)."""
-    near = _pair_codes(((words >> shift) & 0x000F000F) | pattern, DTYPE, UPCAST)
-    far = _pair_codes(((words >> (shift + 8)) & 0x000F000F) | pattern, DTYPE, UPCAST)
-    x = tl.permute(tl.join(near, far), (0, 4, 1, 3, 2))  # [block, key // 8, pair, key % 2, channel]
-    return tl.reshape(x, [words.shape[0] * 16, words.shape[2]])
+    """One channel half of a value tile, [16 * blocks, BLOCK_H], from words [blocks, 4, BLOCK_H]: word q's nibbles at
+    ``shift`` and ``shift + 16`` are keys 2q, 2q + 1 of its block, at ``shift + 8`` and ``shift + 24`` keys 2q + 8,
+    2q + 9 (``Int4Kivi.VALUE_SLOTS``). Each pair is ``(w >> s) & 0x000F000F | pattern``, one LOP3 (and a shift)
+    with ``pattern`` a register (``_codes_16bit``), whose 16-bit halves are the pair's bf16 / fp16 patterns: one
+    HADD2 subtracts the offset of both (ptxas keeps the halves in their word). The pairs are spread by broadcasts,
+    not ``tl.join``: Triton then reads the words from shared memory straight into the MMA operand's layout (joined,
+    the converted tile took a second trip through shared memory: 751 against 720 steady, bf16 D=128, session 11);
+    byte-wise reads of row-major bytes cost 2.4 instructions per code (791)."""
+    two = tl.arange(0, 2)
+    pairs = ((words[:, :, :, None] >> (shift + 8 * two)[None, None, None, :]) & 0x000F000F) | pattern
+    x = pairs[:, :, :, :, None] >> (16 * two)[None, None, None, None, :]  # [block, q, channel, key // 8, key % 2]
+    if UPCAST or DTYPE == tl.float32:
+        codes = _codes_f32(x & 0xFFFF)
+    elif DTYPE == tl.bfloat16:
+        codes = x.to(tl.int16).to(DTYPE, bitcast=True) - 128.0
+    else:
+        codes = x.to(tl.int16).to(DTYPE, bitcast=True) - 1024.0
+    codes = tl.permute(codes, (0, 3, 1, 4, 2))  # [block, key // 8, q, key % 2, channel]
+    return tl.reshape(codes, [words.shape[0] * 16, words.shape[2]])
 
 
 @triton.jit
