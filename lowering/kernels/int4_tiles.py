@@ -93,10 +93,11 @@ def _load_value_blocks(v_base, n0, quant_len, h, stride_blk, zero, HALF: tl.cons
     """Value codes of keys n0 .. n0 + BLOCK_N - 1, channels h and HALF + h, from 16-token blocks [blocks, HALF, 16]
     (block stride ``stride_blk`` bytes), loaded as int32 words: 0 past ``quant_len`` (whole blocks: it is a
     multiple of the key group), as stored for keys masked inside a block (finite codes, weighted 0)."""
-    blk = n0 // 16 + tl.arange(0, BLOCK_N // 16)
+    blk = tl.arange(0, BLOCK_N // 16)
     q = tl.arange(0, 4)
-    ptrs = v_base.to(tl.pointer_type(tl.int32)) + blk[:, None, None] * (stride_blk // 4) + h[None, None, :] * 4 \
-        + q[None, :, None]
+    # Offsets from the tile's first block, the same every tile (hoisted): 717 against 720 steady at bf16 D=128.
+    first = (v_base + n0 // 16 * stride_blk).to(tl.pointer_type(tl.int32))
+    ptrs = first + blk[:, None, None] * (stride_blk // 4) + h[None, None, :] * 4 + q[None, :, None]
     in_codes = blk * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     words = tl.load(ptrs, mask=in_codes[:, None, None] & (h < HALF)[None, None, :], other=0)
     if UPCAST or DTYPE == tl.float32:
