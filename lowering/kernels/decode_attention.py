@@ -47,7 +47,7 @@ Halves, bf16 codes by bit pattern, fma dequantization and pipelined group scales
 1748 to 1196 instructions per warp and 32-key tile (sm_90 SASS of Triton 3.6, bf16, D=128; 2026-12-02).
 With ``SPLIT_QUERY`` each key group's scales fold into the ``FOLD_ROWS`` real query rows, split to int8 parts
 for int8 MMAs of the raw codes (``int4_keys.py``); with lazy rescaling 962 -> 791 steady-path instructions; values
-in 16-token blocks (``VALUE_BLOCK`` 16) whose words hold key pairs: 791 -> 717.
+in 16-token blocks (``VALUE_BLOCK`` 16) whose words hold key pairs, tile-wide load masks: 791 -> 681.
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
 loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
 both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.

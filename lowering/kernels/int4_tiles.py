@@ -157,9 +157,11 @@ def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_o
     rows' fp32 halves ``fold_lo``, ``fold_hi``, ``int4_keys.load_fold_rows``). ``KS``/``KZ``: scales and minima per
     (key group, channel) [B, Hkv, rows_cap / G, D]; ``KR``: the residual window [B, Hkv, res_cap, D] for keys
     past ``quant_len``. The tile lies in one key group and is all codes or all residual (the launcher's
-    BLOCK_N divides the group, and quant_len is a multiple of it)."""
+    BLOCK_N divides the group, and quant_len is a multiple of it). Codes are loaded under that tile-uniform test
+    alone: keys off ``kv_ok`` in a tile of codes are stored tokens (finite scores, masked to -inf by the caller),
+    and per-key masks cost the loop their zeroing (sm_90 SASS steady path, bf16 D=128: 707 -> 681)."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
-    quant = n < quant_len
+    quant = n * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     # The tile's group: one [D] row of scales and one of minima, broadcast over its keys (a [BLOCK_N, D]
     # gather moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
     grp_off = (bh * (rows_cap // QUANT_GROUP) + n0 // QUANT_GROUP) * HEAD_DIM
@@ -167,10 +169,10 @@ def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_o
     scale_lo, scale_hi = _load_row_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
     low_lo, low_hi = _load_row_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
     if INT_KEYS:
-        s = int4_keys.code_scores(k_base, n, kv_ok & quant, h, stride_n, fold_lo, fold_hi, scale_lo, scale_hi,
+        s = int4_keys.code_scores(k_base, n, quant, h, stride_n, fold_lo, fold_hi, scale_lo, scale_hi,
                                   low_lo, low_hi, HALF, q_lo.shape[0] // fold_lo.shape[0])
     else:  # (a known zero: the opaque one costs the key path 26 instructions)
-        c_lo, c_hi = _load_codes(k_base, n, kv_ok & quant, h, stride_n, quant_len * 0, HALF, DTYPE, UPCAST)
+        c_lo, c_hi = _load_codes(k_base, n, quant, h, stride_n, quant_len * 0, HALF, DTYPE, UPCAST)
         k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
         k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
         s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
@@ -189,9 +191,11 @@ def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, ro
     """Value tile for the folded product: (x_lo, x_hi [BLOCK_N, BLOCK_H], scale, min [BLOCK_N]) with value
     = x * scale + min: codes 0..15 (``DTYPE``: exact; fp32 under ``UPCAST``) with the token's scale and minimum, or
     for the residual window past ``quant_len`` the stored rows with scale 1, min 0 (all codes or all residual,
-    as ``key_scores``); masked keys give scale and min 0 (their codes, read with their block, are finite)."""
+    as ``key_scores``). Keys masked inside a tile of codes (past the split, ``kv_ok``) are read as stored: tokens
+    before ``quant_len``, finite, weighted 0 by the caller. A tile-uniform mask keeps the masked-load zeroing out
+    of the loop (sm_90 SASS steady path, bf16 D=128: 717 -> 707; fp16's dequantized tiles 784 -> 714)."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
-    quant = kv_ok & (n < quant_len)
+    quant = n * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     x_lo, x_hi = _load_value_blocks(v_base, n0, quant_len, h, stride_n, opaque_zero(quant_len), HALF, DTYPE, UPCAST,
                                     n.shape[0])
     scale = tl.load(VS + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)

@@ -99,7 +99,7 @@ class Int4Kivi:
     # slot 4 q + 2 e + s for t = 8 s + 2 q + e: each int32 word q holds keys 2q, 2q + 1 in its bytes 0, 2 and
     # keys 2q + 8, 2q + 9 in bytes 1, 3, the pairs of consecutive keys an MMA's value operand takes, so the
     # kernel makes each pair of codes by one mask of the word (``int4_tiles._value_tile``) instead of byte-wise
-    # shared-memory reads and permutes (sm_90 SASS steady path, bf16 D=128: 791 -> 717 per 32-key tile).
+    # shared-memory reads and permutes (sm_90 SASS steady path, bf16 D=128: 791 -> 720 per 32-key tile).
     VALUE_SLOTS = tuple(4 * (t % 8 // 2) + 2 * (t % 2) + t // 8 for t in range(token_blocks.TOKENS))
 
     def _value_codes(self, state: State) -> torch.Tensor:
@@ -116,8 +116,8 @@ class Int4Kivi:
         dequantized keys), D > 32 (int8 MMAs reduce over a channel half of >= 32) and at most 8 query rows per KV
         head (GQA ratio x Lq: the fold's rows then fill at most half of the MMA's 16, ``int4_keys._stacked_parts``;
         the fold costs per group and row). sm_90 SASS steady path per 32-key tile with / without the split, bf16
-        (session 11, values in word blocks): D=128 GQA 4 717 / 826, GQA 8 781 / 785, GQA 16 (a 16-row fold,
-        before the blocks) 1047 / 909; D=64 558 / 634."""
+        (session 11, values in word blocks): D=128 GQA 4 681 / 762, GQA 8 746 / 764, GQA 16 (a 16-row fold,
+        before the blocks) 1047 / 909; D=64 552 / 584."""
         return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
     def _splits(self, q: torch.Tensor, state: State) -> bool:
