@@ -46,7 +46,8 @@ dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, 
 Halves, bf16 codes by bit pattern, fma dequantization and pipelined group scales cut the int4 loop from
 1748 to 1196 instructions per warp and 32-key tile (sm_90 SASS of Triton 3.6, bf16, D=128; 2026-12-02).
 With ``SPLIT_QUERY`` each key group's scales fold into the ``FOLD_ROWS`` real query rows, split to int8 parts
-for int8 MMAs of the raw codes (``int4_keys.py``); with lazy rescaling 962 -> 791 steady-path instructions.
+for int8 MMAs of the raw codes (``int4_keys.py``); with lazy rescaling 962 -> 791 steady-path instructions; values
+in 16-token blocks (``VALUE_BLOCK`` 16) whose words hold key pairs, tile-wide load masks: 791 -> 681.
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
 loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
 both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.
@@ -273,7 +274,7 @@ def decode_attention_split_kernel(
                 k = _load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT)
                 s = _mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
         elif KV_FORMAT == 2:
-            tl.static_assert(QUANT_GROUP % BLOCK_N == 0, "an int4 tile lies in one key group")
+            tl.static_assert(QUANT_GROUP % BLOCK_N == 0 and VALUE_BLOCK == 16, "int4: tiles in one key group")
             s = int4_tiles.key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, h,
                                       stride_kn, quant_len, rows_cap, res_cap, dtype, HEAD_DIM, QUANT_GROUP,
                                       DOT_PRECISION, UPCAST_DOT, SPLIT_QUERY) * sm_scale

@@ -5,7 +5,8 @@ Byte j of a packed row holds channel j (low nibble) and channel j + HALF (high n
 ``c & 15`` and ``c >> 4``, BLOCK_H = BLOCK_D / 2: the query is loaded as its two channel halves, scores are
 q_lo . k_lo + q_hi . k_hi (two MMAs), the output is accumulated as two halves and written as two, and no
 tile is ever interleaved (the 2j / 2j + 1 layout's join + reshape cost register shuffles and byte-wise
-shared-memory reads).
+shared-memory reads). Value bytes lie in 16-token blocks whose int32 words hold the key pairs the P @ V
+operand takes (``Int4Kivi.VALUE_SLOTS``), so a pair of codes is one mask of a word (``_value_tile``).
 
 Key tiles lie in one key group (the launcher caps BLOCK_N at it), so their scales and minima are one [D] row
 each. With ``INT_KEYS`` (the kernel's SPLIT_QUERY) the scales fold into the query's real rows and the codes go to
@@ -64,6 +65,51 @@ def _load_codes(x_base, n, ok, h, stride_n, zero, HALF: tl.constexpr, DTYPE: tl.
 
 
 @triton.jit
+def _value_tile(words, shift, pattern, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """One channel half of a value tile, [16 * blocks, BLOCK_H], from words [blocks, 4, BLOCK_H]: word q's nibbles at
+    ``shift`` and ``shift + 16`` are keys 2q, 2q + 1 of its block, at ``shift + 8`` and ``shift + 24`` keys 2q + 8,
+    2q + 9 (``Int4Kivi.VALUE_SLOTS``). Each pair is ``(w >> s) & 0x000F000F | pattern``, one LOP3 (and a shift)
+    with ``pattern`` a register (``_codes_16bit``), whose 16-bit halves are the pair's bf16 / fp16 patterns: one
+    HADD2 subtracts the offset of both (ptxas keeps the halves in their word). The pairs are spread by broadcasts,
+    not ``tl.join``: Triton then reads the words from shared memory straight into the MMA operand's layout (joined,
+    the converted tile took a second trip through shared memory: 751 against 720 steady, bf16 D=128, session 11);
+    byte-wise reads of row-major bytes cost 2.4 instructions per code (791)."""
+    two = tl.arange(0, 2)
+    pairs = ((words[:, :, :, None] >> (shift + 8 * two)[None, None, None, :]) & 0x000F000F) | pattern
+    x = pairs[:, :, :, :, None] >> (16 * two)[None, None, None, None, :]  # [block, q, channel, key // 8, key % 2]
+    if UPCAST or DTYPE == tl.float32:
+        codes = _codes_f32(x & 0xFFFF)
+    elif DTYPE == tl.bfloat16:
+        codes = x.to(tl.int16).to(DTYPE, bitcast=True) - 128.0
+    else:
+        codes = x.to(tl.int16).to(DTYPE, bitcast=True) - 1024.0
+    codes = tl.permute(codes, (0, 3, 1, 4, 2))  # [block, key // 8, q, key % 2, channel]
+    return tl.reshape(codes, [words.shape[0] * 16, words.shape[2]])
+
+
+@triton.jit
+def _load_value_blocks(v_base, n0, quant_len, h, stride_blk, zero, HALF: tl.constexpr, DTYPE: tl.constexpr,
+                       UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Value codes of keys n0 .. n0 + BLOCK_N - 1, channels h and HALF + h, from 16-token blocks [blocks, HALF, 16]
+    (block stride ``stride_blk`` bytes), loaded as int32 words: 0 past ``quant_len`` (whole blocks: it is a
+    multiple of the key group), as stored for keys masked inside a block (finite codes, weighted 0)."""
+    blk = tl.arange(0, BLOCK_N // 16)
+    q = tl.arange(0, 4)
+    # Offsets from the tile's first block, the same every tile (hoisted): 717 against 720 steady at bf16 D=128.
+    first = (v_base + n0 // 16 * stride_blk).to(tl.pointer_type(tl.int32))
+    ptrs = first + blk[:, None, None] * (stride_blk // 4) + h[None, None, :] * 4 + q[None, :, None]
+    in_codes = blk * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
+    words = tl.load(ptrs, mask=in_codes[:, None, None] & (h < HALF)[None, None, :], other=0)
+    if UPCAST or DTYPE == tl.float32:
+        pattern = zero
+    elif DTYPE == tl.bfloat16:
+        pattern = zero | 0x43004300
+    else:
+        pattern = zero | 0x64006400
+    return _value_tile(words, 0, pattern, DTYPE, UPCAST), _value_tile(words, 4, pattern, DTYPE, UPCAST)
+
+
+@triton.jit
 def opaque_zero(quant_len):
     """0 (quant_len >= 0) as a value the compiler does not know (``_codes_16bit``)."""
     return quant_len >> 31
@@ -111,9 +157,11 @@ def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_o
     rows' fp32 halves ``fold_lo``, ``fold_hi``, ``int4_keys.load_fold_rows``). ``KS``/``KZ``: scales and minima per
     (key group, channel) [B, Hkv, rows_cap / G, D]; ``KR``: the residual window [B, Hkv, res_cap, D] for keys
     past ``quant_len``. The tile lies in one key group and is all codes or all residual (the launcher's
-    BLOCK_N divides the group, and quant_len is a multiple of it)."""
+    BLOCK_N divides the group, and quant_len is a multiple of it). Codes are loaded under that tile-uniform test
+    alone: keys off ``kv_ok`` in a tile of codes are stored tokens (finite scores, masked to -inf by the caller),
+    and per-key masks cost the loop their zeroing (sm_90 SASS steady path, bf16 D=128: 707 -> 681)."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
-    quant = n < quant_len
+    quant = n * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     # The tile's group: one [D] row of scales and one of minima, broadcast over its keys (a [BLOCK_N, D]
     # gather moved 8x the code bytes: 2 x 2-byte scale and minimum per 0.5-byte code).
     grp_off = (bh * (rows_cap // QUANT_GROUP) + n0 // QUANT_GROUP) * HEAD_DIM
@@ -121,10 +169,10 @@ def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_o
     scale_lo, scale_hi = _load_row_halves(KS + grp_off, in_codes, h, HALF, HEAD_DIM)
     low_lo, low_hi = _load_row_halves(KZ + grp_off, in_codes, h, HALF, HEAD_DIM)
     if INT_KEYS:
-        s = int4_keys.code_scores(k_base, n, kv_ok & quant, h, stride_n, fold_lo, fold_hi, scale_lo, scale_hi,
+        s = int4_keys.code_scores(k_base, n, quant, h, stride_n, fold_lo, fold_hi, scale_lo, scale_hi,
                                   low_lo, low_hi, HALF, q_lo.shape[0] // fold_lo.shape[0])
     else:  # (a known zero: the opaque one costs the key path 26 instructions)
-        c_lo, c_hi = _load_codes(k_base, n, kv_ok & quant, h, stride_n, quant_len * 0, HALF, DTYPE, UPCAST)
+        c_lo, c_hi = _load_codes(k_base, n, quant, h, stride_n, quant_len * 0, HALF, DTYPE, UPCAST)
         k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
         k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
         s = _mma(q_lo, tl.trans(k_lo), PRECISION, UPCAST) + _mma(q_hi, tl.trans(k_hi), PRECISION, UPCAST)
@@ -143,10 +191,13 @@ def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, ro
     """Value tile for the folded product: (x_lo, x_hi [BLOCK_N, BLOCK_H], scale, min [BLOCK_N]) with value
     = x * scale + min: codes 0..15 (``DTYPE``: exact; fp32 under ``UPCAST``) with the token's scale and minimum, or
     for the residual window past ``quant_len`` the stored rows with scale 1, min 0 (all codes or all residual,
-    as ``key_scores``); masked keys give zeros."""
+    as ``key_scores``). Keys masked inside a tile of codes (past the split, ``kv_ok``) are read as stored: tokens
+    before ``quant_len``, finite, weighted 0 by the caller. A tile-uniform mask keeps the masked-load zeroing out
+    of the loop (sm_90 SASS steady path, bf16 D=128: 717 -> 707; fp16's dequantized tiles 784 -> 714)."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
-    quant = kv_ok & (n < quant_len)
-    x_lo, x_hi = _load_codes(v_base, n, quant, h, stride_n, opaque_zero(quant_len), HALF, DTYPE, UPCAST)
+    quant = n * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
+    x_lo, x_hi = _load_value_blocks(v_base, n0, quant_len, h, stride_n, opaque_zero(quant_len), HALF, DTYPE, UPCAST,
+                                    n.shape[0])
     scale = tl.load(VS + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)
     low = tl.load(VZ + bh * rows_cap + n, mask=quant, other=0.0).to(tl.float32)
     if n0 >= quant_len:

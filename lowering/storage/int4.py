@@ -5,7 +5,8 @@ arXiv 2402.02750): keys have outlier *channels* (a few channels large for every 
 quantized per channel, over groups of G = 32 tokens along the sequence (KIVI's group size: the range
 of one channel over 32 tokens, not of the whole row, sets the step); values have no fixed outlier
 channels and are quantized per token. Both asymmetric (scale and minimum), two 4-bit codes per byte
-(channel j in byte j's low nibble, channel j + ceil(D / 2) in its high one: ``pack_nibbles``).
+(channel j in byte j's low nibble, channel j + ceil(D / 2) in its high one: ``pack_nibbles``); value
+bytes in 16-token blocks, token-minor (``Int4Kivi.VALUE_SLOTS``: the pairs of keys the kernel's P @ V takes).
 
 Value groups: the whole row (all D channels) rather than 32-channel groups. Their step is the row's
 range / 15; on Gaussian rows of D=128 a 32-channel group's range is only ~20% smaller (4.1 vs 5.2
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from lowering.packed import Layout, copy_unless_same
-from lowering.storage import State, register_scheme
+from lowering.storage import State, register_scheme, token_blocks
 from lowering.storage.int8 import rounding_slack
 
 GROUP = 32  # tokens per key group (KIVI)
@@ -94,6 +95,18 @@ class Int4Kivi:
 
         return Int4Rows()
 
+    # Value bytes in 16-token blocks [B, Hkv, quant / 16, ceil(D / 2), 16] (``token_blocks``), token t of a block at
+    # slot 4 q + 2 e + s for t = 8 s + 2 q + e: each int32 word q holds keys 2q, 2q + 1 in its bytes 0, 2 and
+    # keys 2q + 8, 2q + 9 in bytes 1, 3, the pairs of consecutive keys an MMA's value operand takes, so the
+    # kernel makes each pair of codes by one mask of the word (``int4_tiles._value_tile``) instead of byte-wise
+    # shared-memory reads and permutes (sm_90 SASS steady path, bf16 D=128: 791 -> 720 per 32-key tile).
+    VALUE_SLOTS = tuple(4 * (t % 8 // 2) + 2 * (t % 2) + t // 8 for t in range(token_blocks.TOKENS))
+
+    def _value_codes(self, state: State) -> torch.Tensor:
+        """Value codes of the full groups, [B, Hkv, quant, Dv] (unpacked from the blocks)."""
+        quant = state["v_scale"].shape[2]
+        return unpack_nibbles(token_blocks.read_rows(state["v"], quant, self.VALUE_SLOTS), state["v_res"].shape[-1])
+
     # int4 keys by int8 MMAs of the query folded with each group's scales (lowering/kernels/int4_keys.py): the
     # kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
     split_query = True
@@ -103,7 +116,8 @@ class Int4Kivi:
         dequantized keys), D > 32 (int8 MMAs reduce over a channel half of >= 32) and at most 8 query rows per KV
         head (GQA ratio x Lq: the fold's rows then fill at most half of the MMA's 16, ``int4_keys._stacked_parts``;
         the fold costs per group and row). sm_90 SASS steady path per 32-key tile with / without the split, bf16
-        (session 11): D=128 GQA 4 791 / 913, GQA 8 853 / 874, GQA 16 (a 16-row fold) 1047 / 909; D=64 578 / 664."""
+        (session 11, values in word blocks): D=128 GQA 4 681 / 762, GQA 8 746 / 764, GQA 16 (a 16-row fold,
+        before the blocks) 1047 / 909; D=64 552 / 584."""
         return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
     def _splits(self, q: torch.Tensor, state: State) -> bool:
@@ -153,7 +167,7 @@ class Int4Kivi:
         """(values the folded kernel attends over, float64 [B, Hkv, L, Dv]: c * scale + min exactly, the
         residual as stored; the magnitude its roundings scale with: |c * scale| + |min|, |residual|)."""
         Dv = state["v_res"].shape[-1]
-        cs = unpack_nibbles(state["v"], Dv).double() * state["v_scale"].double()[..., None]
+        cs = self._value_codes(state).double() * state["v_scale"].double()[..., None]
         low = state["v_min"].double()[..., None]
         res = state["v_res"].double()
         return torch.cat([cs + low, res], 2), torch.cat([cs.abs() + low.abs(), res.abs()], 2)
@@ -163,15 +177,16 @@ class Int4Kivi:
         bh = (batch, kv_heads)
         return {"k": ((*bh, quant, (k_dim + 1) // 2), torch.uint8),
                 "k_scale": ((*bh, quant // GROUP, k_dim), dtype), "k_min": ((*bh, quant // GROUP, k_dim), dtype),
-                "v": ((*bh, quant, (v_dim + 1) // 2), torch.uint8),
+                "v": (token_blocks.shape(*bh, quant, (v_dim + 1) // 2), torch.uint8),
                 "v_scale": ((*bh, quant), dtype), "v_min": ((*bh, quant), dtype),
                 "k_res": ((*bh, res, k_dim), dtype), "v_res": ((*bh, res, v_dim), dtype)}
 
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
         old_quant, old_res = split_length(old_length)
         if old is not None:  # full groups stay as they were
-            for name in ("k", "v", "v_scale", "v_min"):
+            for name in ("k", "v_scale", "v_min"):
                 copy_unless_same(out[name][:, :, :old_quant], old[name])
+            token_blocks.copy_blocks(out["v"], old["v"], old_quant)
             for name in ("k_scale", "k_min"):
                 copy_unless_same(out[name][:, :, :old_quant // GROUP], old[name])
             # cat copies: the residual is read before ``out`` (maybe the same buffer) is written
@@ -188,7 +203,7 @@ class Int4Kivi:
             out["k_scale"][:, :, old_quant // GROUP:].copy_(scale.squeeze(3))
             out["k_min"][:, :, old_quant // GROUP:].copy_(low.squeeze(3))
             codes, scale, low = quantize_groups(v[:, :, :filled], dim=3)
-            out["v"][:, :, old_quant:].copy_(pack_nibbles(codes))
+            token_blocks.write_rows(out["v"], old_quant, pack_nibbles(codes), self.VALUE_SLOTS)
             out["v_scale"][:, :, old_quant:].copy_(scale.squeeze(3))
             out["v_min"][:, :, old_quant:].copy_(low.squeeze(3))
         out["k_res"].copy_(k[:, :, filled:])
@@ -218,7 +233,7 @@ class Int4Kivi:
         groups = quant // GROUP
         k_codes = unpack_nibbles(state["k"], Dk).reshape(B, H, groups, GROUP, Dk)
         k = dequantize_groups(k_codes, state["k_scale"][:, :, :, None], state["k_min"][:, :, :, None], dtype)
-        v = dequantize_groups(unpack_nibbles(state["v"], Dv), state["v_scale"][..., None],
+        v = dequantize_groups(self._value_codes(state), state["v_scale"][..., None],
                               state["v_min"][..., None], dtype)
         return k.reshape(B, H, quant, Dk), v
 
@@ -245,7 +260,7 @@ class Int4Kivi:
                           tuple(state[n] for n in ("k_scale", "v_scale", "k_min", "v_min", "k_res", "v_res")),
                           quant_len=quant, res_len=res, quant_group=GROUP, rows_cap=state["v_scale"].stride(1),
                           res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]),
-                          split_query=self._splits(q, state))
+                          split_query=self._splits(q, state), value_block=token_blocks.TOKENS)
 
     def decode_attention(self, q, state: State, length: int, attn_mask, scale):
         from lowering.quant_decode_attention import packed_decode_attention

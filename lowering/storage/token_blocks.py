@@ -7,7 +7,8 @@ emits 256 ``LDS.U8`` plus the byte permutes per warp and 256-key tile, a third o
 (sm_90 SASS, 2026-12-02). With 16 tokens contiguous per channel the operand is read as ``ldmatrix`` rows
 and the loop shrinks by that much. Keys stay row-major: their reduction dimension is the channels.
 
-A token's row is D bytes at stride T; the last block of a length that is not a multiple of T is partly
+A token's row is D bytes at stride T (at slot ``slots[t % T]`` of its block where a format orders its tokens:
+int4's values, ``Int4Kivi.VALUE_SLOTS``); the last block of a length that is not a multiple of T is partly
 filled (its other bytes are never read: the kernel masks keys past the length). Host code moves rows
 through ``write_rows`` / ``read_rows``; kernels compute the same offsets
 (``lowering/kernels/quantize_rows.py``, ``lowering/kernels/packed_tiles.py``).
@@ -35,23 +36,25 @@ def _rows_view(section: torch.Tensor) -> torch.Tensor:
     return section.transpose(-1, -2)
 
 
-def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor) -> None:
-    """Rows [B, H, n, D] into tokens start .. start + n - 1 of ``section``."""
+def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor, slots=None) -> None:
+    """Rows [B, H, n, D] into tokens start .. start + n - 1 of ``section`` (token t at slot ``slots[t % T]``)."""
     n = rows.shape[2]
     if n == 0:
         return
     tokens = torch.arange(start, start + n, device=section.device)
+    slot = tokens % TOKENS if slots is None else torch.tensor(slots, device=section.device)[tokens % TOKENS]
     rows = rows.to(section.dtype)
     if section.dtype in BYTE_MOVED:
         section, rows = section.view(torch.uint8), rows.view(torch.uint8)
-    _rows_view(section)[:, :, tokens // TOKENS, tokens % TOKENS] = rows
+    _rows_view(section)[:, :, tokens // TOKENS, slot] = rows
 
 
-def read_rows(section: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` token rows, [B, H, length, D] (a copy)."""
+def read_rows(section: torch.Tensor, length: int, slots=None) -> torch.Tensor:
+    """The first ``length`` token rows, [B, H, length, D] (a copy; ``slots`` as ``write_rows``')."""
     B, H, nblk, D, T = section.shape
     raw = section.view(torch.uint8) if section.dtype in BYTE_MOVED else section
-    rows = _rows_view(raw).reshape(B, H, nblk * T, D)[:, :, :length]
+    tokens = _rows_view(raw) if slots is None else _rows_view(raw)[:, :, :, list(slots)]
+    rows = tokens.reshape(B, H, nblk * T, D)[:, :, :length]
     return rows.view(section.dtype) if raw is not section else rows
 
 

@@ -19,7 +19,7 @@ INT4_POINTERS = {"K": "*u8", "V": "*u8", "KS": "*bf16", "VS": "*bf16", "Mask": "
 INT4_FP16_POINTERS = {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp16", "VS": "*fp16", "KZ": "*fp16",
                       "VZ": "*fp16", "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"}
 INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=True,
-                      FOLD_ROWS=4, VALUE_BLOCK=0, SPLIT_OUTPUT=True)  # keys by the folded query's int8 split
+                      FOLD_ROWS=4, VALUE_BLOCK=16, SPLIT_OUTPUT=True)  # keys by the folded query's int8 split
 # (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, int4's, and the merge. The split
 # kernel's cases give only what differs from SPLIT_POINTERS / SPLIT_CONSTANTS.
 CASES = {

@@ -24,6 +24,7 @@ def test_layout_is_full_groups_plus_residual(length):
     quant, res = length // G * G, length % G
     assert layout["k"][0] == (2, 3, quant, 32) and layout["k_scale"][0] == (2, 3, quant // G, 64)
     assert layout["v_scale"][0] == (2, 3, quant) and layout["k_res"][0] == (2, 3, res, 64)
+    assert layout["v"][0] == (2, 3, quant // 16, 32, 16)  # 16-token blocks of 32 bytes (64 channels)
     assert layout["k_res"][1] == torch.bfloat16  # the residual window is held in the model's dtype
 
 
@@ -50,6 +51,21 @@ def test_a_byte_holds_channel_j_and_channel_j_plus_half(dim):
     high[..., :dim - half] = codes[..., half:]
     assert torch.equal(packed & 15, codes[..., :half]) and torch.equal(packed >> 4, high)
     assert torch.equal(unpack_nibbles(packed, dim), codes)
+
+
+@pytest.mark.parametrize("chunks", [[2 * G], [G - 1, 1, G]])
+def test_value_words_hold_the_key_pairs_of_the_mma_operand(chunks):
+    """The value layout the kernel reads (int4_tiles._value_tile): 16-token blocks [quant / 16, ceil(D / 2), 16],
+    int32 word q of a block's byte row holding tokens 2q, 2q + 8, 2q + 1, 2q + 9 in its bytes 0..3."""
+    from lowering.storage.int4 import pack_nibbles, quantize_groups
+
+    v = torch.randn(1, 2, 2 * G, 24, generator=torch.Generator().manual_seed(7))
+    state = pack(SCHEMES["4"], torch.randn(1, 2, 2 * G, 24), v, chunks=chunks)
+    codes = pack_nibbles(quantize_groups(v, dim=3)[0])  # [1, 2, 2G, 12] bytes, token-major
+    t = torch.arange(16)
+    order = torch.stack([2 * (t[:4]), 2 * t[:4] + 8, 2 * t[:4] + 1, 2 * t[:4] + 9], 1).reshape(16)
+    blocks = codes.reshape(1, 2, 2 * G // 16, 16, 12)[:, :, :, order].transpose(-1, -2)
+    assert torch.equal(state["v"], blocks)
 
 
 @needs_kernel
