@@ -45,9 +45,8 @@ Values (per token) fold like int8's: acc += (p * scale_v) @ c_v + (p . min_v), c
 dtype, so the kernel attends over the exact c * scale_v + min_v (fp16 excepted, see ``FOLD_V_SCALE``).
 Halves, bf16 codes by bit pattern, fma dequantization and pipelined group scales cut the int4 loop from
 1748 to 1196 instructions per warp and 32-key tile (sm_90 SASS of Triton 3.6, bf16, D=128; 2026-12-02).
-With ``SPLIT_QUERY`` each key group's scales fold into the ``FOLD_ROWS`` real query rows, split to int8 parts
-for int8 MMAs of the raw codes (``int4_keys.py``); with lazy rescaling 962 -> 791 steady-path instructions; values
-in 16-token blocks (``VALUE_BLOCK`` 16) whose words hold key pairs, tile-wide load masks: 791 -> 681.
+``SPLIT_QUERY``: key groups' scales fold into the ``FOLD_ROWS`` real query rows, split for int8 MMAs of the codes
+(``int4_keys.py``), lazy rescaling, values in word blocks (``VALUE_BLOCK`` 16): 962 -> 681 steady-path instructions.
 Rows stored rotated (int8, ``ROTATE_STAGES``): the query is rotated into the stored basis as it is
 loaded and the output turned back as it is written (by stage 2 when there are splits: the merge is linear),
 both in registers (``lowering/kernels/rotation.py``), so a rotated cache costs no extra launch.
