@@ -1,6 +1,6 @@
 """The kvpress peer (NVIDIA kvpress 0.5.5), run inside its own pinned environment.
 
-kvpress needs transformers < 5.3, so this file runs under the venv that ``bench/setup_kvpress_env.sh``
+kvpress needs transformers < 5.3, so this file runs under the venv that ``bench/quality/setup_kvpress_env.sh``
 builds, as ``VENV/bin/python -m bench.quality.kvpress_peer IN.json OUT.json`` from the repository
 root; it imports nothing of kvpass and, of this package, only ``decode`` (torch only). IN.json is
 written by the main runner: the converted model folder, the prompts as token ids (the same ids the

@@ -91,7 +91,7 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
         BEGIN,
         "## Quality on SmolLM2-135M",
         "",
-        f"`python bench/eval_quality.py`: model `{meta['model']}` "
+        f"`python bench/quality/eval_quality.py`: model `{meta['model']}` "
         f"({meta.get('model_params', 0) / 1e6:.1f}M parameters, float32, CPU: {meta.get('machine', '?')}); "
         f"Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}{_peer_versions(results)}; "
         f"{meta['n_per_task_length']} prompts per task and length, seed {meta['seed']}; kvpass rows compiled "
@@ -164,7 +164,7 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
             "",
             "### Not run",
             "",
-            "As each variant lands, its issue reruns its rows, e.g. `python bench/eval_quality.py --only "
+            "As each variant lands, its issue reruns its rows, e.g. `python bench/quality/eval_quality.py --only "
             "'kvpass/kv_bits*'` (about one prefill pass, 5-10 min, per row here).",
             "",
             "| config | options | status | message |",

@@ -210,7 +210,7 @@ def evaluate(
 def _run_peer(results, record, configs, kvpress_python, model_path, tokenizer, prompts, ppl, batch_size) -> None:
     if kvpress_python is None:
         for c in configs:
-            record(c, "unavailable", "no kvpress environment: run bench/setup_kvpress_env.sh")
+            record(c, "unavailable", "no kvpress environment: run bench/quality/setup_kvpress_env.sh")
         return
     if model_path is None:
         for c in configs:

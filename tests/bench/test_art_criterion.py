@@ -1,4 +1,4 @@
-"""bench/art_criterion.py: ART's stability test replayed on the recorded SmolLM2 attention."""
+"""bench/analysis/art_criterion.py: ART's stability test replayed on the recorded SmolLM2 attention."""
 import sys
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench import art_criterion  # noqa: E402
+from bench.analysis import art_criterion  # noqa: E402
 
 
 def _layer(tile: int):

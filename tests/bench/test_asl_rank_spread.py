@@ -1,4 +1,4 @@
-"""bench/asl_rank_spread.py on a tiny random Llama: one ratio per layer after ASL's first layer, each the
+"""bench/analysis/asl_rank_spread.py on a tiny random Llama: one ratio per layer after ASL's first layer, each the
 spread of that layer over the first layer's (so finite and non-negative), and ASL's rank store restored."""
 import math
 import sys
@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lowering.formats.asl as asl  # noqa: E402
-from bench.asl_rank_spread import spread_ratios  # noqa: E402
+from bench.analysis.asl_rank_spread import spread_ratios  # noqa: E402
 from kvpass.models import load_model, save_tiny_llama  # noqa: E402
 
 

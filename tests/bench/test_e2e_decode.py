@@ -1,10 +1,10 @@
-"""bench/e2e_decode.py's pieces that decide what its rows mean: the loop's mask and the fit probe's search."""
+"""bench/e2e/e2e_decode.py's pieces that decide what its rows mean: the loop's mask and the fit probe's search."""
 import types
 
 import pytest
 import torch
 
-import bench.e2e_decode as e2e
+import bench.e2e.e2e_decode as e2e
 
 
 def test_static_cache_methods_get_a_fixed_width_mask():

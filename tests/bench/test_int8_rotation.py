@@ -1,5 +1,5 @@
-"""bench/int8_rotation.py on the captured SmolLM2 attention: the rotation must not cost accuracy."""
-from bench.int8_rotation import rows
+"""bench/kernels/int8_rotation.py on the captured SmolLM2 attention: the rotation must not cost accuracy."""
+from bench.kernels.int8_rotation import rows
 
 
 def test_rotated_int8_is_at_least_as_accurate_on_real_attention():

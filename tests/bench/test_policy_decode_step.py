@@ -1,7 +1,7 @@
-"""bench/policy_decode_step.py times the paths it names: the in-place rows are served in place, every step."""
+"""bench/e2e/policy_decode_step.py times the paths it names: the in-place rows are served in place, every step."""
 import torch
 
-import bench.policy_decode_step as bench
+import bench.e2e.policy_decode_step as bench
 from lowering.formats import FormatSpec
 
 

@@ -1,4 +1,4 @@
-"""The quality evaluation (bench/quality, bench/eval_quality.py) end to end on tiny inputs.
+"""The quality evaluation (bench/quality, bench/quality/eval_quality.py) end to end on tiny inputs.
 
 Task generators and scorers are checked as specifications (hypothesis over seeds and indices);
 the pipeline runs on a 2-layer random Llama with a byte-level tokenizer (eager and kvpass exact)
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench import eval_quality  # noqa: E402
+from bench.quality import eval_quality  # noqa: E402
 from bench.quality import configs, report, runner, store, tasks  # noqa: E402
 from kvpass.models import default_cache_dir, save_tiny_llama  # noqa: E402
 
