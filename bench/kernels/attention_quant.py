@@ -212,7 +212,7 @@ def main():
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             print("row:", {c: rows[-1].get(c) for c in COLUMNS if c in rows[-1]}, flush=True)
-            path = save({"environment": env, "rows": rows}, args.json)
+            path = save({"environment": env, "shape": shape(), "rows": rows}, args.json)
     print(f"\n{env.get('gpu')}; torch {env['torch']}; triton {env['triton']}; copy bandwidth {bw / 1e12:.2f} TB/s;"
           f" Hq={HQ} Hkv={HKV} D={HEAD_DIM} bf16; json: {path}")
     print(format_table(rows, COLUMNS))
@@ -269,7 +269,7 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
             done = [r for r in rows if r["scheme"] == key and (r["B"], r["L"]) == (batch, kv_len) and "kernel_us" in r]
             for r in sorted(done, key=lambda r: r["kernel_us"])[:3]:
                 print("best:", r, flush=True)
-            save({"environment": env, "sweep": rows}, args.json or None)
+            save({"environment": env, "shape": shape(), "sweep": rows}, args.json or None)
 
 
 def rule_config(scheme, q, state, kv_len):
@@ -279,6 +279,11 @@ def rule_config(scheme, q, state, kv_len):
     kv = scheme.kernel_operands(q, state, kv_len)
     programs_per_split = q.shape[0] * HKV * max(1, -(-(HQ // HKV) * q.shape[2] // 64))
     return packed_config(programs_per_split, _sm_count(q.device), kv)
+
+
+def shape() -> dict:
+    """The heads and head size every row of a run shares (rows carry B and L)."""
+    return {"Hq": HQ, "Hkv": HKV, "D": HEAD_DIM, "dtype": str(DTYPE).removeprefix("torch.")}
 
 
 def save(payload: dict, path: str | None) -> str | None:
