@@ -12,37 +12,41 @@ import pytest
 from bench import run
 
 # A suite that writes a JSON under $OUT (its argument and the environment variable it was given), one that
-# fails after printing, one that outlives its limit, and one that writes nothing.
-DUMMY = textwrap.dedent(f"""
+# fails after printing, two that outlive their limits, and one that writes nothing.
+WRITER = """import json, os, sys
+with open(os.path.join(os.environ["OUT"], "dummy.json"), "w") as f:
+    json.dump({"arg": sys.argv[1], "seen": os.environ["SEEN"]}, f)
+"""
+DUMMY = textwrap.dedent("""
     [driver]
     setup = []
 
     [suite.writes]
     bench = "dummy"
     description = "writes $OUT/dummy.json"
-    command = "{sys.executable} -c 'import json, os, sys; json.dump({{\\"arg\\": sys.argv[1], \\"seen\\": os.environ[\\"SEEN\\"]}}, open(os.path.join(os.environ[\\"OUT\\"], \\"dummy.json\\"), \\"w\\"))' 7"
+    command = "{python} {writer} 7"
     json = "dummy.json"
     env = {{ SEEN = "yes" }}
     timeout_s = 60
 
     [suite.fails]
     bench = "dummy"
-    command = "{sys.executable} -c 'print(\\"line one\\"); raise SystemExit(3)'"
+    command = "{python} -c 'print(\\"line one\\"); raise SystemExit(3)'"
     timeout_s = 60
 
     [suite.sleeps]
     bench = "other"
-    command = "{sys.executable} -c 'import time; print(\\"started\\", flush=True); time.sleep(30)'"
+    command = "{python} -c 'import time; print(\\"started\\", flush=True); time.sleep(30)'"
     timeout_s = 1
 
     [suite.naps]
     bench = "other"
-    command = "{sys.executable} -c 'import time; time.sleep(60)'"
+    command = "{python} -c 'import time; time.sleep(60)'"
     timeout_s = 60
 
     [suite.silent]
     bench = "dummy"
-    command = "{sys.executable} -c 'pass'"
+    command = "{python} -c 'pass'"
     json = "missing.json"
     timeout_s = 60
 """)
@@ -50,8 +54,10 @@ DUMMY = textwrap.dedent(f"""
 
 @pytest.fixture
 def suites(tmp_path):
+    writer = tmp_path / "writer.py"
+    writer.write_text(WRITER)
     path = tmp_path / "suites.toml"
-    path.write_text(DUMMY)
+    path.write_text(DUMMY.format(python=sys.executable, writer=writer))
     return run.load_suites(path)
 
 
