@@ -149,7 +149,7 @@ def copy_bandwidth(nbytes: int = 2 << 30, device="cuda") -> float:
         nbytes, device = min(nbytes, 64 << 20), "cpu"
     src = torch.randint(-(1 << 15), 1 << 15, (nbytes // 2,), dtype=torch.int16, device=device)
     dst = torch.empty_like(src)
-    t = time_do_bench(lambda: dst.copy_(src), rep_ms=200)
+    t = time_do_bench(lambda dst=dst, src=src: dst.copy_(src), rep_ms=200)
     del src, dst
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -96,7 +96,8 @@ def main():
     print("| cache | mag | dir | patience | blocks read (layers " + ", ".join(map(str, layers)) + ") | max row error |")
     print("|---|---|---|---|---|---|")
     for tile in (1, 8):
-        outs = [prefix_outputs(r["q"].float(), r["k"].float().repeat(1, 1, tile, 1), r["v"].float().repeat(1, 1, tile, 1),
+        outs = [prefix_outputs(r["q"].float(), r["k"].float().repeat(1, 1, tile, 1),
+                               r["v"].float().repeat(1, 1, tile, 1),
                                r["scale"]) for r in layers.values()]
         for mag, dirn, patience in ART_SETTINGS:
             res = [art_stop(o, mag, dirn, patience) for o in outs]

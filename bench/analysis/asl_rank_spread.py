@@ -1,6 +1,6 @@
 """ASL's settling test on real prompts: the rank-spread ratio of every layer after ASL's first layer.
 
-    python bench/analysis/asl_rank_spread.py --budget 64 --n 3          # SmolLM2, multikey and passkey prompts of 512 tokens
+    python bench/analysis/asl_rank_spread.py --budget 64 --n 3   # SmolLM2, multikey and passkey prompts, 512 tokens
 
 ASL (lowering/formats/asl.py) selects at the first layer whose rank spread (the variance across the last
 SPAN layers of the ranks of the tokens in any of their top budget - window, averaged over those tokens)

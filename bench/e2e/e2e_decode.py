@@ -10,18 +10,19 @@ disabled so every run decodes all its tokens.
 
 Per method, one compiled model serves every (batch, context) of a shape, so each method compiles as
 a user's server would: a prefill graph and a decode graph that go dynamic on the first new shape.
-For each (batch, context): one prefill, ``--warmup-steps`` untimed steps (WARMUP_STEPS), then ``--new-tokens`` timed decode steps
-(a plain loop over ``model(...)`` with the cache, synchronised at the end); the first run of a method
+For each (batch, context): one prefill, ``--warmup-steps`` untimed steps (WARMUP_STEPS), then ``--new-tokens``
+timed decode steps (a plain loop over ``model(...)`` with the cache, synchronised at the end); the first run of a method
 also records its compile time (wall time of the first prefill and warm-up steps minus that of the
 next ones) and the Dynamo compile count. Peak memory is ``torch.cuda.max_memory_allocated`` over the
 run, KV bytes are measured from the tensors the cache holds afterwards.
 
 ``--generate`` also times ``model.generate`` (greedy, the compiled forward as the model's forward, the
 cache HF makes: dynamic, or static for the static methods) at each point: the time of ``T + 1`` new
-tokens minus that of 1, over T, so prefill cancels (after a 3-token warm-up generate, which compiles generate's graphs). ``--fit-context L``: after the timed
-points, per method, the largest batch at context L whose prefill and decode steps fit in the GPU's memory
-(``fit_probe``: two small batches predict it, then it is tried); ``--fit-chunk N`` prefills in chunks of N
-tokens, as a server does, so that the KV cache and not the prefill's activations decides.
+tokens minus that of 1, over T, so prefill cancels (after a 3-token warm-up generate, which compiles generate's
+graphs). ``--fit-context L``: after the timed points, per method, the largest batch at context L whose prefill
+and decode steps fit in the GPU's memory (``fit_probe``: two small batches predict it, then it is tried);
+``--fit-chunk N`` prefills in chunks of N tokens, as a server does, so that the KV cache and not the prefill's
+activations decides.
 ``--dynamic`` compiles with ``dynamic=True`` (fewer recompiles across points); ``--generate-points``
 restricts ``--generate`` to some points.
 
@@ -372,8 +373,9 @@ def run_method(model, shape, name, points, new_tokens, device, rows, args):
                   model.config.vocab_size, rows, shape, args.fit_chunk, args.fit_tries)
 
 
-COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "tokens_per_s", "generate_ms_per_token", "kv_GiB",
-           "peak_GiB", "fits", "compile_s", "compiles", "prefill_s", "profile_attention_gpu_ms", "profile_other_gpu_ms", "profile_gpu_idle_ms", "error"]
+COLUMNS = ["shape", "method", "batch", "context", "prefill", "ms_per_token", "tokens_per_s", "generate_ms_per_token",
+           "kv_GiB", "peak_GiB", "fits", "compile_s", "compiles", "prefill_s", "profile_attention_gpu_ms",
+           "profile_other_gpu_ms", "profile_gpu_idle_ms", "error"]
 
 
 def main():

@@ -70,7 +70,8 @@ def profile_method(model, name: str, batch: int, context: int, steps: int, devic
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-    head = f"== {name}: B={batch}, context {context}: {plain:.2f} ms/step ({profiled:.2f} under cProfile), {steps} steps"
+    head = (f"== {name}: B={batch}, context {context}: {plain:.2f} ms/step ({profiled:.2f} under cProfile), "
+            f"{steps} steps")
     return head + "\n" + text.getvalue()
 
 

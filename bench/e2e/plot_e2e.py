@@ -1,6 +1,7 @@
 """Plots of end-to-end decode runs (``bench/e2e/e2e_decode.py`` JSON): tokens/s and memory vs context length.
 
-    python bench/e2e/plot_e2e.py bench/results/e2e_decode/h200/2026-12-01_1b-matrix-2-warmups.json [more.json ...] --out bench/results/e2e_decode/h200
+    python bench/e2e/plot_e2e.py bench/results/e2e_decode/h200/2026-12-01_1b-matrix-2-warmups.json [more.json ...] \
+        --out bench/results/e2e_decode/h200
 
 Writes ``e2e_tokens_per_s.png`` (``--prefix``) (tokens/s vs context, one panel per shape and batch, one line per method)
 and ``e2e_memory.png`` (KV-cache GiB, solid, and peak GiB, dashed, vs context, same panels). Rows of the
@@ -63,7 +64,8 @@ def plot(rows: list[dict], out_dir: Path, note: str = "", prefix: str = "e2e") -
                     values = [p[i][1] for p in parts]
                     if any(v is None for v in values):
                         continue
-                    ax.plot(contexts, values, style, marker="o", color=colours[method], label=f"{method} {label}".strip())
+                    ax.plot(contexts, values, style, marker="o", color=colours[method],
+                            label=f"{method} {label}".strip())
             gpu, shape, batch = key
             ax.set_title(f"{shape}, batch {batch}\n{gpu}", fontsize=9)
             ax.set_xscale("log", base=2)

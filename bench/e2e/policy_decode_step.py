@@ -88,6 +88,7 @@ def main():
     rows = []
     runs = [("full", "in place (grows)", None)] + [(p, path, flag) for p in args.policies.split(",")
                                                    for path, flag in (("general", False), ("in place", True))]
+    general = None  # (output, kept positions) of the last general row, what the in-place row is checked against
     for policy, path, flag in runs:
         spec = FormatSpec(policy=policy, budget=None if policy == "full" else args.budget).to_json()
         saved, policies.REPLACE_IN_PLACE = policies.REPLACE_IN_PLACE, flag

@@ -38,8 +38,8 @@ import torch  # noqa: E402
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
-from bench.kernels.attention_decode import reference, sdpa  # noqa: E402
 from bench.common import copy_bandwidth, environment, format_table, poison_, time_graph, write_json  # noqa: E402
+from bench.kernels.attention_decode import reference, sdpa  # noqa: E402
 from lowering.packed import allocate, views  # noqa: E402
 from lowering.quant_decode_attention import kernel_decode_attention  # noqa: E402
 from lowering.storage import SCHEMES  # noqa: E402
@@ -86,7 +86,8 @@ def make_cache(batch: int, kv_len: int, data: str, seed: int):
     v = torch.randn(batch, HKV, kv_len, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=g)
     if data == "sink":  # key 0 aligned with its heads' mean query, logit ~ 4 ln L above the rest
         q_mean = q.float().reshape(batch, HKV, -1, HEAD_DIM).mean(2)
-        k[:, :, 0] = (4 * math.log(kv_len) * math.sqrt(HEAD_DIM) * q_mean / q_mean.square().sum(-1, keepdim=True)).to(DTYPE)
+        sink = 4 * math.log(kv_len) * math.sqrt(HEAD_DIM) * q_mean / q_mean.square().sum(-1, keepdim=True)
+        k[:, :, 0] = sink.to(DTYPE)
     return q, k, v
 
 
@@ -241,9 +242,11 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
             q, k, v = make_cache(batch, kv_len, "normal", seed=1)
             buffer, state = pack(scheme, k, v)
             floor_b = floor_bytes(key, state, q, 1.0)
-            sets = [(q, state)] + [(q.clone(), st) for st in copies(scheme, buffer, k, extra_sets(buffer.numel(), l2_bytes))]
+            more = copies(scheme, buffer, k, extra_sets(buffer.numel(), l2_bytes))
+            sets = [(q, state)] + [(q.clone(), st) for st in more]
             ref = None
-            grid, base = SWEEP_GRID.get(key, SWEEP_GRID.get(SCHEME_VARIANTS.get(key, ("",))[0])), DecodeAttentionConfig()
+            grid = SWEEP_GRID.get(key, SWEEP_GRID.get(SCHEME_VARIANTS.get(key, ("",))[0]))
+            base = DecodeAttentionConfig()
             if args.grid:
                 grid = {f: tuple(int(x) for x in vs.split(",")) for f, vs in (g.split("=") for g in args.grid)}
                 base = rule_config(scheme, q, state, kv_len)

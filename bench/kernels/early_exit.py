@@ -20,8 +20,8 @@ termination off (every block in cache order: the baseline "same kernel"), and wi
 ``oracle``: blocks an exact per-block softmax-mass oracle would need to read for the same criterion (a
 ceiling for any bound); ``err``: the largest per-row relative L2 error against float64 full attention;
 ``excess``: the largest per-row relative L2 difference from the same kernel without termination (what
-early exit adds to rounding: the proof says <= tol, up to rounding); ``excess/tol``. Times: CUDA-graph replay (steady decode
-loop), median; ``bench/common.py``.
+early exit adds to rounding: the proof says <= tol, up to rounding); ``excess/tol``. Times: CUDA-graph replay
+(steady decode loop), median; ``bench/common.py``.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def timed(fn, smoke):
 def bench_case(name, data, smoke):
     q, k, v, scale = data
     B, Hq, _, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
+    L = k.shape[2]
     summaries = ee.build_summaries(k, v)
     ref, scores = reference(q, k, v, scale)
     ref_norm = ref.norm(dim=-1)

@@ -73,7 +73,8 @@ def rows(path: Path = DATA) -> list[dict]:
 
 
 def main():
-    print("layer | per-token int8 | rotated | per-token, bf16 query | rotated, bf16 query | rotated, split query (kernel)")
+    print("layer | per-token int8 | rotated | per-token, bf16 query | rotated, bf16 query "
+          "| rotated, split query (kernel)")
     for r in rows():
         print(f"{r['layer']} | {r['per_token']:.2e} | {r['rotated']:.2e} | {r['per_token_bf16_query']:.2e} | "
               f"{r['rotated_bf16_query']:.2e} | {r['rotated_split_query']:.2e}")

@@ -7,12 +7,13 @@ TRITON_INTERPRET, e.g.
     python -m venv --system-site-packages /tmp/t36
     /tmp/t36/bin/pip install -q triton==3.6.0
     /tmp/t36/bin/python bench/kernels/kernel_sass.py "decode split, int4, bf16"
-    /tmp/t36/bin/python bench/kernels/kernel_sass.py "decode split, int4, bf16" --set SPLIT_QUERY=False --dump /tmp/a.sass
+    /tmp/t36/bin/python bench/kernels/kernel_sass.py "decode split, int4, bf16" --set SPLIT_QUERY=False \
+        --dump /tmp/a.sass
 
 The main loop is the longest range between a backward branch and its target (Triton's pipelined key loop;
 everything inside it is unrolled); its "hot path" leaves out the blocks warp-uniform branches skip (int4's
-residual-window tile), so it is what a warp issues per key tile of codes; "steady" also leaves out long blocks that branches inside
-convergence regions skip (int4's lazy rescale: check in --dump that they are the rare path).
+residual-window tile), so it is what a warp issues per key tile of codes; "steady" also leaves out long blocks
+that branches inside convergence regions skip (int4's lazy rescale: check in --dump that they are the rare path).
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ def launch_specialization(case: str, constants: dict) -> tuple[dict, list[str]]:
     [B, 1, 1, L] mask): integer arguments equal to 1 become constants (q_len, the mask's key stride), pointers
     and strides multiples of 16 get the divisibility that lets loads vectorize and pipeline as cp.async.
     Without it every code byte is a separate unpipelined LDG. Returns (constants, divisible arguments)."""
-    from test_kernels_compile_for_hopper import CASES
-
     import importlib
+
+    from test_kernels_compile_for_hopper import CASES
 
     path = CASES[case][0]
     module, attr = path.split(":")

@@ -151,7 +151,8 @@ def main():
         rows.append(run_row(name, args, device, bandwidth))
         print(f"done {name}", file=sys.stderr, flush=True)
     rows.append(write_hot_row(args, device, bandwidth))
-    columns = ["row", "C", "kernel_us", "ref_us", "speedup", "kernel_eager_us", "ref_eager_us", "ref_deq_us", "speedup_deq", "floor_us", "of_floor",
+    columns = ["row", "C", "kernel_us", "ref_us", "speedup", "kernel_eager_us", "ref_eager_us", "ref_deq_us",
+               "speedup_deq", "floor_us", "of_floor",
                "extra_MB", "w_rel_err", "out_max_err"]
     env = environment()
     print(f"{env.get('gpu', 'cpu')}  B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} D={args.dim} "

@@ -4,7 +4,7 @@
     python bench/quality/eval_quality.py --only 'kvpass/kv_bits*'   # rerun those, merge into the results
     python bench/quality/eval_quality.py --only 'kvpress*'          # the peer only (both protocols)
     python bench/quality/eval_quality.py --report-only              # re-render RESULTS.md and plots from the JSON
-    python bench/quality/eval_quality.py --merge-from /tmp/q/quality.json --only 'kvpass/adore*'   # rows of a parallel run
+    python bench/quality/eval_quality.py --merge-from /tmp/q/quality.json --only 'kvpass/adore*'  # a parallel run
     python bench/quality/eval_quality.py --n 4 --no-kvpress --out /tmp/q --results-md /tmp/q/R.md   # a quick look
 
 Writes bench/results/quality/cpu/quality.json (after every configuration, so a killed run keeps what finished),

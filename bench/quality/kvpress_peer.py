@@ -59,7 +59,8 @@ def make_presses(configs: list[dict]) -> dict:
     return {
         c["name"]: (
             c["protocol"],
-            getattr(kvpress, PRESS_CLASSES[c["press"]])(compression_ratio=1.0 - c["budget"], **(c["press_kwargs"] or {})),
+            getattr(kvpress, PRESS_CLASSES[c["press"]])(compression_ratio=1.0 - c["budget"],
+                                                        **(c["press_kwargs"] or {})),
         )
         for c in configs
         if c["press"] is not None
@@ -83,7 +84,8 @@ def fan_out(model, presses: dict, split: int | None):
                 k, v = press.compress(module, hidden, keys, values, output[1], kwargs)
             else:
                 cos, sin = kwargs["position_embeddings"]  # [B, L, D]: only SnapKV-style presses read them
-                sliced = {**kwargs, "hidden_states": hidden[:, :split], "position_embeddings": (cos[:, :split], sin[:, :split])}
+                sliced = {**kwargs, "hidden_states": hidden[:, :split],
+                          "position_embeddings": (cos[:, :split], sin[:, :split])}
                 attn = None if output[1] is None else output[1][..., :split, :split]
                 k, v = press.compress(module, hidden[:, :split], keys[:, :, :split], values[:, :, :split], attn, sliced)
             caches[name].update(k, v, module.layer_idx)
@@ -168,7 +170,8 @@ def run_batch(model, tokenizer, configs: list[dict], batch: list[dict]) -> tuple
     twin_of: dict[str, str | None] = {}  # found before any decoding, which appends to the caches
     for name, cache in cache_of.items():
         twin_of[name] = next(
-            (n for n, t in twin_of.items() if t is None and protocol[n] == protocol[name] and _same_cache(cache_of[n], cache)),
+            (n for n, t in twin_of.items()
+             if t is None and protocol[n] == protocol[name] and _same_cache(cache_of[n], cache)),
             None,
         )
     out: dict[str, dict] = {}

@@ -66,7 +66,8 @@ def _runs_line(meta: dict) -> str:
     for r in runs:
         only = _only_patterns(r.get("argv", []))
         what = f"`--only {' '.join(only)}`" if only else "every configuration"
-        parts.append(f"{r['date'][:16].replace('T', ' ')} UTC ({what}, {len(r['configs'])} rows, {r.get('wall_s', 0) / 60:.0f} min)")
+        parts.append(f"{r['date'][:16].replace('T', ' ')} UTC ({what}, {len(r['configs'])} rows, "
+                     f"{r.get('wall_s', 0) / 60:.0f} min)")
     return "; ".join(parts)
 
 
@@ -74,7 +75,8 @@ def _peer_versions(results: dict) -> str:
     for c in results["configs"]:
         if c["engine"] == "kvpress" and c.get("versions"):
             v = c["versions"]
-            return f" (kvpress rows: kvpress {v.get('kvpress')}, transformers {v.get('transformers')}, torch {v.get('torch')})"
+            return (f" (kvpress rows: kvpress {v.get('kvpress')}, transformers {v.get('transformers')}, "
+                    f"torch {v.get('torch')})")
     return ""
 
 
@@ -126,7 +128,8 @@ def markdown(results: dict, json_rel: str, plot_rel: str) -> str:
         kb = f"{sum(nbytes) / len(nbytes) / 2**20:.1f} MiB" if nbytes else "-"
         cost = f"{c['wall_s'] / 60:.1f}" if c.get("wall_s") else ("shared" if c["engine"] == "kvpress" else "-")
         lines.append(
-            f"| {_method(c['name'])} | {_budget_label(c['budget'])} | " + " | ".join(cells) + f" | {mean} | {kb} | {cost} |"
+            f"| {_method(c['name'])} | {_budget_label(c['budget'])} | "
+            + " | ".join(cells) + f" | {mean} | {kb} | {cost} |"
         )
         if c.get("same_cache_as"):
             twins.append(f"{c['name']} = {c['same_cache_as']}")

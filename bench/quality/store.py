@@ -43,7 +43,8 @@ def merge(base: dict | None, run: dict, order: list[str]) -> dict:
     runs.append({k: run["meta"][k] for k in ("date", "argv", "wall_s") if k in run["meta"]} | {"configs": sorted(new)})
     return {
         "meta": {**run["meta"], "runs": runs},
-        "configs": sorted([c for c in base["configs"] if keep(c["name"])] + run["configs"], key=lambda c: rank[c["name"]]),
+        "configs": sorted([c for c in base["configs"] if keep(c["name"])] + run["configs"],
+                          key=lambda c: rank[c["name"]]),
         "prompts": run["prompts"],
         "groups": sorted([g for g in base["groups"] if keep(g["config"])] + run["groups"], key=by_rank),
         "outputs": {**{k: v for k, v in base["outputs"].items() if keep(k)}, **run["outputs"]},

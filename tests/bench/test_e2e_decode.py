@@ -32,14 +32,16 @@ def test_fit_probe_finds_the_largest_batch_from_two_small_ones(monkeypatch, limi
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: (10 + 2 * seen["batch"]) * 2 ** 30)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=100 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(total_memory=100 * 2 ** 30))
     rows = []
     e2e.fit_probe(None, None, "m", 64, [2, 4], "cuda", 256, rows, "smoke", chunk=32, tries=4)
     fits = [r["batch"] for r in rows if r["fits"]]
     assert [r["batch"] for r in rows[:2]] == [2, 4]
     assert all(r["prefill_chunk"] == 32 and r["context"] == 64 for r in rows)
     # 0.9 x 100 GiB at 2 GiB per batch from 18 GiB at batch 4 predicts 40; steps of FIT_STEP (8) from there
-    expected = {3: ([2, 4], 2), 30: ([2, 4, 40, 32, 24], 24), 41: ([2, 4, 40, 48], 40), 100: ([2, 4, 40, 48, 56, 64], 64)}[limit]
+    expected = {3: ([2, 4], 2), 30: ([2, 4, 40, 32, 24], 24), 41: ([2, 4, 40, 48], 40),
+                100: ([2, 4, 40, 48, 56, 64], 64)}[limit]
     assert [r["batch"] for r in rows] == expected[0], rows
     assert max(fits) == expected[1]
     assert not any(r["fits"] and r["batch"] > limit for r in rows)

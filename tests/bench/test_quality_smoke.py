@@ -20,8 +20,14 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.quality import eval_quality  # noqa: E402
-from bench.quality import configs, report, runner, store, tasks  # noqa: E402
+from bench.quality import (  # noqa: E402
+    configs,
+    eval_quality,  # noqa: E402
+    report,
+    runner,
+    store,
+    tasks,
+)
 from kvpass.models import default_cache_dir, save_tiny_llama  # noqa: E402
 
 KVPRESS_PYTHON = default_cache_dir() / "kvpress-venv" / "bin" / "python"
@@ -203,7 +209,8 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     out, md = tmp_path / "results", tmp_path / "RESULTS.md"
     # Two tasks keep it fast (the generators and scorers of all five are checked above).
     common = [
-        "--model", str(tiny_dir), "--n", "2", "--lengths", str(TINY_LENGTH), "--batch-size", "2", "--tasks", "passkey", "docqa",
+        "--model", str(tiny_dir), "--n", "2", "--lengths", str(TINY_LENGTH), "--batch-size", "2",
+        "--tasks", "passkey", "docqa",
         "--no-plots", "--ppl-texts", "2", "--ppl-length", str(TINY_LENGTH + 8), "--ppl-prefix", str(TINY_LENGTH),
         "--out", str(out), "--results-md", str(md), "--no-kvpress",
     ]
@@ -239,7 +246,8 @@ def test_pipeline_end_to_end_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     assert [c["name"] for c in merged["configs"]] == ["eager/full", "kvpass/exact", bad.name]
     assert merged["configs"][1:] == saved["configs"][1:]
     assert merged["outputs"] == saved["outputs"]
-    assert [r["configs"] for r in merged["meta"]["runs"]] == [sorted(["kvpass/exact", bad.name, "eager/full"]), ["eager/full"]]
+    assert [r["configs"] for r in merged["meta"]["runs"]] == [sorted(["kvpass/exact", bad.name, "eager/full"]),
+                                                             ["eager/full"]]
     # Rows measured on other prompts are never merged.
     with pytest.raises(SystemExit, match="n_per_task_length"):
         eval_quality.main([*common[:2], "--n", "3", *common[4:], "--only", "eager/full"])
@@ -281,7 +289,8 @@ def test_real_model_finds_short_pass_keys(tmp_path):
     eval_quality.main(
         [
             "--n", "2", "--lengths", "512", "--tasks", "passkey", "--batch-size", "2", "--ppl-texts", "0",
-            "--only", "eager/full", "--no-kvpress", "--no-plots", "--out", str(out), "--results-md", str(tmp_path / "R.md"),
+            "--only", "eager/full", "--no-kvpress", "--no-plots", "--out", str(out),
+            "--results-md", str(tmp_path / "R.md"),
         ]
     )
     saved = json.loads((out / "quality.json").read_text())
