@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import lowering.formats.asl as asl  # noqa: E402
 from bench.analysis.asl_rank_spread import spread_ratios  # noqa: E402
