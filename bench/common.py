@@ -17,13 +17,8 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-
-BENCH_DIR = Path(__file__).resolve().parent
-RESULTS_DIR = BENCH_DIR / "results"  # results/<bench>/<device>/<name>.json (bench/run.py)
-SMOLLM2_ATTENTION = BENCH_DIR / "inputs" / "smollm2_attention.pt"  # bench/quality/capture_attention.py
 
 
 @dataclasses.dataclass

@@ -41,10 +41,9 @@ from pathlib import Path
 
 import tomllib
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
+from bench.paths import BENCH_DIR, REPO, RESULTS_DIR
+
 SUITES_FILE = BENCH_DIR / "suites.toml"
-RESULTS_DIR = BENCH_DIR / "results"
 LOGS_DIR = BENCH_DIR / "logs"  # ignored by git
 BUNDLE_NAME, LOG_NAME = "results.json", "run.log"
 BUNDLE_KIND = "kvpass-bench-bundle"

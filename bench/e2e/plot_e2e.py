@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.paths import RESULTS_DIR  # noqa: E402
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -86,7 +91,7 @@ def plot(rows: list[dict], out_dir: Path, note: str = "", prefix: str = "e2e") -
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results" / "e2e_decode"))
+    ap.add_argument("--out", default=str(RESULTS_DIR / "e2e_decode"))
     ap.add_argument("--note", default="", help="a line printed above the panels")
     ap.add_argument("--prefix", default="e2e", help="file names: PREFIX_tokens_per_s.png, PREFIX_memory.png")
     args = ap.parse_args()

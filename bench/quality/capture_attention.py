@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from bench.common import SMOLLM2_ATTENTION  # noqa: E402
+from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
 
 TOKENS = 2048  # 3 layers x 2 x 2048 x 3 heads x 64 x 2 bytes = 4.7 MB: small enough to carry in the repo
 LAYERS = (3, 15, 27)  # early, middle, late of SmolLM2-135M's 30

@@ -36,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # took 8.3 s with the default policy and 0.5 s with PASSIVE (prefill of 10 x 512: 59 s -> 34 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from bench.paths import RESULTS_DIR, RESULTS_MD  # noqa: E402
 from bench.quality import configs, report, runner, store, tasks  # noqa: E402
 from kvpass.models import default_cache_dir, default_model_path, load_model, save_tiny_llama  # noqa: E402
 
@@ -71,8 +72,8 @@ def parse(argv):
     ap.add_argument("--kvpass-compiler", default="eager", choices=["eager", "inductor"],
                     help="kvpass's `compiler` option for every kvpass row (see bench/quality/runner.py)")
     ap.add_argument("--kvpress-python", default=str(default_cache_dir() / "kvpress-venv" / "bin" / "python"))
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality" / "cpu")
-    ap.add_argument("--results-md", type=Path, default=REPO / "bench" / "RESULTS.md")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "quality" / "cpu")
+    ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--no-plots", action="store_true", help="write the JSON and RESULTS.md only (no matplotlib)")
     ap.add_argument("--merge-from", type=Path, metavar="QUALITY_JSON",
