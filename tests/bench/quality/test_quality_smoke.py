@@ -56,6 +56,7 @@ def _oracle(task_name: str, answers) -> str:
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**16), index=st.integers(0, 3))
 @example(seed=7681, index=0)  # docqa drew a sentence too long for the prompt (tasks.py caps it at 40 words)
+@example(seed=1200, index=2)  # docqa's answer "(i.e. a multipart or" begins with the word "i" of "I don't know"
 def test_prompts_are_deterministic_exact_length_and_hold_their_answer(byte_tokenizer, task_name, seed, index):
     make = lambda: tasks.make_prompts(task_name, byte_tokenizer, TINY_LENGTH, index + 1, seed)[index]  # noqa: E731
     prompt = make()
@@ -66,7 +67,8 @@ def test_prompts_are_deterministic_exact_length_and_hold_their_answer(byte_token
         # The answer is in the context, never only in the question (docqa: its words follow the opening).
         assert answer in context, (answer, context[-300:])
     assert tasks.score(task_name, prompt.answers, _oracle(task_name, prompt.answers)) == 1.0
-    assert tasks.score(task_name, prompt.answers, " I don't know.") == 0.0
+    # An output sharing no word with the answers scores 0 (a refusal such as "I don't know." can share one).
+    assert tasks.score(task_name, prompt.answers, " qqqq qqqq.") == 0.0
 
 
 @pytest.mark.parametrize("task_name", ["passkey", "multikey", "multivalue", "vartrack"])
