@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
+
 from lowering import early_exit  # noqa: E402
 
 DATA = SMOLLM2_ATTENTION

@@ -37,18 +37,8 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 import lowering.decode_attention as launcher  # noqa: E402
-from bench.common import (  # noqa: E402
-    copy_bandwidth,
-    environment,
-    format_table,
-    launch_overhead,
-    poison_,
-    rel_error,
-    time_cold,
-    time_do_bench,
-    time_graph,
-    write_json,
-)
+from bench.common import (copy_bandwidth, environment, format_table, launch_overhead, poison_,  # noqa: E402
+                          rel_error, time_cold, time_do_bench, time_graph, write_json)
 from lowering.decode_attention import DecodeAttentionConfig, decode_attention  # noqa: E402
 from lowering.kernels import decode_attention as kernels  # noqa: E402
 

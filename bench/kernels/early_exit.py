@@ -36,12 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
+
 SMOKE = "--smoke" in sys.argv or not torch.cuda.is_available()
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 from bench.common import Timing, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
-from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
 from lowering import early_exit as ee  # noqa: E402
 from lowering.decode_attention import decode_attention  # noqa: E402
 
