@@ -26,7 +26,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "lowering")]
+# The hopper compile test: tests/lowering/ before the lowering restructuring, tests/lowering/attention/ after it.
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "lowering", "attention"), os.path.join(ROOT, "tests", "lowering")]
 
 # "/*0a30*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
