@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv[1:])
         for path in ingest(args.bundle, args.results, args.overwrite):
             print(f"filed {path}")
+        print("RESULTS.md's summary reads them after: python -m bench.summary")
         return 0
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
