@@ -35,12 +35,11 @@ import torch  # noqa: E402
 
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-
-import lowering.formats  # noqa: E402,F401  (registers the formats; lowering.policies needs them)
 from bench.common import copy_bandwidth, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
-from lowering.decode_attention import decode_attention  # noqa: E402
-from lowering.policies import key_weights, take  # noqa: E402
-from lowering.scored_decode_attention import KeySegment, kept_attention, score_keys  # noqa: E402
+from lowering.attention.decode.launcher import decode_attention  # noqa: E402
+from lowering.formats.budgeted import key_weights, take  # noqa: E402
+from lowering.attention.scored.launcher import kept_attention, score_keys
+from lowering.core.operands import KeySegment  # noqa: E402
 from lowering.storage.int8 import dequantize_rows, quantize_rows  # noqa: E402
 
 DTYPE = torch.bfloat16

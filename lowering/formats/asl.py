@@ -20,11 +20,16 @@ region). Not done here: the paper also shortens the *sequence* the deeper layers
 whole-graph rewrite beyond an attention site; deeper layers here attend over the whole prompt at prefill
 and keep the selection in their cache.
 
-Cross-layer state: layer i needs the ranks of layers i - SPAN + 1 .. i - 1 of the same forward. They are
-kept in a module-level per-forward store (``_STORE``), in site order: a site seen again, or another
-batch/length, starts a new forward. All of it stays on the device (no host sync); it holds SPAN rank
-vectors [B, L] int64 and one score vector [B, L]. It assumes the layers of one forward run in order,
-one forward at a time (true for HF generate, compiled or eager; not thread-safe across concurrent models).
+Cross-layer state: layer i needs the ranks of layers i - SPAN + 1 .. i - 1 of the same forward. The op
+sees one layer at a time, so the format keeps the forward in progress (``ForwardState``), in site order:
+a site seen again, or another batch/length, starts a new forward. Why on the format instance and per
+thread: ``build_format`` builds one instance per distinct spec, so a model compiled with other options
+(another budget, kv_bits, ...) never shares it, and a forward running in another thread has its own; two
+models compiled with the same options run their forwards one after the other in a thread, and the second
+one's first layer (a site seen again, or another shape) starts a fresh state. Passing the state through
+the op instead would need the graph to carry it between layers, which Dynamo's graph of one layer cannot.
+All of it stays on the device (no host sync); it holds SPAN rank vectors [B, L] int64 and one score
+vector [B, L]. It assumes the layers of one forward run in order (true for HF generate, compiled or eager).
 
 Constants are the paper's for 32-layer models (Llama-3.1-8B): FIRST_LAYER 10, SPAN 8, SETTLE_RATIO 0.3,
 window 32 (at budgets from 256 up; smaller budgets take SnapKV's ``observation_window``, at most 1/8 of
@@ -45,12 +50,13 @@ over SPAN x L ranks; decode as SnapKV.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
 from lowering.formats import register_format
 from lowering.formats.snapkv import SnapKV
-from lowering.policies import Candidates
+from lowering.formats.budgeted import Candidates
 
 FIRST_LAYER = 10
 SPAN = 8
@@ -59,22 +65,15 @@ KERNEL = 7  # ASL's average pool width
 
 
 @dataclasses.dataclass
-class _Forward:
+class ForwardState:
+    """What ASL carries from layer to layer within one prefill forward."""
+
     sites: list = dataclasses.field(default_factory=list)
     ranks: list = dataclasses.field(default_factory=list)  # per layer [B, L] int64, the last SPAN kept
     shape: tuple = ()
     base: torch.Tensor | None = None  # [B] rank variance at FIRST_LAYER
     settled: torch.Tensor | None = None  # [B] bool
     chosen: torch.Tensor | None = None  # [B, L] scores of the selection layer (rows where settled)
-
-
-_STORE = _Forward()
-
-
-def reset() -> None:
-    """Forget the current forward (tests; a new forward is also detected by itself)."""
-    global _STORE
-    _STORE = _Forward()
 
 
 def _ranks(score: torch.Tensor) -> torch.Tensor:
@@ -101,13 +100,28 @@ class ASL(SnapKV):
     settle_ratio = SETTLE_RATIO
     asl_kernel = KERNEL
 
-    def _forward(self, c: Candidates) -> _Forward:
-        global _STORE
+    def __init__(self, spec, storage):
+        super().__init__(spec, storage)
+        self._threads = threading.local()  # .forward: this thread's ForwardState (module docstring)
+
+    @property
+    def forward_state(self) -> ForwardState:
+        """The forward in progress (or last run) in this thread."""
+        if not hasattr(self._threads, "forward"):
+            self._threads.forward = ForwardState()
+        return self._threads.forward
+
+    def reset(self) -> None:
+        """Forget the forward in progress (a new forward is also detected by itself)."""
+        self._threads.forward = ForwardState()
+
+    def _forward(self, c: Candidates) -> ForwardState:
         shape = (c.q.shape[0], c.length)
-        if c.site in _STORE.sites or _STORE.shape != shape:
-            _STORE = _Forward(shape=shape)
-        _STORE.sites.append(c.site)
-        return _STORE
+        state = self.forward_state
+        if c.site in state.sites or state.shape != shape:
+            state = self._threads.forward = ForwardState(shape=shape)
+        state.sites.append(c.site)
+        return state
 
     def score(self, c: Candidates) -> torch.Tensor:
         snap = super().score(c)

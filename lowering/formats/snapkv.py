@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from lowering.formats import register_format
-from lowering.policies import BudgetedFormat, Candidates
+from lowering.formats.budgeted import BudgetedFormat, Candidates
+from lowering.formats.slot_replacement import ReplacesInPlace
 
 WINDOW = 32  # the SnapKV paper's default observation window (kvpress uses 64)
 KERNEL = 7  # max-pool width; the paper uses 5 to 7 (kvpress 5)
@@ -51,9 +52,8 @@ def decode_recent(budget: int) -> int:
 
 
 @register_format("snapkv")
-class SnapKV(BudgetedFormat):
+class SnapKV(ReplacesInPlace, BudgetedFormat):
     policy = "snapkv"
-    replaces_in_place = True  # decode scores from stored metadata alone (lowering/slot_replacement.py)
     kernel = KERNEL
 
     def window_size(self, c: Candidates) -> int:

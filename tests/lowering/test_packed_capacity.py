@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowering import packed
+from lowering.core import packed
 from lowering.storage import SCHEMES
 
 

@@ -160,7 +160,7 @@ def decode_attention(kvpass_device):
 
     if kvpass_device == "cpu" and triton_interpreter_problem():
         pytest.skip(triton_interpreter_problem())
-    return pytest.importorskip("lowering.decode_attention").decode_attention
+    return pytest.importorskip("lowering.attention.decode.launcher").decode_attention
 
 
 @pytest.mark.requires_triton
