@@ -17,7 +17,7 @@ _compat.register_backend_once("kvpass", kvpass_backend)
 
 def stats() -> dict:
     """Run-time statistics: how many attention calls each lowering served (and why CUDA calls fell
-    back to torch SDPA), and per attention site what its variant recorded (``lowering.stats``: cache
+    back to torch SDPA), and per attention site what its variant recorded (``lowering.core.stats``: cache
     bytes held, tokens kept / released / rebuilt, KV blocks read)."""
     return {"attention_calls": dict(lowering_stats.calls), "sites": lowering_stats.snapshot()}
 

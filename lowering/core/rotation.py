@@ -29,7 +29,7 @@ def shifts(dim: int) -> tuple[int, int]:
 
 
 def kernel_constants(dim: int, shift: int) -> dict:
-    """The kernels' constexprs for rotating rows of ``dim`` by H 2^-shift (``lowering/attention/device/rotation.py``)."""
+    """The kernels' constexprs for rotating rows of ``dim`` by H 2^-shift (``attention/device/rotation.py``)."""
     return dict(ROTATE_STAGES=dim.bit_length() - 1, ROTATE_SHIFT=shift)
 
 

@@ -36,13 +36,12 @@ to rebuild any token (host memory or lower bits would cut it further).
 Time per decode step: one pass over the cold int8 keys (L - budget rows, a quarter of the full cache's
 K+V bytes at bf16) for the scores, the hot keys once more for their weights (on CUDA with kv_bits=16 one
 fused pass reads hot keys and int8 cold codes once and the attention reuses its scores:
-``lowering.scored_decode_attention``, 6.3x the reference at B=8, 2k hot + 30k cold on an H100), a sort of
+``lowering.attention.scored``), a sort of
 L scores, and the int8 rewrite of the cold store into the step's new buffer (the packed design copies it
 every step); attention itself reads budget tokens. Cold rows are otherwise left where they are
 (``lazy_cold_rows``): only the rebuilt ones are dequantized and stored in the hot form, and the released
 rows are spliced as int8 codes, so no step materialises the cold store at full precision (the reference
-scoring's dequantized keys aside). CPU, fp32, one thread, B=2, Hq=32, Hkv=8, D=128, 16k tokens, budget
-2048: 0.46-0.48 s per step and layer, against 0.97-0.98 s when every cold row was spliced at full precision.
+scoring's dequantized keys aside).
 Statistics per site (``kvpass.stats()``): ``kept``, ``released``, ``rebuilt``, ``cold_bytes``.
 """
 from __future__ import annotations
@@ -56,8 +55,18 @@ from lowering.core import stats
 from lowering.core.operands import KeySegment
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.formats import launch, register_format
-from lowering.formats.budgeted import (NEVER, BudgetedFormat, Candidates, by_position, candidate_bias, hot_layout,
-                                       key_weights, select, take, write_hot)
+from lowering.formats.budgeted import (
+    NEVER,
+    BudgetedFormat,
+    Candidates,
+    by_position,
+    candidate_bias,
+    hot_layout,
+    key_weights,
+    select,
+    take,
+    write_hot,
+)
 from lowering.storage import State
 from lowering.storage.int8 import dequantize_rows, quantize_rows
 

@@ -37,12 +37,8 @@ the budget, so the window never is the whole selection). The op does not see the
 are class attributes: set them on ``ASL`` for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a
 2-layer test model needs FIRST_LAYER <= 1).
 
-On SmolLM2-135M (30 layers) the rule never fires: over 6 retrieval prompts at budget 64 of 512 the ratio
-after layer 10 stays between 1.3 and 58 (`bench/asl_rank_spread.py`, log in bench/logs): the layers
-up to 10 agree on the ranking more than any later span does, so ASL keeps SnapKV's selection there.
-Forcing the one-shot selection at layer 11 (SETTLE_RATIO = inf, 10 prompts each of passkey and multikey
-at 1/8, 2026-12-01) found 0 pass keys against SnapKV's 5: a mid-layer ranking shared by every deeper
-layer and head is worse than each layer's own on this model.
+Whether the rule fires on a model: ``bench/asl_rank_spread.py`` prints the ratio per layer (on SmolLM2-135M
+it never does, so ASL selects as SnapKV there; bench/RESULTS.md).
 
 Cost: prefill scoring as SnapKV plus, per layer from FIRST_LAYER on, a sort of L scores and a variance
 over SPAN x L ranks; decode as SnapKV.
@@ -55,8 +51,8 @@ import threading
 import torch
 
 from lowering.formats import register_format
-from lowering.formats.snapkv import SnapKV
 from lowering.formats.budgeted import Candidates
+from lowering.formats.snapkv import SnapKV
 
 FIRST_LAYER = 10
 SPAN = 8
@@ -79,7 +75,8 @@ class ForwardState:
 def _ranks(score: torch.Tensor) -> torch.Tensor:
     """[B, L] -> rank of each token, 0 = highest score (stable on ties)."""
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    ranks = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
 def rank_spread(ranks: list[torch.Tensor], top: int) -> torch.Tensor:

@@ -76,7 +76,8 @@ def hot_layout(storage: StorageScheme, batch, kv_heads, hot, k_dim, v_dim, dtype
 def _as_bias(attn_mask: torch.Tensor) -> torch.Tensor:
     """HF mask (bool, True = attend, or additive) -> float32 additive, -inf where masked."""
     if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device).masked_fill(~attn_mask, -math.inf)
+        bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
+        return bias.masked_fill(~attn_mask, -math.inf)
     bias = attn_mask.float()
     return bias.masked_fill(bias < MASKED_BELOW, -math.inf)
 

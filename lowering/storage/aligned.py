@@ -13,7 +13,7 @@ D + 4 always and the D / 2 low bytes only for the blocks that need them.
 Which blocks need them (the kernel's skip rule, ``lowering/attention/decode/kernel.py``): a block's
 low parts are skipped while a bound on everything skipped so far stays within ``tau`` (default 2^-8,
 a bf16 unit roundoff) times the attention-weighted row magnitude sum_j p_j max|v_j|; unlike AlignedKV's
-per-channel exponent test (which relies on fp16 accumulation, see /work/shared/papers.md), the rule
+per-channel exponent test (which relies on fp16 accumulation), the rule
 is a worst-case bound, valid with fp32 accumulation, for GQA (all query heads of a KV head must agree)
 and across splits. The kernel counts the tokens whose low parts it read (``stats``): bytes read =
 tokens x 2 (D + 4) + low tokens x 2 ceil(D / 2).
@@ -94,10 +94,8 @@ class Aligned:
         return tuple(state[n + "_scale"].double()[..., None] * steps + rounding_slack(x, dtype)
                      for n, x in zip(("k", "v"), self.dequantize(state, length, dtype, high_only)))
 
-    # Measured on an H200 (Triton 3.6, 2026-12-02, bench/logs/s8/tests.log): the kernel's output was wrong in
-    # bf16 and fp16 at head dim 16 (every element, up to 1.4 absolute), right at 32 and 64 and in fp32; the
-    # interpreter is right at 16, and int4 (the same nibble unpacking) is right at 16 on CUDA. Cause not
-    # found, so on CUDA smaller head dims take the reference path.
+    # The kernel's half-precision output was measured wrong on CUDA at head dim 16 (right at 32, 64, in fp32 and
+    # under the interpreter; bench/RESULTS.md); cause not found, so on CUDA smaller head dims take the reference.
     MIN_CUDA_HEAD_DIM = 32
 
     def kernel_refusal(self, q) -> str | None:

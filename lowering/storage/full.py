@@ -1,8 +1,6 @@
 """kv_bits=16: keys and values kept as the model computed them (the base other variants add to)."""
 from __future__ import annotations
 
-import torch
-
 from lowering.core.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
 

@@ -63,7 +63,7 @@ class Int4Kivi:
     # slot 4 q + 2 e + s for t = 8 s + 2 q + e: each int32 word q holds keys 2q, 2q + 1 in its bytes 0, 2 and
     # keys 2q + 8, 2q + 9 in bytes 1, 3, the pairs of consecutive keys an MMA's value operand takes, so the
     # kernel makes each pair of codes by one mask of the word (``int4_tiles._value_tile``) instead of byte-wise
-    # shared-memory reads and permutes (sm_90 SASS steady path, bf16 D=128: 791 -> 720 per 32-key tile).
+    # shared-memory reads and permutes.
     VALUE_SLOTS = tuple(4 * (t % 8 // 2) + 2 * (t % 2) + t // 8 for t in range(token_blocks.TOKENS))
 
     def _value_codes(self, state: State) -> torch.Tensor:
@@ -71,17 +71,15 @@ class Int4Kivi:
         quant = state["v_scale"].shape[2]
         return unpack_nibbles(token_blocks.read_rows(state["v"], quant, self.VALUE_SLOTS), state["v_res"].shape[-1])
 
-    # int4 keys by int8 MMAs of the query folded with each group's scales (lowering/kernels/int4_keys.py): the
-    # kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
+    # int4 keys by int8 MMAs of the query folded with each group's scales (lowering/attention/decode/int4_keys.py):
+    # the kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
     split_query = True
 
     def splits_query(self, dtype: torch.dtype, dim: int, rows: int) -> bool:
         """Whether the kernel scores keys by the folded query's int8 split: 16-bit dtypes (fp32 keeps its exact
         dequantized keys), D > 32 (int8 MMAs reduce over a channel half of >= 32) and at most 8 query rows per KV
         head (GQA ratio x Lq: the fold's rows then fill at most half of the MMA's 16, ``int4_keys._stacked_parts``;
-        the fold costs per group and row). sm_90 SASS steady path per 32-key tile with / without the split, bf16
-        (session 11, values in word blocks): D=128 GQA 4 681 / 762, GQA 8 746 / 764, GQA 16 (a 16-row fold,
-        before the blocks) 1047 / 909; D=64 552 / 584."""
+        the fold costs per group and row, and a 16-row fold costs more than it saves)."""
         return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
     def _splits(self, q: torch.Tensor, state: State) -> bool:
@@ -130,7 +128,6 @@ class Int4Kivi:
     def kernel_values(self, state: State, length: int):
         """(values the folded kernel attends over, float64 [B, Hkv, L, Dv]: c * scale + min exactly, the
         residual as stored; the magnitude its roundings scale with: |c * scale| + |min|, |residual|)."""
-        Dv = state["v_res"].shape[-1]
         cs = self._value_codes(state).double() * state["v_scale"].double()[..., None]
         low = state["v_min"].double()[..., None]
         res = state["v_res"].double()
@@ -187,7 +184,7 @@ class Int4Kivi:
 
     def _dequantize_quant(self, state: State, dtype):
         B, H, quant, _ = state["k"].shape
-        Dk, Dv = state["k_res"].shape[-1], state["v_res"].shape[-1]
+        Dk = state["k_res"].shape[-1]
         groups = quant // GROUP
         k_codes = unpack_nibbles(state["k"], Dk).reshape(B, H, groups, GROUP, Dk)
         k = dequantize_groups(k_codes, state["k_scale"][:, :, :, None], state["k_min"][:, :, :, None], dtype)

@@ -11,12 +11,10 @@ fused kernel attends with the query q H 2^-ceil(m/2) over them and turns its out
 H 2^-ceil(m/2) (so q' . k' = q . k and the softmax weights are unchanged; every scaling is a power of two).
 SmolLM2's key channels reach 2-5x their median maximum, and a per-token scale set by one outlier channel
 leaves the other channels few steps; the rotation spreads every channel over all of them (QuaRot,
-Ashkboos et al. 2024, rotates KV caches for the same reason). On the captured SmolLM2 attention
-(``bench/data/smollm2_attention.pt``) the attention output's error against float64 fell from
-1.0e-2 / 1.9e-2 / 1.9e-2 to 0.86e-2 / 0.83e-2 / 1.0e-2 (layers 3 / 15 / 27, exact query); with the rotated
-query rounded to bf16, as the kernel reads it, to 1.0e-2 / 1.1e-2 / 1.2e-2. It needs no statistics
-from the prompt. On CUDA it costs no launch: the quantize-on-append kernel rotates the new rows and the
-decode kernel the query and its output, in registers (``lowering/attention/device/rotation.py``).
+Ashkboos et al. 2024, rotates KV caches for the same reason; ``bench/int8_rotation.py`` measures it on
+captured SmolLM2 attention). It needs no statistics from the prompt. On CUDA it costs no launch: the
+quantize-on-append kernel rotates the new rows and the decode kernel the query and its output, in registers
+(``lowering/attention/device/rotation.py``).
 
 Round trip: ``dequantize`` computes ``code * scale`` in fp32 (one rounding, as the kernel), turns it
 back with H in fp32 and rounds to the model's dtype. Unrotated (``rotation = False``, fp8, other head

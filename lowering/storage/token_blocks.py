@@ -2,10 +2,9 @@
 
 Why: in the decode kernel's P @ V product the value tile is the MMA's right operand with the keys as its
 reduction dimension, and an MMA operand of 16-bit type holds pairs of consecutive *keys*. Row-major 1-byte
-codes ([L, D], channels contiguous) give those pairs only through byte-wise shared-memory reads: Triton 3.6
-emits 256 ``LDS.U8`` plus the byte permutes per warp and 256-key tile, a third of the int8 kernel's loop
-(sm_90 SASS, 2026-12-02). With 16 tokens contiguous per channel the operand is read as ``ldmatrix`` rows
-and the loop shrinks by that much. Keys stay row-major: their reduction dimension is the channels.
+codes ([L, D], channels contiguous) give those pairs only through byte-wise shared-memory reads and byte
+permutes. With 16 tokens contiguous per channel the operand is read as ``ldmatrix`` rows. Keys stay
+row-major: their reduction dimension is the channels.
 
 A token's row is D bytes at stride T (at slot ``slots[t % T]`` of its block where a format orders its tokens:
 int4's values, ``Int4Kivi.VALUE_SLOTS``); the last block of a length that is not a multiple of T is partly

@@ -3,7 +3,6 @@ generate path, the entry point, and the compile-time log."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import kvpass
-from kvpass.options import KV_BITS, POLICIES, implemented
-from kvpass.options import KVPassOptions, parse_options
+from kvpass.options import KV_BITS, POLICIES, KVPassOptions, implemented, parse_options
 
 
 def test_no_options_is_exact_default():

@@ -15,9 +15,9 @@ from transformers import DynamicCache
 
 import kvpass
 import zoo
-from lowering.formats import FORMATS
 from lowering.core import stats
 from lowering.core.packed import capacity, capacity_layout, is_slot, layout_nbytes
+from lowering.formats import FORMATS
 from lowering.formats.budgeted import per_token
 from lowering.storage import SCHEMES
 
@@ -26,8 +26,8 @@ POLICIES = [p for p in FORMATS if p != "full"]
 
 # Relative logit error allowed per scheme: 8 x the scheme's relative rounding step. Each cached element
 # carries at most half a step of its row's (or group's) range; through softmax, the value sum and two
-# tiny layers that stays within a few steps (measured for int8: 0.13% on gpt2, 0.38% on llama = 0.5 step), so 8 steps fails
-# only on a real fault (a wrong scale, a lost token, a misplaced row: errors of order 100%).
+# tiny layers that stays within a few steps (measured for int8: 0.13% on gpt2, 0.38% on llama = 0.5 step), so 8 steps
+# fails only on a real fault (a wrong scale, a lost token, a misplaced row: errors of order 100%).
 RELATIVE_STEP = {"8": 1 / 127, "4": 1 / 7.5, "fp8": 1 / 16, "aligned": 1 / 127}
 
 
@@ -198,8 +198,8 @@ def test_a_copied_slot_raises_instead_of_reading_garbage():
         cache = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache()).past_key_values
         cache.batch_select_indices(torch.tensor([1, 0], device=zoo.DEVICE))
         with pytest.raises(Exception, match="not a kvpass packed slot"):
-            model(input_ids=torch.tensor([[5], [7]], device=zoo.DEVICE), attention_mask=torch.cat([mask, mask[:, :1]], 1),
-                  past_key_values=cache)
+            model(input_ids=torch.tensor([[5], [7]], device=zoo.DEVICE),
+                  attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -1,4 +1,4 @@
-"""The capacity grid of buffers that grow in place (``lowering.packed``)."""
+"""The capacity grid of buffers that grow in place (``lowering.core.packed``)."""
 from __future__ import annotations
 
 import torch

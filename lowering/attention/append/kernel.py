@@ -2,10 +2,11 @@
 
 One program per new token row of one KV head: it reads the row [D] once, takes its largest |x|, writes the
 fp32 scale amax / QMAX and the codes x / scale, rounded half to even and clamped to +-QMAX, straight into
-the cache's sections at row ``start + t``; int8's rotated rows are rotated in registers first. (fp8 keeps its torch path: Triton's CPU interpreter converts
-fp32 to e4m3 wrongly for some values, e.g. -126.06 to -64, so a fused fp8 path could not be tested here.) This
-replaces the ~12 torch ops per tensor of ``lowering.storage.int8.quantize_rows`` plus the two copies
-into the sections: a decode step appends one token per layer, and every op is host time.
+the cache's sections at row ``start + t``; int8's rotated rows are rotated in registers first. This replaces
+the ~12 torch ops per tensor of ``lowering.storage.int8.quantize_rows`` plus the two copies into the
+sections: a decode step appends one token per layer, and every op is host time. (fp8 keeps its torch path:
+Triton's CPU interpreter converts fp32 to e4m3 wrongly for some values, e.g. -126.06 to -64, so a fused
+fp8 path could not be tested here.)
 """
 
 import triton
@@ -14,7 +15,6 @@ import triton.language as tl
 from lowering.attention.device.fixed_point import ROUND_MAGIC
 from lowering.attention.device.reductions import reduce_max
 from lowering.attention.device.rotation import rotate_row
-
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def quantize_rows_append_kernel(
     QMAX: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated: x H 2^-shift first (lowering/rotation.py); 0: none
+    ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated: x H 2^-shift first (lowering/core/rotation.py); 0: none
     ROTATE_SHIFT: tl.constexpr = 0,
     ROW_BLOCK: tl.constexpr = 0,  # codes in blocks of this many tokens, token-minor (stride_cn: a block's); 0: rows
 ):
@@ -39,7 +39,7 @@ def quantize_rows_append_kernel(
     d = tl.arange(0, BLOCK_D)
     ok = d < HEAD_DIM
     x = tl.load(X + b * stride_xb + h * stride_xh + t * stride_xn + d, mask=ok, other=0.0).to(tl.float32)
-    if ROTATE_STAGES:  # the host's butterfly, stage for stage: the same bits as lowering.rotation.store_rows
+    if ROTATE_STAGES:  # the host's butterfly, stage for stage: the same bits as lowering.core.rotation.store_rows
         x = rotate_row(x, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
     scale = reduce_max(tl.abs(x), 0) / QMAX
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))

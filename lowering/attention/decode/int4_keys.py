@@ -6,9 +6,8 @@ codes enter int8 MMAs as bytes: c & 15 for the low nibbles, (c & 0xF0) ^ 0x80 = 
 (bitwise ops on four codes at once; the 8 scale_d that centring drops join the minima's term). The fold is
 computed on the program's real query rows only (``FOLD_ROWS``, 4 for a decode step at GQA 4), not on the 16 rows
 an MMA needs: per 32-key group that is 4 x D products instead of dequantizing 32 x D codes; the hi and lo parts
-share one operand (``_stacked_parts``), so the scores take two int8 MMAs. sm_90 SASS of the bf16 loop (Triton
-3.6, D=128, 32-key tiles, per-key mask; bench/RESULTS.md, session 11): steady path 962 -> 791 with the kernel's
-lazy rescaling. The host twin of the rounding and its error bound: ``Int4Kivi.kernel_score_error``.
+share one operand (``_stacked_parts``), so the scores take two int8 MMAs. The host twin of the rounding and its
+error bound: ``Int4Kivi.kernel_score_error``.
 """
 
 import triton

@@ -1,4 +1,4 @@
-"""KIVI int4 tiles for the split-KV decode kernel (``lowering/kernels/decode_attention.py``): device code only.
+"""KIVI int4 tiles for the split-KV decode kernel (``lowering/attention/decode/kernel.py``): device code only.
 
 Byte j of a packed row holds channel j (low nibble) and channel j + HALF (high nibble), HALF = ceil(D / 2)
 (``lowering/storage/int4.py``: ``pack_nibbles``). A tile is therefore two plain [BLOCK_N, BLOCK_H] code tiles,
@@ -10,10 +10,10 @@ operand takes (``Int4Kivi.VALUE_SLOTS``), so a pair of codes is one mask of a wo
 
 Key tiles lie in one key group (the launcher caps BLOCK_N at it), so their scales and minima are one [D] row
 each. With ``INT_KEYS`` (the kernel's SPLIT_QUERY) the scales fold into the query's real rows and the codes go to
-int8 MMAs unconverted (``lowering/kernels/int4_keys.py``); otherwise (fp32, D <= 32, > 8 query rows) keys are
-dequantized in registers by one fma in the dtype (``dequantize``), codes built as bit patterns (``_codes_16bit``).
-Folding into all 16 padded rows, in floating point, measured worse (session 10: as many elements per thread and
-tile as the key tile itself); 4 rows and integer MMAs measured better (session 11; bench/RESULTS.md).
+int8 MMAs unconverted (``int4_keys.py``); otherwise (fp32, D <= 32, > 8 query rows) keys are dequantized in
+registers by one fma in the dtype (``dequantize``), codes built as bit patterns (``_codes_16bit``). The fold
+covers the real query rows only: folding into all 16 padded rows puts as many elements per thread as the key
+tile itself.
 """
 
 import triton
@@ -26,17 +26,16 @@ from lowering.attention.device.reductions import mma, mma_acc, reduce_max, reduc
 @triton.jit
 def _codes_f32(c):
     """uint8 codes 0..15 -> fp32, exact: the bit pattern 2^23 + c minus 2^23, two ALU operations instead of an
-    int-to-float conversion (1.10x on int4 decode at 8 x 32k, H200, 2026-12-01: bench/RESULTS.md)."""
+    int-to-float conversion."""
     return (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
 def _codes_16bit(c16, zero, DTYPE: tl.constexpr):
     """int16 codes 0..15 -> bf16 / fp16, exact: the bit pattern of 128 + c (bf16) or 1024 + c (fp16) minus that
-    offset, so the subtraction is one packed HADD2 per two codes (sm_90 SASS of the bf16 loop: 1537 instructions
-    against 1706 through fp32; fp16's 1472 -> 1253). ``zero``: 0 at run time that the compiler cannot prove 0
-    (``opaque_zero``): with the pattern in a register, ptxas merges c & 15 and | pattern into one LOP3 (two
-    immediates need two: 16 fewer instructions per 32-key value tile)."""
+    offset, so the subtraction is one packed HADD2 per two codes (fewer instructions than through fp32).
+    ``zero``: 0 at run time that the compiler cannot prove 0 (``opaque_zero``): with the pattern in a register,
+    ptxas merges c & 15 and | pattern into one LOP3 (two immediates need two)."""
     if DTYPE == tl.bfloat16:
         x = (c16 | (zero | 0x4300)).to(tl.bfloat16, bitcast=True) - 128.0
     else:
@@ -49,14 +48,14 @@ def _load_codes(x_base, n, ok, h, stride_n, zero, HALF: tl.constexpr, DTYPE: tl.
     """Codes of channels h and HALF + h of tokens ``n``: two [BLOCK_N, BLOCK_H] tiles from one byte tile, 0 on
     lanes off ``ok`` and past the channels, in ``DTYPE`` (exact; fp32 under ``UPCAST``, see ``_mma``: the
     interpreter's bf16 arithmetic works on the bit patterns). Converted before any use: the compiler's layout
-    conversions then move 16-bit, not 32-bit, tiles (1706 loop instructions against 1737 with fp32 codes)."""
+    conversions then move 16-bit, not 32-bit, tiles."""
     codes = tl.load(x_base + n[:, None] * stride_n + h[None, :], mask=ok[:, None] & (h < HALF)[None, :], other=0)
     if UPCAST or DTYPE == tl.float32:
         lo = _codes_f32(codes & 15)
         hi = _codes_f32(codes >> 4)
     else:
-        # Widened to 16 bits before the nibbles are taken: byte-wise masks and shifts cost 45 more permutes and
-        # masks per tile (bf16 loop 1241 -> 1196 instructions).
+        # Widened to 16 bits before the nibbles are taken: byte-wise masks and shifts cost more permutes and
+        # masks per tile.
         c16 = codes.to(tl.int16)
         z16 = zero.to(tl.int16)
         lo = _codes_16bit(c16 & 15, z16, DTYPE)
@@ -72,8 +71,7 @@ def _value_tile(words, shift, pattern, DTYPE: tl.constexpr, UPCAST: tl.constexpr
     with ``pattern`` a register (``_codes_16bit``), whose 16-bit halves are the pair's bf16 / fp16 patterns: one
     HADD2 subtracts the offset of both (ptxas keeps the halves in their word). The pairs are spread by broadcasts,
     not ``tl.join``: Triton then reads the words from shared memory straight into the MMA operand's layout (joined,
-    the converted tile took a second trip through shared memory: 751 against 720 steady, bf16 D=128, session 11);
-    byte-wise reads of row-major bytes cost 2.4 instructions per code (791)."""
+    the converted tile takes a second trip through shared memory)."""
     two = tl.arange(0, 2)
     pairs = ((words[:, :, :, None] >> (shift + 8 * two)[None, None, None, :]) & 0x000F000F) | pattern
     x = pairs[:, :, :, :, None] >> (16 * two)[None, None, None, None, :]  # [block, q, channel, key // 8, key % 2]
@@ -141,8 +139,7 @@ def _load_row_halves(row_ptr, ok, h, HALF: tl.constexpr, HEAD_DIM: tl.constexpr)
     """Channels h and HALF + h of one row (a group's scales or minima) from a single [2, BLOCK_H] load, 0 off
     ``ok`` [BLOCK_H] and past ``HEAD_DIM``. One load of the whole row gives each thread 4 contiguous bytes (bf16,
     D=128, 2 warps), which the pipeliner issues ahead as cp.async; the [BLOCK_H] halves (2 bytes a thread) were
-    plain loads waited on in their own iteration, each then broadcast through shared memory (two barriers): sm_90
-    loop 1335 -> 1260 instructions and no global load left in it but the mask and the value scales."""
+    plain loads waited on in their own iteration, each then broadcast through shared memory (two barriers)."""
     ch = tl.arange(0, 2)[:, None] * HALF + h[None, :]
     row = tl.load(row_ptr + ch, mask=ok[None, :] & (h < HALF)[None, :] & (ch < HEAD_DIM), other=0.0)
     return tl.split(tl.permute(row, (1, 0)))
@@ -159,7 +156,7 @@ def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_o
     past ``quant_len``. The tile lies in one key group and is all codes or all residual (the launcher's
     BLOCK_N divides the group, and quant_len is a multiple of it). Codes are loaded under that tile-uniform test
     alone: keys off ``kv_ok`` in a tile of codes are stored tokens (finite scores, masked to -inf by the caller),
-    and per-key masks cost the loop their zeroing (sm_90 SASS steady path, bf16 D=128: 707 -> 681)."""
+    and per-key masks would cost the loop their zeroing."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
     quant = n * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     # The tile's group: one [D] row of scales and one of minima, broadcast over its keys (a [BLOCK_N, D]
@@ -171,7 +168,7 @@ def key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh, n0, n, kv_o
     if INT_KEYS:
         s = int4_keys.code_scores(k_base, n, quant, h, stride_n, fold_lo, fold_hi, scale_lo, scale_hi,
                                   low_lo, low_hi, HALF, q_lo.shape[0] // fold_lo.shape[0])
-    else:  # (a known zero: the opaque one costs the key path 26 instructions)
+    else:  # a known zero: the opaque one would cost the key path instructions
         c_lo, c_hi = _load_codes(k_base, n, quant, h, stride_n, quant_len * 0, HALF, DTYPE, UPCAST)
         k_lo = dequantize(c_lo, scale_lo[None, :], low_lo[None, :], DTYPE, UPCAST)
         k_hi = dequantize(c_hi, scale_hi[None, :], low_hi[None, :], DTYPE, UPCAST)
@@ -193,7 +190,7 @@ def load_values(VS, VZ, VR, v_base, bh, n0, n, kv_ok, h, stride_n, quant_len, ro
     for the residual window past ``quant_len`` the stored rows with scale 1, min 0 (all codes or all residual,
     as ``key_scores``). Keys masked inside a tile of codes (past the split, ``kv_ok``) are read as stored: tokens
     before ``quant_len``, finite, weighted 0 by the caller. A tile-uniform mask keeps the masked-load zeroing out
-    of the loop (sm_90 SASS steady path, bf16 D=128: 717 -> 707; fp16's dequantized tiles 784 -> 714)."""
+    of the loop."""
     HALF: tl.constexpr = (HEAD_DIM + 1) // 2
     quant = n * 0 + n0 < quant_len  # a tensor compare (the interpreter's n0 is an int)
     x_lo, x_hi = _load_value_blocks(v_base, n0, quant_len, h, stride_n, opaque_zero(quant_len), HALF, DTYPE, UPCAST,

@@ -84,7 +84,7 @@ def decode_attention_split_kernel(
     QUANT_GROUP: tl.constexpr = 32,  # KV_INT4: tokens per key group
     FOLD_V_SCALE: tl.constexpr = True,  # KV_SCALED_ROWS, KV_INT4: value scales into the weights (not fp16)
     ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated (int8): log2(D); 0 for none
-    ROTATE_SHIFT: tl.constexpr = 0,  # and the query's / output's scaling 2^-shift (lowering/rotation.py)
+    ROTATE_SHIFT: tl.constexpr = 0,  # and the query's / output's scaling 2^-shift (lowering/core/rotation.py)
     ROTATE_QUERY_BY_MMA: tl.constexpr = False,  # the query by one MMA against H instead of the butterfly
     VALUE_BLOCK: tl.constexpr = 0,  # KV_SCALED_ROWS: values in token blocks of this size (stride_vn: a block's)
     SPLIT_QUERY: tl.constexpr = False,  # int8 codes / KV_INT4: key scores by int8 MMAs of the query's split
@@ -117,7 +117,7 @@ def decode_attention_split_kernel(
 
     q_rows = Q + b * stride_qb + head * stride_qh + i * stride_qm
     if KV_FORMAT == KV_INT4:
-        # int4: channel halves h and HALF + h, as the codes store them (lowering/kernels/int4_tiles.py); with
+        # int4: channel halves h and HALF + h, as the codes store them (int4_tiles.py); with
         # SPLIT_QUERY also the FOLD_ROWS real rows the key groups' scales fold into (int4_keys.py).
         tl.static_assert(ROTATE_STAGES == 0, "int4 rows are not rotated")
         HALF: tl.constexpr = (HEAD_DIM + 1) // 2
@@ -135,7 +135,7 @@ def decode_attention_split_kernel(
             q = (q_h * (1.0 / (1 << ROTATE_SHIFT))).to(dtype)
         else:
             q = rotate(q, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT).to(dtype)
-    if SPLIT_QUERY and KV_FORMAT == KV_SCALED_ROWS:  # transposed once here: the key tile is the MMA's left operand (smem)
+    if SPLIT_QUERY and KV_FORMAT == KV_SCALED_ROWS:  # transposed once: the key tile is the MMA's left operand (smem)
         q_hi, q_lo, q_step = split_query(q)
         q_hi = tl.trans(q_hi)
         q_lo = tl.trans(q_lo)

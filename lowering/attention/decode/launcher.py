@@ -10,8 +10,9 @@ every new cache length). A decode step has few query rows, so without splits the
 with at least ``min_blocks_per_split`` key blocks each so the fp32 partials stay a small fraction
 of the K/V bytes. ``default_config`` picks one of three tile configurations by how far
 ``B * Hkv`` alone goes towards filling the GPU (``RULE_CONFIGS``, one measured line each: the sweep of
-``bench/attention_decode.py``). The rule depends on L only until the split count saturates, and the kernels take L and the split size as unspecialised arguments, so a
-growing cache does not recompile them every token.
+``bench/attention_decode.py``). The rule depends on L only until the split count saturates, and the
+kernels take L and the split size as unspecialised arguments, so a growing cache does not recompile them
+every token.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import math
 import torch
 from triton.runtime.errors import OutOfResources
 
+from lowering.attention import grid
 from lowering.attention.decode import kernel as kernels
 from lowering.attention.device import merge
-from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2, sm_count
+from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
-from lowering.core.operands import (KV_FULL, KV_INT4, KV_SCALED_ROWS, MASK_ADDITIVE, MASK_BOOL, MASK_NONE,
-                                    KVOperands)
+from lowering.core.operands import KV_FULL, KV_INT4, KV_SCALED_ROWS, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, KVOperands
 from lowering.core.rotation import kernel_constants, shifts
 
 logger = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         # HF decode's [B, 1, 1, L] mask: the same for every row of a program, load it per key.
         mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
 
-    sm_count = sm_count(q.device)
+    sm_count = grid.sm_count(q.device)
     config = config or packed_config(programs_per_split, sm_count, kv)
     code_bytes = None if kv.kv_format == KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim
     config = fit_shared_memory(config, block_m, block_d, q.element_size(),
@@ -341,7 +342,8 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 q, kv.k, kv.v, mask, out, part, *extra, q if kv.stats is None else kv.stats,
                 qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
                 num_kv_heads, q_len, kv_len_read, keys_per_split, scale,
-                kv.quant_len, kv.res_len, kv.rows_cap or kv.quant_len, kv.res_cap or kv.res_len, kv.skip_error, kv.value_bound, 0.5 * kv.tau,
+                kv.quant_len, kv.res_len, kv.rows_cap or kv.quant_len, kv.res_cap or kv.res_len, kv.skip_error,
+                kv.value_bound, 0.5 * kv.tau,
                 GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
                 MASK_KIND=mask_kind, MASK_PER_KEY=mask_per_key, IS_CAUSAL=bool(is_causal),
                 SKIP_MASKED_KEYS=config.skip_masked_keys and mask_kind != MASK_NONE,

@@ -6,6 +6,7 @@ describes the formats): device code only.
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _unpack_nibbles(codes):
     """uint8 [N, BLOCK_D // 2] -> int32 [N, BLOCK_D]: channel 2j is byte j's low nibble, 2j + 1 its high one
@@ -23,10 +24,9 @@ def load_codes(x_base, n, kv_ok, d, d_ok, stride_n, DTYPE: tl.constexpr, UPCAST:
     Rows are contiguous runs of D bytes (sections are 64-byte aligned, strides multiples of 16 are
     specialised), so each thread loads 16 codes at once. The bytes are loaded through a uint8 view with 0
     on masked lanes (0 is a code of every format; fp8 loads take no ``other=``): zeroing them with a select
-    after the conversion instead took a third of int8's decode time (320 vs 212 us at 8 x 32k, H200,
-    2026-12-01: bench/RESULTS.md). ``UPCAST`` (``mma``'s: bf16 on the CPU interpreter): fp32 instead,
-    equally exact; the interpreter's int8 -> bf16 conversion returns NaN and garbage (triton 3.9: -8 -> nan,
-    3 -> 5.9e-39), and its bf16 dots upcast anyway."""
+    after the conversion instead costs a third of int8's decode time. ``UPCAST`` (``mma``'s: bf16 on the CPU
+    interpreter): fp32 instead, equally exact; the interpreter's int8 -> bf16 conversion returns NaN and
+    garbage (triton 3.9: -8 -> nan, 3 -> 5.9e-39), and its bf16 dots upcast anyway."""
     mask = kv_ok[:, None] & d_ok[None, :]
     raw = tl.load(x_base.to(tl.pointer_type(tl.uint8)) + n[:, None] * stride_n + d[None, :], mask=mask, other=0)
     c = raw.to(x_base.dtype.element_ty, bitcast=True)

@@ -1,4 +1,5 @@
-"""Reductions (and the MMA wrapper) the kernels share, written so they run compiled and under the CPU interpreter: device code only."""
+"""Reductions (and the MMA wrapper) the kernels share, written so they run compiled and under the CPU
+interpreter: device code only."""
 
 import triton
 import triton.language as tl

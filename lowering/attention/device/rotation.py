@@ -1,7 +1,7 @@
 """The Hadamard rotation of int8's rows in registers: device code only (the host's twin and the scalings'
-reasons: ``lowering/rotation.py``).
+reasons: ``lowering/core/rotation.py``).
 
-``butterfly`` is the fast Walsh-Hadamard transform of ``lowering.rotation.fwht``, stage for stage in the
+``butterfly`` is the fast Walsh-Hadamard transform of ``lowering.core.rotation.fwht``, stage for stage in the
 same order: m = log2(D) stages of (a + b, a - b) at strides 1, 2, 4, ..., fp32 additions only, so the
 quantize-on-append kernel stores the bits the host's path stores. Each stage pairs columns within blocks
 of 2 * stride <= D, so columns padding D up to BLOCK_D are never mixed into the first D.

@@ -2,9 +2,9 @@
 
 One program per (batch, KV head): it loads the query rows of every query head sharing the KV head
 (GQA/MQA read each K/V block once for the group), then visits the cache's summary blocks in the
-order the launcher planned (``lowering/early_exit.py``: the recent window, then the highest key
+order the launcher planned (``lowering/attention/early_exit/bound.py``: the recent window, then the highest key
 bound first), keeping the online-softmax state (m, l, acc) in fp32 per row. Before each block it
-tests, for every row, the stop criterion proven in ``lowering/early_exit.py``::
+tests, for every row, the stop criterion proven in ``lowering/attention/early_exit/bound.py``::
 
     r * (vmax_rest + ||acc / l||) * SAFETY <= tol * ||acc / l||,   r = w / (e^m l + w)
 

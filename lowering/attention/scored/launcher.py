@@ -16,13 +16,20 @@ import math
 
 import torch
 
-from lowering.attention.decode.launcher import (MAX_BLOCK_M, choose_num_splits, default_config,
-                                                query_unsupported_reason)
+from lowering.attention import grid
+from lowering.attention.decode.launcher import MAX_BLOCK_M, choose_num_splits, default_config, query_unsupported_reason
 from lowering.attention.device import merge
-from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2, sm_count
+from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2
 from lowering.attention.scored import kernel as kernels
-from lowering.core.operands import (KEYS_FULL, KEYS_INT8_ROWS, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, KeySegment,
-                                    ScoredKeys)
+from lowering.core.operands import (
+    KEYS_FULL,
+    KEYS_INT8_ROWS,
+    MASK_ADDITIVE,
+    MASK_BOOL,
+    MASK_NONE,
+    KeySegment,
+    ScoredKeys,
+)
 
 WEIGHT_BLOCK_N = 128  # columns per program of the weights pass: 16 programs per KV head at C = 2049
 SPLIT_BLOCK = 16  # LSE splits merged per step of the weights pass (the split rule gives <= ~33 at B=1)
@@ -73,7 +80,7 @@ def score_keys(q: torch.Tensor, segments: list[KeySegment], pos: torch.Tensor, a
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     group, block_m, row_blocks, block_d = _rows_dims(q, num_kv_heads)
     programs = batch * num_kv_heads * row_blocks
-    sm_count = sm_count(q.device)
+    sm_count = grid.sm_count(q.device)
     config = config or default_config(programs, sm_count)
     plans = [choose_num_splits(programs, seg.k.shape[2], sm_count, config) for seg in segments]
     total_splits = sum(n for n, _ in plans)
@@ -135,7 +142,7 @@ def kept_attention(scored: ScoredKeys, idx: torch.Tensor, v: torch.Tensor, *, ou
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor")
     group, block_m, row_blocks, block_d = _rows_dims(q, num_kv_heads)
     programs = batch * num_kv_heads * row_blocks
-    sm_count = sm_count(q.device)
+    sm_count = grid.sm_count(q.device)
     config = config or default_config(programs, sm_count)
     num_splits, keys_per_split = choose_num_splits(programs, kept, sm_count, config)
     split_output = num_splits > 1

@@ -25,9 +25,18 @@ if DEVICE == "cpu" and triton_interpreter_problem() == "TRITON_INTERPRET is not 
 pytest.importorskip("triton")
 
 import lowering.attention.decode.launcher as launcher  # noqa: E402
-from lowering.attention.decode.launcher import (RULE_CONFIGS, SMEM_FALLBACK, DecodeAttentionConfig,  # noqa: E402
-                                       choose_num_splits, decode_attention, decode_attention_unsupported_reason,
-                                       default_config, fit_shared_memory, grid_regime, shared_memory_bound)
+from lowering.attention.decode.launcher import (  # noqa: E402
+    RULE_CONFIGS,
+    SMEM_FALLBACK,
+    DecodeAttentionConfig,
+    choose_num_splits,
+    decode_attention,
+    decode_attention_unsupported_reason,
+    default_config,
+    fit_shared_memory,
+    grid_regime,
+    shared_memory_bound,
+)
 
 pytestmark = [pytest.mark.requires_triton,
               # The interpreter evaluates both sides of tl.where: log(0) of empty rows, discarded.

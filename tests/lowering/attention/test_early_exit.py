@@ -24,10 +24,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvpass.testing as kt
+import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass.testing import make_problem
 from kvpass.testing.oracles import F64, grouped_matmul, logit_bias, reference_scores, safe_softmax
 from kvpass.testing.pytest_plugin import triton_interpreter_problem
-import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from lowering.attention.early_exit import bound as ee
 from lowering.attention.early_exit.launcher import bounded_attention_triton
 from lowering.core import packed, stats
@@ -131,7 +131,8 @@ def test_theorem_holds_for_any_read_set(problem, data):
     blocks = k64.view(p.batch, p.kv_heads, nb, TEST_BLOCK, p.head_dim)
     kmin, kmax = blocks.nan_to_num(math.inf).amin(3), blocks.nan_to_num(-math.inf).amax(3)
     q = p.q.to(F64) * p.softmax_scale
-    bound = grouped_matmul(q.clamp_min(0), kmax.transpose(-1, -2)) + grouped_matmul(q.clamp_max(0), kmin.transpose(-1, -2))
+    bound = (grouped_matmul(q.clamp_min(0), kmax.transpose(-1, -2))
+             + grouped_matmul(q.clamp_max(0), kmin.transpose(-1, -2)))
     bias = torch.nn.functional.pad(logit_bias(p.attn_mask, False, p.q_len, p.kv_len, p.q.device),
                                    (0, nb * TEST_BLOCK - p.kv_len), value=-math.inf)
     bound = bound + bias.view(*bias.shape[:-1], nb, TEST_BLOCK).amax(-1)  # [B, Hq, Lq, nb]
@@ -161,7 +162,8 @@ def error_within_the_stated_bound(impl, problem, tol, concentrated):
 
 EXAMPLES = [
     dict(problem=make_problem(batch=2, q_heads=8, kv_heads=2, q_len=2, kv_len=150, head_dim=32, mask="bool",
-                              left_pad=(20, 0), dtype=torch.float16, seed=5, device=DEVICE), tol=0.0, concentrated=True),
+                              left_pad=(20, 0), dtype=torch.float16, seed=5, device=DEVICE),
+         tol=0.0, concentrated=True),
     # a row with no key (output 0); finfo.min hides keys with a finite bias
     dict(problem=make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=97, head_dim=16, mask="additive",
                               left_pad=(40,), mask_value="min", distribution="masked_rows", seed=2, device=DEVICE),

@@ -3,8 +3,8 @@
 The interpreter accepts code the compiler refuses (session 8: a constexpr reassigned in a ``static_range``
 loop ran on the CPU and failed every int8 launch on the H200), so every kernel of the rotated int8 path is
 compiled to a cubin (both ways of rotating the query; the split query and token-blocked values of
-int8, and the converted-codes path they replace) with the Triton of this machine, in a subprocess: the tests' process has
-TRITON_INTERPRET=1, under which the kernels are interpreter objects the compiler cannot take.
+int8, and the converted-codes path they replace) with the Triton of this machine, in a subprocess: the tests'
+process has TRITON_INTERPRET=1, under which the kernels are interpreter objects the compiler cannot take.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROT
 # kernel's cases give only what differs from SPLIT_POINTERS / SPLIT_CONSTANTS.
 CASES = {
     "quantize rows, rotated": (
-        "lowering.attention.append.kernel:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
+        "lowering.attention.append.kernel:quantize_rows_append_kernel",
+        {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3)),
     "decode split, rotated, one split": (
         "lowering.attention.decode.kernel:decode_attention_split_kernel", None,
@@ -53,7 +54,8 @@ CASES = {
         "lowering.attention.decode.kernel:decode_attention_split_kernel", INT4_FP16_POINTERS,
         {**INT4_CONSTANTS, "HEAD_DIM": 33, "BLOCK_D": 64, "FOLD_V_SCALE": False, "SPLIT_OUTPUT": False}),
     "quantize rows into token blocks": (
-        "lowering.attention.append.kernel:quantize_rows_append_kernel", {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
+        "lowering.attention.append.kernel:quantize_rows_append_kernel",
+        {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16)),
     "merge, rotated": (
         "lowering.attention.device.merge:merge_splits_kernel", {"Part": "*fp32", "Out": "*bf16"},

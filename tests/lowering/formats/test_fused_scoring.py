@@ -20,23 +20,24 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_policies import decode_sequence, fmt_for  # tests/lowering/formats: the same sequences
 
 import kvpass.testing as kt
 from kvpass.testing.oracles import F64, grouped_matmul, logit_bias
-from kvpass.testing.tolerance import UNIT_ROUNDOFF, _bf16_truncates
+from kvpass.testing.tolerance import _bf16_truncates
 from lowering.attention.scored import launcher as sda
 from lowering.core import packed
 from lowering.core.limits import MASKED_BELOW
 from lowering.core.operands import KeySegment
 from lowering.formats import budgeted
 from lowering.storage.int8 import dequantize_rows, quantize_rows
-from test_policies import decode_sequence, fmt_for  # tests/lowering/formats: the same sequences
 
 U32 = 2.0 ** -24
 
 
 def problems():
-    return kt.decode_problems(gqa_ratios=(1, 2, 4), head_dims=(16, 40, 64), kv_heads=(1, 2), causal=(False,), device="auto",
+    return kt.decode_problems(gqa_ratios=(1, 2, 4), head_dims=(16, 40, 64), kv_heads=(1, 2), causal=(False,),
+                              device="auto",
                               distributions=("normal", "one_dominant_key", "outlier_channels", "equal_scores",
                                              "masked_rows"))
 
@@ -145,7 +146,7 @@ def test_kept_attention_attends_over_the_kept_subset_from_the_stored_scores(prob
     assert got is out
     kt.assert_all_written(out)
     # float64 attention over the kept keys, their mask gathered, "not attended" below -1e4 (a kept set
-    # may lose a row's every attended key: output 0, as lowering.policies' masks say)
+    # may lose a row's every attended key: output 0, as lowering.formats.budgeted's masks say)
     B, Hq, Lq = p.batch, p.q_heads, p.q_len
     bias = logit_bias(p.attn_mask, False, Lq, p.kv_len, p.device).expand(B, Hq, Lq, p.kv_len)
     bias = bias.gather(-1, idx.repeat_interleave(p.group, 1)[:, :, None, :].expand(B, Hq, Lq, kept))

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvpass.testing as kt
-from kvpass.testing.oracles import F64, grouped_matmul, logit_bias, safe_softmax
+from kvpass.testing.oracles import F64, grouped_matmul, logit_bias
 from lowering.attention.early_exit import bound as ee
 from lowering.core import packed, stats
 from lowering.formats import FORMATS, FormatSpec, build_format
@@ -33,7 +33,6 @@ from lowering.formats import asl as asl_mod
 from lowering.formats import snapkv as snapkv_mod
 from lowering.formats import streaming as streaming_mod
 from lowering.formats.budgeted import BudgetedFormat, gather_model_mask
-from lowering.storage.int8 import quantize_rows
 from lowering.storage import token_blocks
 
 POLICIES = [p for p in FORMATS if p != "full"]
@@ -41,7 +40,12 @@ U32 = 2.0 ** -24
 
 
 def fmt_for(policy, budget, kv_bits=16, **switches):
-    return build_format(FormatSpec(kv_bits=kv_bits, policy=policy, budget=budget, **switches).to_json())
+    """The format of a spec, with no ASL forward in progress (formats are built once per spec and reused, and
+    hypothesis re-runs a test body)."""
+    fmt = build_format(FormatSpec(kv_bits=kv_bits, policy=policy, budget=budget, **switches).to_json())
+    if isinstance(fmt, asl_mod.ASL):
+        fmt.reset()
+    return fmt
 
 
 def poisoned_sections(layout):
@@ -141,7 +145,8 @@ def assert_top_k(policy, problem, budget, kept_pos):
     lowest_kept = key.masked_fill(~kept, math.inf).amin(-1)
     highest_dropped = key.masked_fill(kept, -math.inf).amax(-1)
     ok = (lowest_kept >= highest_dropped - slack) | (highest_dropped == -math.inf)
-    assert ok.all(), (f"{policy}: kept set is not a top-{budget} set of the stated scores at {(~ok).nonzero().tolist()}: "
+    assert ok.all(), (f"{policy}: kept set is not a top-{budget} set of the stated scores at "
+                      f"{(~ok).nonzero().tolist()}: "
                       f"lowest kept {lowest_kept[~ok].tolist()} < highest dropped {highest_dropped[~ok].tolist()} "
                       f"(slack {slack:.3g}) on {p!r}")
 
@@ -175,7 +180,6 @@ BUDGET_FRACTIONS = st.sampled_from([0.05, 0.3, 0.6, 0.95, 1.0, 2.0])
 def test_step_from_empty_keeps_a_top_budget_set_and_attends_over_it(policy, problem, fraction):
     p = problem
     budget = max(1, round(fraction * p.kv_len))
-    asl_mod.reset()
     out, sections = run_step(fmt_for(policy, budget), p.q, None, 0, p.k, p.v, p.attn_mask, p.is_causal, p.scale)
     assert_kept_bookkeeping(sections, p.kv_len, budget)
     pos = sections["pos"]
@@ -224,7 +228,6 @@ def run_sequence(fmt, q, k, v, calls, site="site"):
 def test_budget_at_least_the_length_is_bitwise_the_full_cache(policy, kv_bits):
     q, k, v, calls = decode_sequence(dtype=torch.bfloat16)
     dense, _ = run_sequence(fmt_for("full", None, kv_bits), q, k, v, calls)
-    asl_mod.reset()
     got, states = run_sequence(fmt_for(policy, calls[-1][1], kv_bits), q, k, v, calls)
     for t, (a, b) in enumerate(zip(got, dense)):
         assert torch.equal(a, b), f"{policy}, kv_bits={kv_bits}: step {t} differs from the full cache"
@@ -239,7 +242,6 @@ def test_decoding_attends_over_the_kept_tokens_and_never_keeps_padding(policy, k
     pads = (0, 9)
     q, k, v, calls = decode_sequence(group=group, seed=seed, pads=pads, prompt=30, steps=5)
     fmt = fmt_for(policy, budget, kv_bits)
-    asl_mod.reset()
     outs, states = run_sequence(fmt, q, k, v, calls)
     for (lo, hi, mask), out, s in zip(calls[1:], outs[1:], states[1:]):
         assert_kept_bookkeeping(s, hi, budget)
@@ -361,7 +363,6 @@ def test_asl_settled_ranks_give_one_selection_for_every_head_and_later_layer(mon
     settled_k = torch.randn(B, Hkv, L, D, generator=g)
     mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
     fmt = fmt_for("asl", budget)
-    fmt.reset()
     kept = []
     for layer in range(6):
         k = torch.randn(B, Hkv, L, D, generator=g) if layer < 2 else settled_k
@@ -423,12 +424,9 @@ def test_early_exit_under_a_policy_keeps_the_same_tokens_and_stays_within_its_bo
     D = k.shape[-1]  # a dominant key, which the queries align with: blocks far from it can be skipped
     k[:, :, 3] = 40.0 * torch.randn(D, generator=torch.Generator().manual_seed(seed)) / math.sqrt(D)
     q = k[:, :, 3:4].repeat_interleave(q.shape[1] // k.shape[1], 1).expand_as(q).contiguous()
-    spec = FormatSpec(kv_bits=kv_bits, policy=policy, budget=budget, early_exit=tol).to_json()
-    asl_mod.reset()
     _, plain_states = run_sequence(fmt_for(policy, budget, kv_bits), q, k, v, calls)
-    asl_mod.reset()
     stats.clear()
-    fmt = build_format(spec)
+    fmt = fmt_for(policy, budget, kv_bits, early_exit=tol)
     outs, states = run_sequence(fmt, q, k, v, calls, site="ee")
     total = 0
     for (lo, hi, mask), out, s, plain in zip(calls[1:], outs[1:], states[1:], plain_states[1:]):

@@ -13,12 +13,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_storage_schemes import DEVICE, kernel, kernel_dequantized, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing.oracles import F64, grouped_matmul, reference_probs
 from lowering.storage import SCHEMES
 from lowering.storage.aligned import kernel_bounds
-from test_storage_schemes import DEVICE, kernel, kernel_dequantized, needs_kernel, pack
 
 pytestmark = [needs_kernel, pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning",
                                                        "ignore:overflow encountered:RuntimeWarning",

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from test_storage_schemes import DEVICE, check_scheme, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing import make_problem
 from lowering.storage import SCHEMES
-from test_storage_schemes import DEVICE, check_scheme, needs_kernel, pack
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 G = SCHEMES["4"].group
@@ -105,8 +105,7 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
     head (with more the fold costs more than the dequantization it saves); the launcher's int4 rule takes it in
     every regime (bench/RESULTS.md, session 11)."""
     from lowering.attention.decode.launcher import packed_config
-    from lowering.core.operands import KVOperands
-    from lowering.core.operands import KV_INT4
+    from lowering.core.operands import KV_INT4, KVOperands
 
     scheme = SCHEMES["4"]
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
@@ -124,7 +123,8 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
 
 
 @settings(max_examples=40, deadline=None)
-@given(length=st.integers(1, 40), dim=st.sampled_from([2, 16, 64]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+@given(length=st.integers(1, 40), dim=st.sampled_from([2, 16, 64]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        kind=st.sampled_from(["normal", "outlier_channel", "zero_rows", "one_huge"]), seed=st.integers(0, 99))
 def test_per_token_rows_round_trip_within_their_bound(length, dim, dtype, kind, seed):
     """int4 under a token policy (``int4_rows.py``): per-token rows, appended in two parts, give back every

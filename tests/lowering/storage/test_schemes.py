@@ -28,9 +28,9 @@ from kvpass.testing.oracles import F64, grouped_matmul, reference_scores, safe_s
 from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
 from lowering.core.packed import allocate
+from lowering.core.rotation import rotates, shifts, signs
 from lowering.formats import launch
 from lowering.storage import SCHEMES, token_blocks
-from lowering.core.rotation import rotates, shifts, signs
 from lowering.storage.int8 import rounding_unit
 
 DEVICE = kt.default_device()
@@ -161,7 +161,8 @@ def split_query_allowance(scheme, problem, state, length) -> torch.Tensor | floa
 
 
 def rotations(problem):
-    """(rows' rotation H 2^-floor(m/2), the query's and turn-back's H 2^-ceil(m/2)), float64 (lowering/core/rotation.py)."""
+    """(rows' rotation H 2^-floor(m/2), the query's and turn-back's H 2^-ceil(m/2)), float64
+    (lowering/core/rotation.py)."""
     h = signs(problem.head_dim, problem.q.device)
     row_shift, query_shift = shifts(problem.head_dim)
     return h * 2.0 ** -row_shift, h * 2.0 ** -query_shift
@@ -229,8 +230,8 @@ def check_turned_back(scheme, state, problem, stored, allowed_stored, options):
     attention over the unquantized k, v. Allowed: the stored-domain allowance carried through the turn-back
     (entries +-2^-ceil(m/2) <= D^-1/2: per element <= the row's L2 norm of it, Cauchy-Schwarz), the query's
     rounding after its rotation (any rounding within ``query_slack``, so the interpreter's truncation too,
-    and the 16-bit split of int8's key scores, carried back through the rows' rotation: ``query_perturbation``), and the turn-back's fp32 butterfly and rounding to the dtype
-    (D 2^-24 |o|_2 + u |o|, each doubled)."""
+    and the 16-bit split of int8's key scores, carried back through the rows' rotation: ``query_perturbation``),
+    and the turn-back's fp32 butterfly and rounding to the dtype (D 2^-24 |o|_2 + u |o|, each doubled)."""
     rows, query = rotations(problem)
     slack = query_slack(problem, problem.q.to(F64) @ query)
     split = getattr(scheme, "kernel_query_error", lambda q: None)(problem.q)  # after the rounding, in the stored basis
@@ -266,8 +267,7 @@ def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits, by_
 def test_rule_takes_the_query_split_only_where_programs_fill_the_gpu():
     """int8's split pays at B=8 and B=32 (8 KV heads, 132 SMs) and not at B=1 (bench/RESULTS.md)."""
     from lowering.attention.decode.launcher import packed_config
-    from lowering.core.operands import KVOperands
-    from lowering.core.operands import KV_SCALED_ROWS
+    from lowering.core.operands import KV_SCALED_ROWS, KVOperands
 
     kv = KVOperands(None, None, 1, KV_SCALED_ROWS, ())
     assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [False, True, True]
