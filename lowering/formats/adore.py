@@ -67,11 +67,11 @@ from lowering.formats.budgeted import (
     take,
     write_hot,
 )
+from lowering.formats.snapkv import WINDOW  # prefill: the last prompt queries score the prompt, as SnapKV's
 from lowering.storage import State
 from lowering.storage.int8 import dequantize_rows, quantize_rows
 
 GAMMA = 0.9  # score memory of ~1 / (1 - GAMMA) = 10 steps: a token unused for 10 steps has lost 65% of its score
-WINDOW = 32  # prefill: the last 32 prompt queries score the prompt (SnapKV's and ASL's window)
 COLD = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale", "cold_pos", "cold_score")
 
 
