@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_storage_schemes import DEVICE, kernel, kernel_dequantized, needs_kernel, pack
+from test_schemes import DEVICE, kernel, kernel_dequantized, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing.oracles import F64, grouped_matmul, reference_probs

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_storage_schemes import DEVICE, check_scheme, needs_kernel, pack
+from test_schemes import DEVICE, check_scheme, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing import make_problem
