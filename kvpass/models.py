@@ -7,7 +7,7 @@ on a GGUF-loaded model; so the first load copies the dequantized weights into a 
 ``LlamaForCausalLM`` and saves that (with the tokenizer) under the cache folder, and every later
 load reads the saved folder in ~0.5 s.
 
-This module needs the ``hf`` extra (transformers, tokenizers); ``import kvpass`` does not import it.
+transformers is imported inside the functions: ``import kvpass`` must not pull it in.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +136,7 @@ def _convert_gguf(folder: Path, gguf_file: str, dest: Path) -> None:
     _require("transformers", "'transformers>=5.17'")
     _require("gguf", "gguf accelerate")
     _require("accelerate", "accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -153,6 +152,7 @@ def _convert_gguf(folder: Path, gguf_file: str, dest: Path) -> None:
 
 def _load_hf_folder(path: Path, *, dtype: torch.dtype, attn_implementation: str):
     _require("transformers", "'transformers>=5.17'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
@@ -167,6 +167,8 @@ def save_tiny_llama(dest: str | os.PathLike, *, seed: int = 0, num_hidden_layers
     tokens plus ``<eos>``), the folder loads through :func:`load_model` like a real one, in well
     under a second.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
