@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from lowering.attention.decode.launcher import decode_attention_unsupported_reason
-from lowering.attention.early_exit import kernel
-from lowering.attention.early_exit.bound import BLOCK, SAFETY, VisitPlan, num_blocks
+from lowering.attention.early_exit import bound, kernel
+from lowering.attention.early_exit.bound import VisitPlan
 from lowering.attention.grid import last_dim_contiguous, next_power_of_2
 from lowering.core.operands import MASK_ADDITIVE, MASK_BOOL, MASK_NONE
 
@@ -34,7 +34,7 @@ def bounded_attention_triton(q, k, v, plan: VisitPlan | None, attn_mask, scale: 
         raise ValueError(f"bounded_attention_triton: {reason}")
     B, Hq, Lq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    G, nb = Hq // Hkv, num_blocks(L)
+    G, nb = Hq // Hkv, bound.num_blocks(L)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype) if out is None else out
     count = torch.empty(B, Hkv, device=q.device, dtype=torch.int32)
     if out.numel() == 0 or L == 0:
@@ -55,8 +55,8 @@ def bounded_attention_triton(q, k, v, plan: VisitPlan | None, attn_mask, scale: 
         q, k, v, mask, out, order, log_rest, v_rest, count,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], *mask_strides,
         Hkv, Lq, L, nb, float(scale), float(tol),
-        GROUP=G, HEAD_DIM=D, BLOCK_M=max(16, next_power_of_2(G * Lq)), BLOCK_N=BLOCK,
-        BLOCK_D=max(16, next_power_of_2(D)), MASK_KIND=mask_kind, EARLY_EXIT=early_exit, SAFETY=SAFETY,
+        GROUP=G, HEAD_DIM=D, BLOCK_M=max(16, next_power_of_2(G * Lq)), BLOCK_N=bound.BLOCK,
+        BLOCK_D=max(16, next_power_of_2(D)), MASK_KIND=mask_kind, EARLY_EXIT=early_exit, SAFETY=bound.SAFETY,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST_DOT=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
