@@ -4,25 +4,22 @@
     model.forward = torch.compile(model.forward, backend="kvpass", options={...})
     print(kvpass.report())
 
-Importing kvpass registers the backend (and its custom ops) and nothing else.
+Importing kvpass registers the backend (and, through its variants, its custom ops) and nothing else.
 """
 from kvpass import _compat
 from kvpass.backend import kvpass_backend
 from kvpass.options import KVPassOptions, parse_options
 from kvpass.report import counters, report, reset
-
-import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
+from lowering.core import stats as lowering_stats
 
 _compat.register_backend_once("kvpass", kvpass_backend)
 
 
 def stats() -> dict:
     """Run-time statistics: how many attention calls each lowering served (and why CUDA calls fell
-    back to torch SDPA), and per attention site what its variant recorded (``lowering.stats``: cache
+    back to torch SDPA), and per attention site what its variant recorded (``lowering.core.stats``: cache
     bytes held, tokens kept / released / rebuilt, KV blocks read)."""
-    import lowering.stats
-
-    return {"attention_calls": dict(lowering.ops.calls), "sites": lowering.stats.snapshot()}
+    return {"attention_calls": dict(lowering_stats.calls), "sites": lowering_stats.snapshot()}
 
 
 def validate_options(options) -> KVPassOptions:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from torch._dynamo.backends import registry
+from torch._dynamo.backends.debugging import aot_eager
+from torch._dynamo.utils import counters
+from torch._inductor import list_mode_options
+from torch._inductor.compile_fx import compile_fx
+
 
 def register_backend_once(name: str, compiler_fn: Callable[..., Any]) -> None:
     """Register ``compiler_fn`` as a Dynamo backend unless the entry point path is doing it.
@@ -12,8 +18,6 @@ def register_backend_once(name: str, compiler_fn: Callable[..., Any]) -> None:
     through the ``torch_dynamo_backends`` entry point and registers it itself right after importing
     us; registering here too would then fail with "duplicate name".
     """
-    from torch._dynamo.backends import registry
-
     if name in registry._COMPILER_FNS or registry._BACKENDS.get(name) is not None:
         return
     registry.register_backend(compiler_fn=compiler_fn, name=name)
@@ -21,22 +25,15 @@ def register_backend_once(name: str, compiler_fn: Callable[..., Any]) -> None:
 
 def inductor_compile(gm, example_inputs, mode: str | None):
     """Hand a (rewritten) Dynamo graph to Inductor, with the config a torch.compile ``mode`` implies."""
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
     patches = dict(list_mode_options(mode)) if mode else {}
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def eager_compile(gm, example_inputs):
     """Run the rewritten graph without Inductor (what torch's "aot_eager" debug backend does)."""
-    from torch._dynamo.backends.debugging import aot_eager
-
     return aot_eager(gm, example_inputs)
 
 
 def dynamo_compile_count() -> int:
     """How many frames Dynamo has compiled in this process (``unique_graphs``), for recompile checks."""
-    from torch._dynamo.utils import counters
-
     return int(counters["stats"]["unique_graphs"])

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import fx
 
-from kvpass.patterns.fx_utils import arg, module_path, op_name, rank, normalise_dim
+from kvpass.patterns.fx_utils import arg, module_path, normalise_dim, op_name, rank
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Users pass a plain dict through ``torch.compile(..., backend="kvpass", options={...})``;
 :func:`parse_options` turns it into :class:`KVPassOptions` or raises a ``ValueError`` that names the
-key and the allowed values. Values that are valid but whose variant has not landed yet raise
-``NotImplementedError`` naming the issue area, never a silent no-op.
+key and the allowed values. The allowed ``policy`` and ``kv_bits`` values are the lowering registries'
+(``lowering.formats.FORMATS``, ``lowering.storage.SCHEMES``): a policy or scheme that registers itself is
+accepted without editing this file.
 """
 from __future__ import annotations
 
@@ -11,32 +12,21 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-# Allowed values per option. Everything a later issue will implement is reserved here now, so option
-# names never change; `implemented()` says which values work today (from the lowering registries).
+from lowering.formats import FORMATS
+from lowering.storage import SCHEMES
+
 COMPILERS = ("inductor", "eager")
 # torch.compile refuses mode= together with options=, so the Inductor mode travels as an option.
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-POLICIES = ("full", "streaming", "h2o", "snapkv", "asl", "adore")
-KV_BITS = (16, 8, 4, "fp8", "aligned")
-
+# The registries' values: "full" first, then the policies by name; bit widths (ints) widest first, then names.
+POLICIES = tuple(sorted(FORMATS, key=lambda p: (p != "full", p)))
+KV_BITS = tuple(sorted((int(k) if k.isdigit() else k for k in SCHEMES),
+                       key=lambda b: (isinstance(b, str), -b if isinstance(b, int) else 0, str(b))))
 
 
 def implemented() -> dict[str, set]:
-    """Option values that work today: read from the lowering registries, so a scheme or policy that
-    registers itself is accepted without editing this file."""
-    from lowering.formats import FORMATS
-    from lowering.storage import SCHEMES
-
-    return {"policy": set(FORMATS), "kv_bits": {b for b in KV_BITS if str(b) in SCHEMES}}
-
-
-# Where each unimplemented option is planned, for the NotImplementedError message.
-PLANNED_IN = {
-    "policy": "the compressed-cache issue (policies: streaming, h2o, snapkv, asl, adore)",
-    "budget": "the compressed-cache issue",
-    "kv_bits": "the quantized-cache issue (int8, int4, fp8, aligned)",
-    "early_exit": "the early-termination (ART) issue",
-}
+    """Option values that work: the lowering registries' (every allowed value is registered)."""
+    return {"policy": set(POLICIES), "kv_bits": set(KV_BITS)}
 
 
 @dataclass(frozen=True)
@@ -48,13 +38,17 @@ class KVPassOptions:
     kv_bits: cache storage: 16 (the model's own dtype, exact), 8, 4, "fp8", "aligned".
     early_exit: None (read every KV block), True (the default tolerance, 1e-3) or a relative tolerance t:
         decode attention stops reading KV blocks once a proven bound says the unread ones cannot move
-        each query row's output by more than t in relative L2 norm (lowering/early_exit.py).
+        each query row's output by more than t in relative L2 norm (lowering/attention/early_exit/bound.py).
     decode_kernel: on CUDA, run decode-sized attention (query length <= 16) through kvpass's Triton
         kernel; False keeps torch's SDPA for every site (exact mode only; useful to compare).
     compiler: "inductor" (default) lowers the rewritten graph with Inductor; "eager" runs it as is,
         like torch's "aot_eager" debug backend (quick to compile: for debugging and fast tests).
     mode: the Inductor mode (as torch.compile's ``mode=``, which torch.compile does not accept together
         with ``options=``): None, "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
+    replace_in_place: budgeted policies whose decode scores need no rows (streaming, snapkv, asl) write the new
+        token over the evicted one in the cache's own buffer once the hot set is full
+        (lowering/formats/slot_replacement.py): None (default) does so on CUDA, True everywhere, False never
+        (False keeps every earlier cache state of a generation readable, at the cost of a copy per step).
     """
 
     policy: str = "full"
@@ -64,6 +58,7 @@ class KVPassOptions:
     decode_kernel: bool = True
     compiler: str = "inductor"
     mode: str | None = None
+    replace_in_place: bool | None = None
 
     @property
     def is_exact(self) -> bool:
@@ -79,7 +74,7 @@ def _check(key: str, ok: bool, allowed: str, value: Any) -> None:
 
 
 def parse_options(options: Mapping[str, Any] | KVPassOptions | None) -> KVPassOptions:
-    """Validate user options; raise ValueError (bad) or NotImplementedError (not yet built)."""
+    """Validate user options; raise ValueError naming the key and the allowed values."""
     if options is None:
         return KVPassOptions()
     if isinstance(options, KVPassOptions):
@@ -107,7 +102,8 @@ def _validate(o: KVPassOptions) -> None:
         _check("budget", o.budget is not None, f"a positive int with policy {o.policy!r}", o.budget)
     # early_exit: None reads every KV block; a tolerance t in [0, 1) stops decode attention once the unread
     # blocks provably cannot change any query row's output by more than t relative (L2 norm per row, see
-    # lowering/early_exit.py); True means the default tolerance, lowering.early_exit.DEFAULT_TOLERANCE = 1e-3.
+    # lowering/attention/early_exit/bound.py); True means the default tolerance,
+    # lowering.formats.early_exit.DEFAULT_TOLERANCE = 1e-3.
     exit_ok = o.early_exit is None or o.early_exit is True or (
         isinstance(o.early_exit, (int, float)) and not isinstance(o.early_exit, bool) and 0 <= o.early_exit < 1
     )
@@ -115,11 +111,5 @@ def _validate(o: KVPassOptions) -> None:
     _check("compiler", o.compiler in COMPILERS, str(list(COMPILERS)), o.compiler)
     _check("mode", o.mode in MODES, str(list(MODES)), o.mode)
     _check("decode_kernel", isinstance(o.decode_kernel, bool), "True or False", o.decode_kernel)
-
-    have = implemented()
-    for key in ("policy", "kv_bits"):
-        if getattr(o, key) not in have[key]:
-            raise NotImplementedError(
-                f"kvpass option {key}={getattr(o, key)!r} is not implemented yet; planned in {PLANNED_IN[key]}. "
-                f"Implemented: {sorted(map(str, have[key]))}"
-            )
+    _check("replace_in_place", o.replace_in_place is None or isinstance(o.replace_in_place, bool),
+           "None, True or False", o.replace_in_place)

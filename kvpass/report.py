@@ -12,6 +12,9 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from lowering.core import stats as lowering_stats
+from lowering.core.stats import calls
+
 log = logging.getLogger("kvpass")
 
 REWRITTEN, LEFT = "rewritten", "left"
@@ -107,14 +110,11 @@ def report() -> Report:
 
 def reset() -> None:
     """Forget the report, the compile-time counters and the run-time statistics."""
-    import lowering.stats
-    from lowering.ops import calls
-
     with _lock:
         _REPORT.graphs.clear()
         counters.clear()
         calls.clear()
-        lowering.stats.clear()
+        lowering_stats.clear()
 
 
 def _ensure_handler() -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
 
-from lowering import early_exit  # noqa: E402
+from lowering.attention.early_exit import bound as early_exit  # noqa: E402
 
 DATA = SMOLLM2_ATTENTION
 ART_SETTINGS = ((1e-7, 1e-3, 5), (1e-3, 1e-3, 5), (1e-2, 1e-3, 5), (3e-2, 1e-3, 3))  # (mag, dir, patience)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import kvpass  # noqa: E402
 from bench.common import environment, format_table, write_json  # noqa: E402
-from lowering import stats as site_stats  # noqa: E402
+from lowering.core import stats as site_stats  # noqa: E402
 
 EVENTS = ("evicted", "released", "rebuilt")
 

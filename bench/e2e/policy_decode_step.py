@@ -25,8 +25,6 @@ import torch  # noqa: E402
 
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-
-import lowering.formats  # noqa: E402,F401  (registers the formats; lowering.policies needs them)
 from bench.common import environment, format_table, write_json  # noqa: E402
 from lowering import ops, packed, policies  # noqa: E402
 from lowering.formats import FormatSpec, build_format  # noqa: E402

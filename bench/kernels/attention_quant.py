@@ -40,8 +40,8 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
 
 from bench.kernels.attention_decode import reference, sdpa  # noqa: E402
 from bench.common import copy_bandwidth, environment, format_table, poison_, time_graph, write_json  # noqa: E402
-from lowering.packed import allocate, views  # noqa: E402
-from lowering.quant_decode_attention import kernel_decode_attention  # noqa: E402
+from lowering.core.packed import allocate, views  # noqa: E402
+from lowering.formats.launch import kernel_decode_attention  # noqa: E402
 from lowering.storage import SCHEMES  # noqa: E402
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
@@ -233,7 +233,7 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
     import dataclasses
     import itertools
 
-    from lowering.decode_attention import DecodeAttentionConfig
+    from lowering.attention.decode.launcher import DecodeAttentionConfig
 
     rows, started = [], time.monotonic()
     for batch, kv_len in SHAPES:
@@ -277,7 +277,8 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
 
 def rule_config(scheme, q, state, kv_len):
     """The configuration the launcher's rule picks for this problem (``lowering.decode_attention``)."""
-    from lowering.decode_attention import _sm_count, packed_config
+    from lowering.attention.decode.launcher import packed_config
+    from lowering.attention.grid import sm_count as _sm_count
 
     kv = scheme.kernel_operands(q, state, kv_len)
     programs_per_split = q.shape[0] * HKV * max(1, -(-(HQ // HKV) * q.shape[2] // 64))

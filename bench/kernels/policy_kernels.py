@@ -8,7 +8,7 @@ Shapes: B=8, Hq=32, Hkv=8, D=128, one query row, bf16, budget 2048, no mask.
 Rows:
 - ``h2o``: candidates = 2048 hot + 1 new. Kernel: ``score_keys`` (weights over the candidates, raw scores
   kept) + ``kept_attention`` over 2048 kept tokens. Reference (what the CUDA path ran before): explicit
-  fp32 weights (``lowering.policies.key_weights``) + the split-KV decode kernel over the kept keys and values.
+  fp32 weights (``lowering.formats.budgeted.key_weights``) + the split-KV decode kernel over the kept keys and values.
 - ``adore``: 2048 hot + 30k cold (int8 codes, fp32 row scales) + 1 new. Kernel: the same two calls, the cold
   segment dequantized in registers. Reference: ``key_weights`` over all keys in bf16 + the decode kernel;
   ``ref+deq`` adds what the reference path does first, dequantizing the cold keys and concatenating them.
@@ -35,12 +35,11 @@ import torch  # noqa: E402
 
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
-
-import lowering.formats  # noqa: E402,F401  (registers the formats; lowering.policies needs them)
 from bench.common import copy_bandwidth, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
-from lowering.decode_attention import decode_attention  # noqa: E402
-from lowering.policies import key_weights, take  # noqa: E402
-from lowering.scored_decode_attention import KeySegment, kept_attention, score_keys  # noqa: E402
+from lowering.attention.decode.launcher import decode_attention  # noqa: E402
+from lowering.formats.budgeted import key_weights, take  # noqa: E402
+from lowering.attention.scored.launcher import kept_attention, score_keys  # noqa: E402
+from lowering.core.operands import KeySegment  # noqa: E402
 from lowering.storage.int8 import dequantize_rows, quantize_rows  # noqa: E402
 
 DTYPE = torch.bfloat16

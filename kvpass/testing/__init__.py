@@ -14,13 +14,25 @@ tolerance with messages that say where. See README_SECTION.md.
 """
 from kvpass.testing.checks import assert_all_written, assert_attention_close, check_kernel, poisoned_like
 from kvpass.testing.data import DISTRIBUTIONS
-from kvpass.testing.oracles import (early_exit_bound_holds, kept_set_attention, logit_bias, quantized_attention,
-                                    reference_attention, reference_probs, reference_scores)
+from kvpass.testing.oracles import (
+    early_exit_bound_holds,
+    kept_set_attention,
+    logit_bias,
+    quantized_attention,
+    reference_attention,
+    reference_probs,
+    reference_scores,
+)
 from kvpass.testing.problems import AttentionProblem, ProblemSpec, make_problem
 from kvpass.testing.profiles import load_profile, profile_name
 from kvpass.testing.strategies import attention_problems, decode_problems, default_device, prefill_problems
-from kvpass.testing.tolerance import (Tolerance, attention_tolerance, register_tolerance, registered_variants,
-                                      tolerance_for)
+from kvpass.testing.tolerance import (
+    Tolerance,
+    attention_tolerance,
+    register_tolerance,
+    registered_variants,
+    tolerance_for,
+)
 
 __all__ = [
     "AttentionProblem", "ProblemSpec", "make_problem", "DISTRIBUTIONS",

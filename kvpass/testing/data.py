@@ -12,8 +12,8 @@ reference sees exactly the values the kernel sees). What each one targets:
   output is the mean of the attended values: normalisation and masking errors show exactly.
 - ``large_logits``: the largest |logit| scaled to 200, 2000 (past exp's fp32 overflow at 88.7)
   or towards the overflow of the dtype (fp16: sum |q||k| * scale at half of 65504; bf16 and fp32:
-  the unscaled fp32 dot product at a quarter of fp32's range): a kernel that skips the max subtraction, or keeps scores or exponentials in fp16,
-  produces inf or NaN.
+  the unscaled fp32 dot product at a quarter of fp32's range): a kernel that skips the max subtraction,
+  or keeps scores or exponentials in fp16, produces inf or NaN.
 - ``outlier_channels``: a few key channels carry a large offset shared by all tokens (8-20 standard
   deviations, as in real LLM keys, see KIVI and KVQuant), a large common part of every logit.
 - ``masked_rows``: normal data; the mask leaves some query rows with no key at all (expected

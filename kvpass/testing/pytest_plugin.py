@@ -22,13 +22,16 @@ import os
 import sys
 
 import pytest
+import torch
+
+from kvpass.testing import profiles
+from kvpass.testing.checks import check_kernel
+from kvpass.testing.strategies import default_device
 
 PLUGIN_NAME = "kvpass_testing"
 
 
 def _gpu_visible() -> bool:
-    import torch
-
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
@@ -40,9 +43,8 @@ def triton_interpreter_problem() -> str | None:
     """
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return "TRITON_INTERPRET is not set"
-    if "triton" in sys.modules:
-        import triton.language as tl
-
+    tl = sys.modules.get("triton.language")  # imported with triton; never imported here (triton is optional)
+    if tl is not None:
         if type(tl.cdiv).__name__ != "InterpretedFunction":
             return ("triton was imported before TRITON_INTERPRET=1 was set (importing kvpass imports "
                     "torch._dynamo, which imports triton): export TRITON_INTERPRET=1 before starting pytest")
@@ -56,16 +58,12 @@ def pytest_configure(config):
         problem = triton_interpreter_problem()
         if problem:
             config.issue_config_time_warning(pytest.PytestConfigWarning(f"kvpass.testing: {problem}"), stacklevel=2)
-    from kvpass.testing import profiles
-
     explicit = config.getoption("hypothesis_profile", default=None) if hasattr(config, "getoption") else None
     if not explicit:
         profiles.load_profile()
 
 
 def pytest_report_header(config):
-    from kvpass.testing import profiles
-
     return (f"kvpass.testing: hypothesis profile {profiles.profile_name()!r}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}")
 
@@ -82,14 +80,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def kvpass_device() -> str:
     """The device kernel tests run on: KVPASS_TEST_DEVICE, else CUDA when available, else CPU."""
-    from kvpass.testing.strategies import default_device
-
     return os.environ.get("KVPASS_TEST_DEVICE") or default_device()
 
 
 @pytest.fixture(scope="session")
 def check_attention(kvpass_device):
     """``check_kernel`` with the problem moved to ``kvpass_device`` first."""
-    from kvpass.testing.checks import check_kernel
-
     return functools.partial(check_kernel, device=kvpass_device)

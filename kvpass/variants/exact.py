@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass.options import KVPassOptions
 from kvpass.sites import Site
 from kvpass.variants import register_variant
@@ -16,8 +17,6 @@ from kvpass.variants import register_variant
 
 @register_variant("exact", applies=lambda options: options.is_exact)
 def rewrite_exact(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
-    import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
-
     m = site.match
     with graph.inserting_before(m.output):
         new = graph.call_function(

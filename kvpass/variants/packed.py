@@ -3,7 +3,7 @@
 The site's cache update and its attention become one op, ``torch.ops.kvpass.cache_attention``, that
 reads the layer's packed buffer, appends this step's keys and values in the configured form and
 attends. What the model's cache receives back in place of the concatenated keys and values are slots
-(``lowering.packed``): tensors shaped like the full-precision cache, with no memory of their own,
+(``lowering.core.packed``): tensors shaped like the full-precision cache, with no memory of their own,
 whose storage is the packed buffer. The model's code, HF generate and ``get_seq_length`` are unchanged.
 
 Sites this cannot rewrite get the exact variant, with the reason in the report: only a cache the
@@ -18,18 +18,20 @@ import operator
 import torch
 from torch import fx
 
+import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass.options import KVPassOptions
 from kvpass.sites import Site
 from kvpass.variants import register_variant
 from kvpass.variants.exact import rewrite_exact
+from lowering.core.packed import slot_view
+from lowering.formats import FormatSpec
+from lowering.formats.early_exit import resolve_tolerance
 
 REPLACEABLE_CACHES = ("dynamic_cache_cat",)
 
 
 def cache_slot(buffer: torch.Tensor, past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """The slot written back to the model's cache: [B, Hkv, L_past + n, D], storage ``buffer``."""
-    from lowering.packed import slot_view
-
     length = (past.shape[2] if past.dim() == 4 else 0) + new.shape[2]
     return slot_view(buffer, (new.shape[0], new.shape[1], length, new.shape[3]))
 
@@ -47,16 +49,12 @@ def unsupported_reason(site: Site) -> str | None:
 
 
 def spec_of(options: KVPassOptions) -> str:
-    from lowering.formats import FormatSpec
-
     return FormatSpec(kv_bits=options.kv_bits, policy=options.policy, budget=options.budget,
-                      early_exit=options.early_exit).to_json()
+                      early_exit=options.early_exit, replace_in_place=options.replace_in_place).to_json()
 
 
 @register_variant("packed", applies=lambda options: not options.is_exact)
 def rewrite_packed(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
-    import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
-
     reason = unsupported_reason(site)
     if reason is not None:
         return f"FALLBACK to exact ({rewrite_exact(graph, site, options)}): {reason}"
@@ -78,8 +76,6 @@ def rewrite_packed(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
             slot = graph.call_function(cache_slot, (buffer, cache.past, cache.new))
         cache.written.replace_all_uses_with(slot)
         graph.erase_node(cache.written)
-    from lowering.early_exit import resolve_tolerance
-
     tolerance = resolve_tolerance(options.early_exit)
     exit_note = "" if tolerance is None else f", early exit at tolerance {tolerance:g}"
     return f"cache_attention ({options.kv_bits}-bit storage, policy {options.policy}{exit_note})"

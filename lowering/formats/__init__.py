@@ -3,7 +3,8 @@
 A format combines a storage scheme (``kv_bits``, ``lowering.storage``) with a token policy (which
 tokens are kept: ``policy``/``budget``) and early exit. Formats are registered per policy with
 :func:`register_format`; ``build_format`` turns the spec the backend puts in the graph (a JSON string,
-a constant of the op) into a format object, once per distinct spec.
+a constant of the op) into a format object, once per distinct spec; ``cache_step`` runs one layer's
+step on the packed slots, the body of ``torch.ops.kvpass.cache_attention``.
 
 A format implements :class:`CacheFormat`. ``layout`` must be a pure function of host-known sizes
 (use ``torch.sym_min``/``sym_max``, not ``min``/``max``, on lengths: the op's fake implementation calls
@@ -18,16 +19,26 @@ from typing import Callable, Protocol
 
 import torch
 
-from lowering.packed import Layout
+from lowering.core.packed import Layout
 from lowering.storage import State, StorageScheme, scheme_for
 
 
 @dataclass(frozen=True)
 class FormatSpec:
+    """What a site's cache is: the backend's options that shape it (``kvpass.options``), as a constant of the op.
+
+    ``fused_scoring``: budgeted decode steps score and attend with the fused Triton kernels
+    (``lowering.attention.scored``; policies with ``fused_scoring``). ``replace_in_place``: full hot sets of
+    ``replaces_in_place`` policies decode in place (``lowering/formats/slot_replacement.py``). None = on CUDA;
+    True also runs the kernels on the CPU under ``TRITON_INTERPRET=1`` (tests), False the reference paths.
+    """
+
     kv_bits: int | str = 16
     policy: str = "full"
     budget: int | None = None
     early_exit: float | None = None
+    fused_scoring: bool | None = None
+    replace_in_place: bool | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,6 +58,11 @@ class CacheFormat(Protocol):
         ``layout(..., old_length + n, ...)``) and return the attention of q [B, Hq, Lq, Dk] over all
         ``old_length + n`` tokens under the model's ``attn_mask`` ([B or 1, 1 or Hq, Lq, old_length + n]
         over logical positions) -> [B, Hq, Lq, Dv]."""
+
+    # Optional, found by ``getattr`` in ``cache_step``: ``grows_in_place`` (bool: the layout's sections only grow
+    # at the end, so appends go into a capacity buffer), ``decode_in_place(q, sections, old_length, new_k, new_v,
+    # attn_mask, scale)`` and ``decode_replacing(q, state, old_length, new_k, new_v, attn_mask, is_causal, scale,
+    # site)``: fast decode steps returning the output, or None where the general ``step`` must run.
 
 
 FORMATS: dict[str, Callable[[FormatSpec, StorageScheme], CacheFormat]] = {}
@@ -70,4 +86,4 @@ def build_format(spec_json: str) -> CacheFormat:
     return FORMATS[spec.policy](spec, scheme_for(spec.kv_bits))
 
 
-from lowering.formats import adore, asl, dense, h2o, snapkv, streaming  # noqa: E402,F401
+from lowering.formats import adore, asl, dense, h2o, snapkv, streaming  # noqa: E402,F401,I001  (registers them)

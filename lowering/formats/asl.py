@@ -20,11 +20,16 @@ region). Not done here: the paper also shortens the *sequence* the deeper layers
 whole-graph rewrite beyond an attention site; deeper layers here attend over the whole prompt at prefill
 and keep the selection in their cache.
 
-Cross-layer state: layer i needs the ranks of layers i - SPAN + 1 .. i - 1 of the same forward. They are
-kept in a module-level per-forward store (``_STORE``), in site order: a site seen again, or another
-batch/length, starts a new forward. All of it stays on the device (no host sync); it holds SPAN rank
-vectors [B, L] int64 and one score vector [B, L]. It assumes the layers of one forward run in order,
-one forward at a time (true for HF generate, compiled or eager; not thread-safe across concurrent models).
+Cross-layer state: layer i needs the ranks of layers i - SPAN + 1 .. i - 1 of the same forward. The op
+sees one layer at a time, so the format keeps the forward in progress (``ForwardState``), in site order:
+a site seen again, or another batch/length, starts a new forward. Why on the format instance and per
+thread: ``build_format`` builds one instance per distinct spec, so a model compiled with other options
+(another budget, kv_bits, ...) never shares it, and a forward running in another thread has its own; two
+models compiled with the same options run their forwards one after the other in a thread, and the second
+one's first layer (a site seen again, or another shape) starts a fresh state. Passing the state through
+the op instead would need the graph to carry it between layers, which Dynamo's graph of one layer cannot.
+All of it stays on the device (no host sync); it holds SPAN rank vectors [B, L] int64 and one score
+vector [B, L]. It assumes the layers of one forward run in order (true for HF generate, compiled or eager).
 
 Constants are the paper's for 32-layer models (Llama-3.1-8B): FIRST_LAYER 10, SPAN 8, SETTLE_RATIO 0.3,
 window 32 (at budgets from 256 up; smaller budgets take SnapKV's ``observation_window``, at most 1/8 of
@@ -32,12 +37,8 @@ the budget, so the window never is the whole selection). The op does not see the
 are class attributes: set them on ``ASL`` for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a
 2-layer test model needs FIRST_LAYER <= 1).
 
-On SmolLM2-135M (30 layers) the rule never fires: over 6 retrieval prompts at budget 64 of 512 the ratio
-after layer 10 stays between 1.3 and 58 (`bench/asl_rank_spread.py`, log in bench/logs): the layers
-up to 10 agree on the ranking more than any later span does, so ASL keeps SnapKV's selection there.
-Forcing the one-shot selection at layer 11 (SETTLE_RATIO = inf, 10 prompts each of passkey and multikey
-at 1/8, 2026-12-01) found 0 pass keys against SnapKV's 5: a mid-layer ranking shared by every deeper
-layer and head is worse than each layer's own on this model.
+Whether the rule fires on a model: ``bench/asl_rank_spread.py`` prints the ratio per layer (on SmolLM2-135M
+it never does, so ASL selects as SnapKV there; bench/RESULTS.md).
 
 Cost: prefill scoring as SnapKV plus, per layer from FIRST_LAYER on, a sort of L scores and a variance
 over SPAN x L ranks; decode as SnapKV.
@@ -45,12 +46,13 @@ over SPAN x L ranks; decode as SnapKV.
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
 from lowering.formats import register_format
+from lowering.formats.budgeted import Candidates
 from lowering.formats.snapkv import SnapKV
-from lowering.policies import Candidates
 
 FIRST_LAYER = 10
 SPAN = 8
@@ -59,7 +61,9 @@ KERNEL = 7  # ASL's average pool width
 
 
 @dataclasses.dataclass
-class _Forward:
+class ForwardState:
+    """What ASL carries from layer to layer within one prefill forward."""
+
     sites: list = dataclasses.field(default_factory=list)
     ranks: list = dataclasses.field(default_factory=list)  # per layer [B, L] int64, the last SPAN kept
     shape: tuple = ()
@@ -68,19 +72,11 @@ class _Forward:
     chosen: torch.Tensor | None = None  # [B, L] scores of the selection layer (rows where settled)
 
 
-_STORE = _Forward()
-
-
-def reset() -> None:
-    """Forget the current forward (tests; a new forward is also detected by itself)."""
-    global _STORE
-    _STORE = _Forward()
-
-
 def _ranks(score: torch.Tensor) -> torch.Tensor:
     """[B, L] -> rank of each token, 0 = highest score (stable on ties)."""
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+    ranks = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
 def rank_spread(ranks: list[torch.Tensor], top: int) -> torch.Tensor:
@@ -101,13 +97,28 @@ class ASL(SnapKV):
     settle_ratio = SETTLE_RATIO
     asl_kernel = KERNEL
 
-    def _forward(self, c: Candidates) -> _Forward:
-        global _STORE
+    def __init__(self, spec, storage):
+        super().__init__(spec, storage)
+        self._threads = threading.local()  # .forward: this thread's ForwardState (module docstring)
+
+    @property
+    def forward_state(self) -> ForwardState:
+        """The forward in progress (or last run) in this thread."""
+        if not hasattr(self._threads, "forward"):
+            self._threads.forward = ForwardState()
+        return self._threads.forward
+
+    def reset(self) -> None:
+        """Forget the forward in progress (a new forward is also detected by itself)."""
+        self._threads.forward = ForwardState()
+
+    def _forward(self, c: Candidates) -> ForwardState:
         shape = (c.q.shape[0], c.length)
-        if c.site in _STORE.sites or _STORE.shape != shape:
-            _STORE = _Forward(shape=shape)
-        _STORE.sites.append(c.site)
-        return _STORE
+        state = self.forward_state
+        if c.site in state.sites or state.shape != shape:
+            state = self._threads.forward = ForwardState(shape=shape)
+        state.sites.append(c.site)
+        return state
 
     def score(self, c: Candidates) -> torch.Tensor:
         snap = super().score(c)

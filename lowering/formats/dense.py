@@ -4,7 +4,7 @@ Prefill-length queries attend over the dequantized old tokens plus the new ones 
 (prefill is compute-bound and dequantizes once, as KIVI does); decode-length queries go to the
 scheme's fused decode attention over the packed cache, which then includes the new tokens.
 
-With ``early_exit`` (``lowering/early_exit.py``) the buffer also holds per-block key bounds and value
+With ``early_exit`` (``lowering.attention.early_exit``) the buffer also holds per-block key bounds and value
 norms, updated on every append, and decode attention stops reading blocks once the rest cannot
 change the output by more than the tolerance. 16-bit storage feeds the Triton kernel (CUDA) or its
 torch reference (elsewhere) straight from the packed sections; other schemes dequantize the layer
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from lowering import early_exit
-from lowering.formats import FormatSpec, register_format
-from lowering.reference import exact_attention
+from lowering.attention.early_exit import bound
+from lowering.core.limits import MAX_DECODE_QUERY_LEN
+from lowering.core.reference import exact_attention
+from lowering.formats import FormatSpec, early_exit, launch, register_format
 from lowering.storage import State, StorageScheme
-
-MAX_DECODE_QUERY_LEN = 16  # as lowering.ops: decode and speculative steps; longer queries are prefill
 
 
 @register_format("full")
@@ -27,7 +26,7 @@ class Dense:
     def __init__(self, spec: FormatSpec, storage: StorageScheme):
         self.spec, self.storage = spec, storage
         self.tolerance = early_exit.resolve_tolerance(spec.early_exit)
-        # Appends go into the buffer's spare capacity (``lowering.packed``); early exit's block summaries
+        # Appends go into the buffer's spare capacity (``lowering.core.packed``); early exit's block summaries
         # are rewritten per step and its kernel reads them densely, so that form copies.
         self.grows_in_place = self.tolerance is None
 
@@ -35,7 +34,7 @@ class Dense:
         layout = self.storage.layout(batch, kv_heads, length, k_dim, v_dim, dtype)
         if self.tolerance is None:
             return layout
-        summaries = early_exit.summary_layout(batch, kv_heads, length, k_dim, dtype)
+        summaries = bound.summary_layout(batch, kv_heads, length, k_dim, dtype)
         clash = set(layout) & set(summaries)
         if clash:
             raise ValueError(f"storage scheme {self.storage.name!r} uses the early-exit section names {sorted(clash)}")
@@ -44,9 +43,9 @@ class Dense:
     def step(self, q, old: State | None, old_length: int, new_k, new_v, attn_mask, is_causal, scale, site: str,
              out: State) -> torch.Tensor:
         if self.tolerance is None:
-            self.storage.append(old, old_length, new_k, new_v, out)
+            launch.append(self.storage, old, old_length, new_k, new_v, out)
         else:
-            self.storage.append(_scheme_part(old), old_length, new_k, new_v, _scheme_part(out))
+            launch.append(self.storage, _scheme_part(old), old_length, new_k, new_v, _scheme_part(out))
         length = old_length + new_k.shape[2]
         gqa = q.shape[1] != new_k.shape[1]
         full_precision = str(self.spec.kv_bits) == "16"
@@ -57,7 +56,7 @@ class Dense:
             else:  # summarise what attention will read: the dequantized new tokens
                 layer = self.storage.dequantize(_scheme_part(out), length, q.dtype)
                 summarised = layer[0][:, :, old_length:], layer[1][:, :, old_length:]
-            early_exit.update_summaries(_summary_part(old), old_length, *summarised, _summary_part(out))
+            bound.update_summaries(_summary_part(old), old_length, *summarised, _summary_part(out))
         # SDPA's is_causal aligns the query block top-left (with a longer cache, a 1-token query sees only
         # key 0); HF passes an explicit mask whenever there is a past. Follow SDPA exactly on that path.
         if q.shape[2] > MAX_DECODE_QUERY_LEN or is_causal:
@@ -67,23 +66,22 @@ class Dense:
                 k, v = torch.cat([old_k, new_k], dim=2), torch.cat([old_v, new_v], dim=2)
             return exact_attention(q, k, v, attn_mask, is_causal, scale, gqa)
         if self.tolerance is None:
-            return self.storage.decode_attention(q, out, length, attn_mask, scale)
+            return launch.decode_attention(self.storage, q, out, length, attn_mask, scale)
         k, v = (out["k"], out["v"]) if full_precision else layer
         return early_exit.attend_and_count(q, k, v, out, attn_mask, scale, self.tolerance, site)
 
-
     def decode_in_place(self, q, sections, old_length: int, new_k, new_v, attn_mask, scale):
-        """The storage scheme's fused decode step on capacity ``sections`` (``lowering.ops``), or None."""
-        decode = getattr(self.storage, "decode_in_place", None)
-        if decode is None or self.tolerance is not None:
+        """The storage scheme's fused decode step on capacity ``sections`` (``lowering.formats.cache_step``), or
+        None (``lowering.formats.launch.decode_in_place``)."""
+        if self.tolerance is not None:
             return None
-        return decode(q, sections, old_length, new_k, new_v, attn_mask, scale)
+        return launch.decode_in_place(self.storage, q, sections, old_length, new_k, new_v, attn_mask, scale)
 
 
 def _scheme_part(state: State | None) -> State | None:
     """The storage scheme's own sections (schemes may iterate over every section they are given)."""
-    return None if state is None else {n: t for n, t in state.items() if n not in early_exit.SECTIONS}
+    return None if state is None else {n: t for n, t in state.items() if n not in bound.SECTIONS}
 
 
 def _summary_part(state: State | None) -> State | None:
-    return None if state is None else {n: state[n] for n in early_exit.SECTIONS}
+    return None if state is None else {n: state[n] for n in bound.SECTIONS}

@@ -8,17 +8,17 @@ per KV head). The newest ``budget - budget // 2`` tokens are always kept (the pa
 half heavy hitters, half recent); the rest of the budget goes to the highest scores.
 
 Cost: decode computes the weights over budget + 1 keys; on CUDA with kv_bits=16 in one pass over the
-keys that also leaves the scores the attention over the kept tokens reuses (``lowering.scored_decode_attention``),
+keys that also leaves the scores the attention over the kept tokens reuses (``lowering.attention.scored``),
 elsewhere explicitly (reference path: q.K softmax in fp32, one extra read of the hot keys next to the
 fused decode attention); prefill sums weights over all
-queries in chunks of <= 2^26 fp32 weights (lowering.policies.SCORE_CHUNK_ELEMENTS).
+queries in chunks of <= 2^26 fp32 weights (``lowering.formats.budgeted.SCORE_CHUNK_ELEMENTS``).
 """
 from __future__ import annotations
 
 import torch
 
 from lowering.formats import register_format
-from lowering.policies import BudgetedFormat, Candidates
+from lowering.formats.budgeted import BudgetedFormat, Candidates
 
 
 @register_format("h2o")

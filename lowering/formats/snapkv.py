@@ -8,8 +8,7 @@ KV head (GQA), max-pooled over ``KERNEL`` neighbouring positions (keeps the neig
 kept spans read as text); keep the top ``budget`` per KV head, the window's own tokens always included.
 
 Window: ``observation_window(budget)`` = min(``WINDOW``, budget // 8), at least 1. The window's tokens are
-always kept, so a window as large as the budget selects nothing: SmolLM2 at 1/16 of 512 tokens (budget
-32, window 32) kept only the last 32 tokens and scored perplexity 169.8 against 14.7 (2026-11-23 run).
+always kept, so a window as large as the budget selects nothing (only the last tokens are kept).
 At most an eighth of the budget leaves 7/8 to the scores; it gives the paper's 32 from a budget of 256
 up, and 8 at budget 64, the window PyramidKV's harness (KVCache-Factory) uses for budgets 64-2048.
 
@@ -19,11 +18,8 @@ budget must evict, and the tokens being written are what the next ones depend on
 score 0 (SnapKV computes no weights after prefill: decode stays the scheme's fused attention), so once
 one slides out of the recent region it is the first evicted, before any token of the prefill selection;
 while the region fills, the prefill selection loses its weakest first (at most ``decode_recent`` of them).
-The region is half the budget, H2O's balanced split. It was the observation window (8 tokens at 1/8 of
-512) until 2026-12-01: teacher-forced perplexity through the budgeted cache was then +223 % at 1/8
-(bench/RESULTS.md). A quick look at 1/8 (SmolLM2: the 10 perplexity texts, 10
-prompts of two retrieval tasks): a quarter of the budget gave perplexity 31.4, a half 24.1 (full cache
-14.7), with the same retrieval answers.
+The region is half the budget, H2O's balanced split (a region as small as the observation window lost
+most of the perplexity the budget could keep; bench/RESULTS.md).
 
 Cost: prefill scoring reads the keys once more for WINDOW queries (WINDOW x L weights per query head).
 """
@@ -32,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from lowering.formats import register_format
-from lowering.policies import BudgetedFormat, Candidates
+from lowering.formats.budgeted import BudgetedFormat, Candidates
+from lowering.formats.slot_replacement import ReplacesInPlace
 
 WINDOW = 32  # the SnapKV paper's default observation window (kvpress uses 64)
 KERNEL = 7  # max-pool width; the paper uses 5 to 7 (kvpress 5)
@@ -51,9 +48,8 @@ def decode_recent(budget: int) -> int:
 
 
 @register_format("snapkv")
-class SnapKV(BudgetedFormat):
+class SnapKV(ReplacesInPlace, BudgetedFormat):
     policy = "snapkv"
-    replaces_in_place = True  # decode scores from stored metadata alone (lowering/slot_replacement.py)
     kernel = KERNEL
 
     def window_size(self, c: Candidates) -> int:

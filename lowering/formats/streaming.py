@@ -14,16 +14,16 @@ from __future__ import annotations
 import torch
 
 from lowering.formats import register_format
-from lowering.policies import BudgetedFormat, Candidates
+from lowering.formats.budgeted import BudgetedFormat, Candidates
+from lowering.formats.slot_replacement import ReplacesInPlace
 
 N_SINK = 4  # the paper's 4 initial tokens (and kvpress' StreamingLLMPress default)
 SINK = torch.finfo(torch.float32).max
 
 
 @register_format("streaming")
-class Streaming(BudgetedFormat):
+class Streaming(ReplacesInPlace, BudgetedFormat):
     policy = "streaming"
-    replaces_in_place = True  # decode scores from stored metadata alone (lowering/slot_replacement.py)
 
     @property
     def n_sink(self) -> int:

@@ -1,9 +1,10 @@
 """Storage schemes: how a cache's keys and values are held in a packed buffer (``kv_bits``).
 
 A scheme is registered under its ``kv_bits`` value with :func:`register_scheme` and implements
-:class:`StorageScheme`. A scheme knows nothing of graphs or policies: it lays out, appends, reads back
-and attends over ``length`` tokens of one layer. Formats (``lowering.formats``) combine a scheme with a
-token policy and early exit; ``lowering.ops.cache_attention`` is the op rewritten graphs call.
+:class:`StorageScheme`. A scheme knows nothing of graphs, policies or kernels: it lays out, appends and
+reads back ``length`` tokens of one layer, and a scheme with a fused decode kernel says what the kernel
+reads (``kernel_operands`` -> ``lowering.core.operands.KVOperands``). Formats (``lowering.formats``)
+combine a scheme with a token policy and early exit, and hand its operands to the attention launchers.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from lowering.packed import Layout
+from lowering.core.packed import Layout
 
 State = dict[str, torch.Tensor]
 
@@ -29,12 +30,6 @@ class StorageScheme(Protocol):
 
     def dequantize(self, state: State, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys [B, Hkv, length, Dk] and values [B, Hkv, length, Dv] in ``dtype`` (prefill, references)."""
-
-    def decode_attention(self, q: torch.Tensor, state: State, length: int, attn_mask: torch.Tensor | None,
-                         scale: float | None) -> torch.Tensor:
-        """Attention of q [B, Hq, Lq, Dk] (Lq small, Hq a multiple of Hkv) over the ``length`` stored tokens,
-        ``attn_mask`` bool or additive broadcastable to [B, Hq, Lq, length] -> [B, Hq, Lq, Dv]. Fused kernel
-        on CUDA; elsewhere a reference that never materialises more than this layer's dequantized cache."""
 
 
 SCHEMES: dict[str, StorageScheme] = {}

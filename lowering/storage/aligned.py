@@ -10,10 +10,10 @@ of an exact integer and s in fp32 (kernel and ``dequantize`` agree to the bit), 
 Bytes per token and head: 1.5 D + 4 for K and V each (200 vs 256 at D=128 bf16); the kernel reads
 D + 4 always and the D / 2 low bytes only for the blocks that need them.
 
-Which blocks need them (the kernel's skip rule, ``lowering/kernels/decode_attention.py``): a block's
+Which blocks need them (the kernel's skip rule, ``lowering/attention/decode/kernel.py``): a block's
 low parts are skipped while a bound on everything skipped so far stays within ``tau`` (default 2^-8,
 a bf16 unit roundoff) times the attention-weighted row magnitude sum_j p_j max|v_j|; unlike AlignedKV's
-per-channel exponent test (which relies on fp16 accumulation, see /work/shared/papers.md), the rule
+per-channel exponent test (which relies on fp16 accumulation), the rule
 is a worst-case bound, valid with fp32 accumulation, for GQA (all query heads of a KV head must agree)
 and across splits. The kernel counts the tokens whose low parts it read (``stats``): bytes read =
 tokens x 2 (D + 4) + low tokens x 2 ceil(D / 2).
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout
+from lowering.core.operands import KV_ALIGNED, KVOperands
+from lowering.core.packed import Layout
 from lowering.storage import State, register_scheme
 from lowering.storage.int8 import UNIT_ROUNDOFF, copy_old_tokens, quantize_rows, rounding_slack
 
@@ -93,10 +94,8 @@ class Aligned:
         return tuple(state[n + "_scale"].double()[..., None] * steps + rounding_slack(x, dtype)
                      for n, x in zip(("k", "v"), self.dequantize(state, length, dtype, high_only)))
 
-    # Measured on an H200 (Triton 3.6, 2026-12-02, bench/logs/s8/tests.log): the kernel's output was wrong in
-    # bf16 and fp16 at head dim 16 (every element, up to 1.4 absolute), right at 32 and 64 and in fp32; the
-    # interpreter is right at 16, and int4 (the same nibble unpacking) is right at 16 on CUDA. Cause not
-    # found, so on CUDA smaller head dims take the reference path.
+    # The kernel's half-precision output was measured wrong on CUDA at head dim 16 (right at 32, 64, in fp32 and
+    # under the interpreter; bench/RESULTS.md); cause not found, so on CUDA smaller head dims take the reference.
     MIN_CUDA_HEAD_DIM = 32
 
     def kernel_refusal(self, q) -> str | None:
@@ -105,13 +104,11 @@ class Aligned:
         return None
 
     def kernel_operands(self, q, state: State, length: int, tau: float | None = None,
-                        stats: torch.Tensor | None = None):
+                        stats: torch.Tensor | None = None) -> KVOperands:
         """``tau``: the skip rule's budget (None: ``self.tau``; 0 reads every low part, inf none);
-        ``stats``: int64 [2] the kernel adds (tokens whose low parts it read, tokens read) to."""
-        from lowering.decode_attention import _INTERPRETED, KVOperands
-        from lowering.kernels.decode_attention import KV_ALIGNED
-
-        skip_error, value_bound = kernel_bounds(q.dtype, _INTERPRETED)
+        ``stats``: int64 [2] the kernel adds (tokens whose low parts it read, tokens read) to. The kernel
+        takes CPU tensors only under Triton's interpreter, which truncates bf16 (``kernel_bounds``)."""
+        skip_error, value_bound = kernel_bounds(q.dtype, q.device.type == "cpu")
         if stats is None:
             stats = torch.zeros(2, dtype=torch.int64, device=q.device)
         return KVOperands(state["k"], state["v"], length, KV_ALIGNED,
@@ -119,8 +116,3 @@ class Aligned:
                           quant_len=length, rows_cap=state["k_scale"].stride(1), stats=stats,
                           skip_error=skip_error, value_bound=value_bound,
                           tau=self.tau if tau is None else tau)
-
-    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
-        from lowering.quant_decode_attention import packed_decode_attention
-
-        return packed_decode_attention(self, q, state, length, attn_mask, scale)

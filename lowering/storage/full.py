@@ -1,9 +1,7 @@
 """kv_bits=16: keys and values kept as the model computed them (the base other variants add to)."""
 from __future__ import annotations
 
-import torch
-
-from lowering.packed import Layout, copy_unless_same
+from lowering.core.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme
 
 
@@ -23,8 +21,3 @@ class FullPrecision:
 
     def dequantize(self, state: State, length: int, dtype):
         return state["k"].to(dtype), state["v"].to(dtype)
-
-    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
-        from lowering.ops import attention
-
-        return attention(q, state["k"], state["v"], attn_mask, False, scale, q.shape[1] != state["k"].shape[1], True)

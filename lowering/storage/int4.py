@@ -31,48 +31,14 @@ from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout, copy_unless_same
+from lowering.core.operands import KV_INT4, KVOperands
+from lowering.core.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme, token_blocks
+from lowering.storage.int4_codes import dequantize_groups, pack_nibbles, quantize_groups, unpack_nibbles
+from lowering.storage.int4_rows import Int4Rows
 from lowering.storage.int8 import rounding_slack
 
 GROUP = 32  # tokens per key group (KIVI)
-LEVELS = 15  # 4-bit codes 0..15
-
-
-def _round_up(x64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (float64, >= 0) rounded up to ``dtype``."""
-    r = x64.to(dtype)
-    return torch.where(r.double() < x64, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
-
-
-def quantize_groups(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit quantization of ``x`` over ``dim`` -> (uint8 codes 0..15 like x, scale, minimum),
-    scale and minimum in x's dtype with ``dim`` reduced (kept as size 1)."""
-    x64 = x.double()
-    low = x.amin(dim=dim, keepdim=True)
-    scale = _round_up((x64.amax(dim=dim, keepdim=True) - low.double()) / LEVELS, x.dtype)
-    s64 = scale.double()
-    codes = torch.round((x64 - low.double()) / torch.where(s64 > 0, s64, 1.0)).clamp(0, LEVELS)
-    return codes.to(torch.uint8), scale, low
-
-
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, dtype) -> torch.Tensor:
-    """code * scale + min rounded once to ``dtype``, as the kernel's fma (``int4_tiles.dequantize``): the float64
-    sum is exact unless min and code * scale lie 2^25 (fp32 scales; 2^41 for 16-bit ones) or more apart."""
-    return (codes.double() * scale.double() + low.double()).to(dtype)
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes 0..15 [..., D] -> [..., ceil(D / 2)] bytes: byte j holds channel j in its low nibble and
-    channel j + ceil(D / 2) in its high one (0 past D). The kernel unpacks a tile into its two channel
-    halves with a mask and a shift, each a plain [N, D / 2] tile, instead of interleaving 2j and 2j + 1."""
-    half = (codes.shape[-1] + 1) // 2
-    high = torch.nn.functional.pad(codes[..., half:], (0, 2 * half - codes.shape[-1]))
-    return codes[..., :half] | (high << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.cat([packed & 15, packed >> 4], dim=-1)[..., :dim]
 
 
 def split_length(length):
@@ -91,15 +57,13 @@ class Int4Kivi:
     @property
     def per_token_variant(self):
         """The per-token form token policies store (``int4_rows.py``): KIVI's key groups span 32 tokens."""
-        from lowering.storage.int4_rows import Int4Rows
-
         return Int4Rows()
 
     # Value bytes in 16-token blocks [B, Hkv, quant / 16, ceil(D / 2), 16] (``token_blocks``), token t of a block at
     # slot 4 q + 2 e + s for t = 8 s + 2 q + e: each int32 word q holds keys 2q, 2q + 1 in its bytes 0, 2 and
     # keys 2q + 8, 2q + 9 in bytes 1, 3, the pairs of consecutive keys an MMA's value operand takes, so the
     # kernel makes each pair of codes by one mask of the word (``int4_tiles._value_tile``) instead of byte-wise
-    # shared-memory reads and permutes (sm_90 SASS steady path, bf16 D=128: 791 -> 720 per 32-key tile).
+    # shared-memory reads and permutes.
     VALUE_SLOTS = tuple(4 * (t % 8 // 2) + 2 * (t % 2) + t // 8 for t in range(token_blocks.TOKENS))
 
     def _value_codes(self, state: State) -> torch.Tensor:
@@ -107,17 +71,15 @@ class Int4Kivi:
         quant = state["v_scale"].shape[2]
         return unpack_nibbles(token_blocks.read_rows(state["v"], quant, self.VALUE_SLOTS), state["v_res"].shape[-1])
 
-    # int4 keys by int8 MMAs of the query folded with each group's scales (lowering/kernels/int4_keys.py): the
-    # kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
+    # int4 keys by int8 MMAs of the query folded with each group's scales (lowering/attention/decode/int4_keys.py):
+    # the kernel attends over the exact keys c * scale + min with scores within ``kernel_score_error``.
     split_query = True
 
     def splits_query(self, dtype: torch.dtype, dim: int, rows: int) -> bool:
         """Whether the kernel scores keys by the folded query's int8 split: 16-bit dtypes (fp32 keeps its exact
         dequantized keys), D > 32 (int8 MMAs reduce over a channel half of >= 32) and at most 8 query rows per KV
         head (GQA ratio x Lq: the fold's rows then fill at most half of the MMA's 16, ``int4_keys._stacked_parts``;
-        the fold costs per group and row). sm_90 SASS steady path per 32-key tile with / without the split, bf16
-        (session 11, values in word blocks): D=128 GQA 4 681 / 762, GQA 8 746 / 764, GQA 16 (a 16-row fold,
-        before the blocks) 1047 / 909; D=64 552 / 584."""
+        the fold costs per group and row, and a 16-row fold costs more than it saves)."""
         return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
     def _splits(self, q: torch.Tensor, state: State) -> bool:
@@ -166,7 +128,6 @@ class Int4Kivi:
     def kernel_values(self, state: State, length: int):
         """(values the folded kernel attends over, float64 [B, Hkv, L, Dv]: c * scale + min exactly, the
         residual as stored; the magnitude its roundings scale with: |c * scale| + |min|, |residual|)."""
-        Dv = state["v_res"].shape[-1]
         cs = self._value_codes(state).double() * state["v_scale"].double()[..., None]
         low = state["v_min"].double()[..., None]
         res = state["v_res"].double()
@@ -209,27 +170,21 @@ class Int4Kivi:
         out["k_res"].copy_(k[:, :, filled:])
         out["v_res"].copy_(v[:, :, filled:])
 
-    def decode_in_place(self, q, sections: State, old_length: int, new_k, new_v, attn_mask, scale):
-        """A decode step on capacity ``sections`` (the op's CUDA fast path, ``lowering.ops``) whose new
-        tokens stay in the residual window: two row copies put them at its fill, then the decode kernel
-        reads the ``old_length + n`` tokens; no per-step views, no re-copy of the window. None when the
-        step completes a key group (quantizing it is the general path's ``append``) or the kernel refuses
-        the inputs."""
-        from lowering.decode_attention import launch
-        from lowering.quant_decode_attention import kernel_unsupported_reason
+    def appends_to_residual(self, old_length: int, n: int) -> bool:
+        """Whether ``n`` tokens appended to ``old_length`` stay in the residual window (complete no key group)."""
+        return split_length(old_length)[1] + n < GROUP
 
-        n = new_k.shape[2]
+    def append_residual(self, sections: State, old_length: int, new_k, new_v) -> None:
+        """New tokens written at the residual window's fill of capacity ``sections`` (two row copies, no
+        per-step views, no re-copy of the window): a decode step in place (``lowering.formats.launch``)."""
         _, res = split_length(old_length)
-        length = old_length + n
-        if res + n >= GROUP or kernel_unsupported_reason(q, sections, length, attn_mask, self):
-            return None
+        n = new_k.shape[2]
         sections["k_res"][:, :, res:res + n].copy_(new_k)
         sections["v_res"][:, :, res:res + n].copy_(new_v)
-        return launch(q, self.kernel_operands(q, sections, length), attn_mask, scale, False)
 
     def _dequantize_quant(self, state: State, dtype):
         B, H, quant, _ = state["k"].shape
-        Dk, Dv = state["k_res"].shape[-1], state["v_res"].shape[-1]
+        Dk = state["k_res"].shape[-1]
         groups = quant // GROUP
         k_codes = unpack_nibbles(state["k"], Dk).reshape(B, H, groups, GROUP, Dk)
         k = dequantize_groups(k_codes, state["k_scale"][:, :, :, None], state["k_min"][:, :, :, None], dtype)
@@ -251,18 +206,10 @@ class Int4Kivi:
         zeros = lambda t: torch.zeros(t.shape, dtype=torch.float64, device=t.device)  # noqa: E731
         return torch.cat([ek, zeros(state["k_res"])], 2), torch.cat([ev, zeros(state["v_res"])], 2)
 
-    def kernel_operands(self, q, state: State, length: int):
-        from lowering.decode_attention import KVOperands
-        from lowering.kernels.decode_attention import KV_INT4
-
+    def kernel_operands(self, q, state: State, length: int) -> KVOperands:
         quant, res = split_length(length)
         return KVOperands(state["k"], state["v"], length, KV_INT4,
                           tuple(state[n] for n in ("k_scale", "v_scale", "k_min", "v_min", "k_res", "v_res")),
                           quant_len=quant, res_len=res, quant_group=GROUP, rows_cap=state["v_scale"].stride(1),
                           res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]),
                           split_query=self._splits(q, state), value_block=token_blocks.TOKENS)
-
-    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
-        from lowering.quant_decode_attention import packed_decode_attention
-
-        return packed_decode_attention(self, q, state, length, attn_mask, scale)

@@ -7,18 +7,18 @@ model's dtype, two codes per byte), the same code path as KIVI's values. KIVI (s
 per-token keys lose more than per-channel ones at 2 bits, because a few key channels are large for
 every token; at 4 bits the step is the row's range / 15, and the quality eval measures what it costs.
 Bytes per token and head at D=128, bf16: 64 + 4 per tensor, 136 (512 for bf16). No fused kernel: decode
-attention dequantizes the kept tokens (at most ``budget`` per head) and runs SDPA.
+attention dequantizes the kept tokens (at most ``budget`` per head) and runs SDPA (``lowering.formats.launch``).
 
 Not registered under a ``kv_bits`` value: ``Int4Kivi.per_token_variant`` points here and the budgeted
-formats take it (``lowering.policies``).
+formats take it (``lowering.formats.budgeted``).
 """
 from __future__ import annotations
 
 import torch
 
-from lowering.packed import Layout, copy_unless_same
+from lowering.core.packed import Layout, copy_unless_same
 from lowering.storage import State
-from lowering.storage.int4 import dequantize_groups, pack_nibbles, quantize_groups, unpack_nibbles
+from lowering.storage.int4_codes import dequantize_groups, pack_nibbles, quantize_groups, unpack_nibbles
 from lowering.storage.int8 import rounding_slack
 
 
@@ -54,9 +54,3 @@ class Int4Rows:
         k, v = self.dequantize(state, length, dtype)
         return tuple(state[n + "_scale"].double()[..., None] / 2 + rounding_slack(x, dtype)
                      for n, x in (("k", k), ("v", v)))
-
-    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
-        from lowering.reference import exact_attention
-
-        k, v = self.dequantize(state, length, q.dtype)
-        return exact_attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1])

@@ -5,18 +5,16 @@ int8 per-token as near-lossless); they also let a token be written once and neve
 which a growing cache needs. Scales are float32: 4 bytes per token and head for K and V each, 3% of
 the int8 payload at D=128 (fp16 scales would overflow for |x| > 8.3e6, which bf16 models can hold).
 
-Rows are stored rotated by the Hadamard matrix H (head dims that are powers of two, ``lowering/rotation.py``):
+Rows are stored rotated by the Hadamard matrix H (head dims that are powers of two, ``lowering/core/rotation.py``):
 keys and values are quantized as x H 2^-floor(m/2) (D = 2^m, H the +-1 Sylvester matrix, H H = D I), the
 fused kernel attends with the query q H 2^-ceil(m/2) over them and turns its output back with
 H 2^-ceil(m/2) (so q' . k' = q . k and the softmax weights are unchanged; every scaling is a power of two).
 SmolLM2's key channels reach 2-5x their median maximum, and a per-token scale set by one outlier channel
 leaves the other channels few steps; the rotation spreads every channel over all of them (QuaRot,
-Ashkboos et al. 2024, rotates KV caches for the same reason). On the captured SmolLM2 attention
-(``bench/data/smollm2_attention.pt``) the attention output's error against float64 fell from
-1.0e-2 / 1.9e-2 / 1.9e-2 to 0.86e-2 / 0.83e-2 / 1.0e-2 (layers 3 / 15 / 27, exact query); with the rotated
-query rounded to bf16, as the kernel reads it, to 1.0e-2 / 1.1e-2 / 1.2e-2. It needs no statistics
-from the prompt. On CUDA it costs no launch: the quantize-on-append kernel rotates the new rows and the
-decode kernel the query and its output, in registers (``lowering/kernels/rotation.py``).
+Ashkboos et al. 2024, rotates KV caches for the same reason; ``bench/int8_rotation.py`` measures it on
+captured SmolLM2 attention). It needs no statistics from the prompt. On CUDA it costs no launch: the
+quantize-on-append kernel rotates the new rows and the decode kernel the query and its output, in registers
+(``lowering/attention/device/rotation.py``).
 
 Round trip: ``dequantize`` computes ``code * scale`` in fp32 (one rounding, as the kernel), turns it
 back with H in fp32 and rounds to the model's dtype. Unrotated (``rotation = False``, fp8, other head
@@ -31,8 +29,9 @@ import math
 
 import torch
 
-from lowering import rotation
-from lowering.packed import Layout, copy_unless_same
+from lowering.core import rotation
+from lowering.core.operands import KV_SCALED_ROWS, AppendOperands, KVOperands
+from lowering.core.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme, token_blocks
 
 QMAX = 127.0
@@ -70,14 +69,6 @@ def copy_old_tokens(old: State | None, old_length: int, out: State, names) -> No
     if old is not None:
         for name in names:
             copy_unless_same(out[name][:, :, :old_length], old[name])
-
-
-def _fused_append_ok(x: torch.Tensor, codes: torch.Tensor) -> bool:
-    try:
-        from lowering.quantize_rows import unsupported_reason
-    except ImportError:  # triton missing
-        return False
-    return unsupported_reason(x, codes) is None
 
 
 @register_scheme(8)
@@ -142,7 +133,7 @@ class Int8:
 
     def split_kernel_query(self, q: torch.Tensor) -> torch.Tensor:
         """The query the kernel's key scores use, step * Q in float64 (``kernel_query`` where it takes no
-        split): the host twin of ``split_query`` in ``lowering/kernels/decode_attention.py`` (up to its fp32
+        split): the host twin of ``split_query`` in ``lowering/attention/device/fixed_point.py`` (up to its fp32
         division's last bits), for bench/int8_rotation.py."""
         q = self.kernel_query(q)
         if not self.splits_query(q.shape[-1]):
@@ -163,54 +154,42 @@ class Int8:
             return None
         return self.kernel_query(q).double().abs().amax(-1, keepdim=True) / 32512 * (1 + 2.0 ** -22) * (0.5 + 2.0 ** -6)
 
-    # Whether CUDA appends go through the fused quantize-on-append kernel (lowering/quantize_rows.py).
+    # Whether CUDA appends go through the fused quantize-on-append kernel (``lowering/attention/append``, launched
+    # by ``lowering.formats.launch.append``; the torch path below is its reference).
     fused_append = True
 
     def _blocked(self, name: str) -> bool:
         return name == "v" and self.blocked_values
 
-    def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
+    def copy_old(self, old: State | None, old_length: int, out: State) -> None:
+        """The first step of ``append``: the ``old_length`` tokens of ``old`` into ``out``."""
         if old is not None and self.blocked_values:
             token_blocks.copy_blocks(out["v"], old["v"], old_length)
         copy_old_tokens(old, old_length, out, [n for n in out if not self._blocked(n)])
-        for name, x in (("k", new_k), ("v", new_v)):
-            if self.fused_append and x.is_cuda and _fused_append_ok(x, out[name]):
-                from lowering.quantize_rows import append_rows
 
-                append_rows(x, out[name], out[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]),
-                            self._blocked(name))
-                continue
-            q, scale = self.quantize(self.stored_rows(x))
-            if self._blocked(name):
-                token_blocks.write_rows(out[name], old_length, q)
-            else:
-                out[name][:, :, old_length:].copy_(q)
-            out[name + "_scale"][:, :, old_length:].copy_(scale)
+    def write_rows(self, name: str, x: torch.Tensor, out: State, start: int) -> None:
+        """Rows x [B, Hkv, n, D] of ``name`` ("k" or "v") quantized into ``out`` at tokens start .. start + n - 1."""
+        q, scale = self.quantize(self.stored_rows(x))
+        if self._blocked(name):
+            token_blocks.write_rows(out[name], start, q)
+        else:
+            out[name][:, :, start:].copy_(q)
+        out[name + "_scale"][:, :, start:].copy_(scale)
+
+    def append_operands(self, name: str, x: torch.Tensor, out: State) -> AppendOperands:
+        """What the quantize-on-append kernel writes for rows ``x`` of ``name``: ``write_rows`` in one launch."""
+        return AppendOperands(out[name], out[name + "_scale"], QMAX, self.rotates(x.shape[-1]), self._blocked(name))
+
+    def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
+        self.copy_old(old, old_length, out)
+        for name, x in (("k", new_k), ("v", new_v)):
+            self.write_rows(name, x, out, old_length)
 
     def code_rows(self, state: State, name: str, length: int) -> torch.Tensor:
         """The codes of ``length`` tokens as rows [B, Hkv, length, D] (a copy where they are blocked)."""
         if self._blocked(name):
             return token_blocks.read_rows(state[name], length)
         return state[name][:, :, :length]
-
-    def decode_in_place(self, q, sections: State, old_length: int, new_k, new_v, attn_mask, scale):
-        """A decode step on capacity ``sections`` (rows beyond the length allowed): the new rows quantized
-        into them at ``old_length`` by the fused kernel, then the decode kernel over ``old_length + n``
-        rows; None where either kernel refuses the inputs (the general path then runs)."""
-        if not self.fused_append:
-            return None
-        from lowering.decode_attention import launch
-        from lowering.quant_decode_attention import kernel_unsupported_reason
-        from lowering.quantize_rows import append_rows
-
-        length = old_length + new_k.shape[2]
-        if (not _fused_append_ok(new_k, sections["k"]) or not _fused_append_ok(new_v, sections["v"])
-                or kernel_unsupported_reason(q, sections, length, attn_mask, self)):
-            return None
-        for name, x in (("k", new_k), ("v", new_v)):
-            append_rows(x, sections[name], sections[name + "_scale"], old_length, QMAX, self.rotates(x.shape[-1]),
-                        self._blocked(name))
-        return launch(q, self.kernel_operands(q, sections, length), attn_mask, scale)
 
     def dequantize(self, state: State, length: int, dtype):
         out = []
@@ -231,24 +210,16 @@ class Int8:
             dim = x.shape[-1]
             if self.rotates(dim):
                 # sqrt(D) steps through H (the turn-back's entries are +-2^-ceil(m/2) <= D^-1/2); each fp32
-                # rotation of a row errs by <= D 2^-24 times the row's L2 norm (lowering/rotation.py), twice
+                # rotation of a row errs by <= D 2^-24 times the row's L2 norm (lowering/core/rotation.py), twice
                 # (x H, then c s H), with 2x margin.
                 norm = x.double().norm(dim=-1, keepdim=True) + math.sqrt(dim) * step
                 step = math.sqrt(dim) * step + 4 * dim * 2.0 ** -24 * norm
             out.append(step + rounding_slack(x, dtype))
         return tuple(out)
 
-    def kernel_operands(self, q, state: State, length: int):
-        from lowering.decode_attention import KVOperands
-        from lowering.kernels.decode_attention import KV_SCALED_ROWS
-
+    def kernel_operands(self, q, state: State, length: int) -> KVOperands:
         return KVOperands(state["k"], state["v"], length, KV_SCALED_ROWS,
                           (state["k_scale"], state["v_scale"], None, None, None, None), quant_len=length,
                           rows_cap=state["k_scale"].stride(1), rotated=self.rotates(state["k"].shape[-1]),
                           value_block=token_blocks.TOKENS if self.blocked_values else 0,
                           split_query=self.splits_query(state["k"].shape[-1]))
-
-    def decode_attention(self, q, state: State, length: int, attn_mask, scale):
-        from lowering.quant_decode_attention import packed_decode_attention
-
-        return packed_decode_attention(self, q, state, length, attn_mask, scale)

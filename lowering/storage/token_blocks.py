@@ -2,24 +2,23 @@
 
 Why: in the decode kernel's P @ V product the value tile is the MMA's right operand with the keys as its
 reduction dimension, and an MMA operand of 16-bit type holds pairs of consecutive *keys*. Row-major 1-byte
-codes ([L, D], channels contiguous) give those pairs only through byte-wise shared-memory reads: Triton 3.6
-emits 256 ``LDS.U8`` plus the byte permutes per warp and 256-key tile, a third of the int8 kernel's loop
-(sm_90 SASS, 2026-12-02). With 16 tokens contiguous per channel the operand is read as ``ldmatrix`` rows
-and the loop shrinks by that much. Keys stay row-major: their reduction dimension is the channels.
+codes ([L, D], channels contiguous) give those pairs only through byte-wise shared-memory reads and byte
+permutes. With 16 tokens contiguous per channel the operand is read as ``ldmatrix`` rows. Keys stay
+row-major: their reduction dimension is the channels.
 
 A token's row is D bytes at stride T (at slot ``slots[t % T]`` of its block where a format orders its tokens:
 int4's values, ``Int4Kivi.VALUE_SLOTS``); the last block of a length that is not a multiple of T is partly
 filled (its other bytes are never read: the kernel masks keys past the length). Host code moves rows
 through ``write_rows`` / ``read_rows``; kernels compute the same offsets
-(``lowering/kernels/quantize_rows.py``, ``lowering/kernels/packed_tiles.py``).
+(``lowering/attention/append/kernel.py``, ``lowering/attention/decode/packed_tiles.py``).
 """
 from __future__ import annotations
 
 import torch
 
+from lowering.core.packed import MOVED_AS_BYTES, copy_unless_same
+
 TOKENS = 16  # tokens per block: one 16-byte vector per channel (int8 / fp8 codes)
-# float8 has no index_put / strided-copy kernels everywhere (torch 2.13 CPU): its codes move as bytes, exactly.
-BYTE_MOVED = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def blocks(length):
@@ -44,7 +43,7 @@ def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor, slots=None
     tokens = torch.arange(start, start + n, device=section.device)
     slot = tokens % TOKENS if slots is None else torch.tensor(slots, device=section.device)[tokens % TOKENS]
     rows = rows.to(section.dtype)
-    if section.dtype in BYTE_MOVED:
+    if section.dtype in MOVED_AS_BYTES:
         section, rows = section.view(torch.uint8), rows.view(torch.uint8)
     _rows_view(section)[:, :, tokens // TOKENS, slot] = rows
 
@@ -52,7 +51,7 @@ def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor, slots=None
 def read_rows(section: torch.Tensor, length: int, slots=None) -> torch.Tensor:
     """The first ``length`` token rows, [B, H, length, D] (a copy; ``slots`` as ``write_rows``')."""
     B, H, nblk, D, T = section.shape
-    raw = section.view(torch.uint8) if section.dtype in BYTE_MOVED else section
+    raw = section.view(torch.uint8) if section.dtype in MOVED_AS_BYTES else section
     tokens = _rows_view(raw) if slots is None else _rows_view(raw)[:, :, :, list(slots)]
     rows = tokens.reshape(B, H, nblk * T, D)[:, :, :length]
     return rows.view(section.dtype) if raw is not section else rows
@@ -61,6 +60,4 @@ def read_rows(section: torch.Tensor, length: int, slots=None) -> torch.Tensor:
 def copy_blocks(dst: torch.Tensor, src: torch.Tensor, length: int) -> None:
     """The blocks holding ``length`` tokens of ``src`` into ``dst`` (whole blocks: the bytes past the
     length are never read)."""
-    from lowering.packed import copy_unless_same
-
     copy_unless_same(dst[:, :, :blocks(length)], src[:, :, :blocks(length)])

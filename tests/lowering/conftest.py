@@ -3,7 +3,7 @@
 ``@triton.jit`` decides between compiling and interpreting when a kernel is defined, so the
 variable must be set before the kernel modules are imported: here, before the test modules load.
 (The kvpass_testing plugin sets it too, but after importing triton; the kernels in
-``lowering/kernels`` use no triton library function that would then stay compiled.)
+``lowering/attention`` use no triton library function that would then stay compiled.)
 """
 import os
 

@@ -1,11 +1,11 @@
-"""The capacity grid of buffers that grow in place (``lowering.packed``)."""
+"""The capacity grid of buffers that grow in place (``lowering.core.packed``)."""
 from __future__ import annotations
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowering import packed
+from lowering.core import packed
 from lowering.storage import SCHEMES
 
 

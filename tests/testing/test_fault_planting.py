@@ -35,7 +35,7 @@ def blocked_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, o
             torch.arange(L, device=q.device)[None, :] > torch.arange(Lq, device=q.device)[:, None], -math.inf)
         bias = causal if bias is None else bias + causal
     m = torch.full((B, Hq, Lq), -math.inf, device=q.device)
-    l = torch.zeros(B, Hq, Lq, device=q.device)
+    row_sum = torch.zeros(B, Hq, Lq, device=q.device)
     acc = torch.zeros(B, Hq, Lq, D, device=q.device)
     end = (L // block) * block if fault == "skip_tail" else L
     for start in range(0, end, block):
@@ -52,10 +52,10 @@ def blocked_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, o
         shift = m_new if fault == "nan" else torch.where(m_new == -math.inf, torch.zeros_like(m_new), m_new)
         alpha = torch.exp(m - shift)
         p = torch.exp(s - shift[..., None])
-        l = l * alpha + p.sum(-1)
+        row_sum = row_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + p.to(v.dtype).float() @ vf[:, :, start:stop]
         m = m_new
-    result = (acc / torch.where(l == 0, torch.ones_like(l), l)[..., None]).to(q.dtype)
+    result = (acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]).to(q.dtype)
     if out is None:
         return result
     if fault == "unwritten":
@@ -160,7 +160,7 @@ def decode_attention(kvpass_device):
 
     if kvpass_device == "cpu" and triton_interpreter_problem():
         pytest.skip(triton_interpreter_problem())
-    return pytest.importorskip("lowering.decode_attention").decode_attention
+    return pytest.importorskip("lowering.attention.decode.launcher").decode_attention
 
 
 @pytest.mark.requires_triton

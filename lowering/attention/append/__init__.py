@@ -1,0 +1,1 @@
+"""Quantize-on-append: ``kernel.py`` (device code), ``launcher.py`` (validates and launches)."""

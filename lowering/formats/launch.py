@@ -1,0 +1,136 @@
+"""Where storage operands meet attention launchers: a scheme's appends and decode attention, on its fused
+kernels where they take the inputs (CUDA; the CPU under ``TRITON_INTERPRET=1`` for tests) and on torch
+references elsewhere.
+
+Schemes (``lowering.storage``) say what their kernels read (``kernel_operands``, ``append_operands``) and
+never launch anything; the formats call the functions here instead of a scheme's own torch path:
+
+- ``append``: int8's quantize-on-append kernel on CUDA (``lowering/attention/append``), else ``scheme.append``;
+- ``decode_attention``: 16-bit caches through exact attention (the split-KV kernel on CUDA, torch's SDPA
+  elsewhere); packed caches through the split-KV kernel with the scheme's ``KV_FORMAT``
+  (``lowering/attention/decode``), which dequantizes tiles in registers, or off CUDA (or for inputs the
+  kernel refuses) by dequantizing this layer and calling SDPA; schemes with no kernel (int4's per-token
+  rows) by the latter always;
+- ``decode_in_place``: a decode step appended into capacity sections and attended in two launches.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lowering.attention import exact, launchers
+from lowering.core.operands import AppendOperands
+from lowering.core.reference import exact_attention
+from lowering.storage import State, StorageScheme
+from lowering.storage.full import FullPrecision
+from lowering.storage.int4 import Int4Kivi
+from lowering.storage.int8 import Int8
+
+log = logging.getLogger("kvpass.lowering")
+
+
+def _append_kernel_takes(x: torch.Tensor, target: AppendOperands) -> bool:
+    if launchers.missing() is not None:
+        return False
+    return launchers.load().append.unsupported_reason(x, target.codes) is None
+
+
+def _append_by_kernel(x: torch.Tensor, target: AppendOperands, start: int) -> None:
+    launchers.load().append.append_rows(x, target.codes, target.scales, start, target.qmax, target.rotated,
+                                        target.blocked)
+
+
+def append(scheme: StorageScheme, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
+    """``scheme.append``, with the new rows quantized by the fused kernel where the scheme has one (int8 on CUDA)."""
+    if not (getattr(scheme, "fused_append", False) and new_k.is_cuda):
+        scheme.append(old, old_length, new_k, new_v, out)
+        return
+    scheme.copy_old(old, old_length, out)
+    for name, x in (("k", new_k), ("v", new_v)):
+        target = scheme.append_operands(name, x, out)
+        if _append_kernel_takes(x, target):
+            _append_by_kernel(x, target, old_length)
+        else:
+            scheme.write_rows(name, x, out, old_length)
+
+
+def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask, scheme=None) -> str | None:
+    """None when the fused kernel takes this query over a packed state of ``length`` tokens (and ``scheme``'s
+    own ``kernel_refusal``, where it has one, does not refuse it)."""
+    if not q.is_cuda and q.device.type != "cpu":
+        return f"device {q.device.type}"
+    missing = launchers.missing()
+    if missing is not None:
+        return missing
+    codes = state["k"]
+    if state["v"].shape[3] != codes.shape[3]:  # dim 3: channels (or bytes) also of token-blocked values
+        return "keys and values have different head dims"
+    refusal = getattr(scheme, "kernel_refusal", None)
+    reason = None if refusal is None else refusal(q)
+    if reason is not None:
+        return reason
+    return launchers.load().decode.query_unsupported_reason(q, codes.shape[1], length, attn_mask)
+
+
+def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, attn_mask=None, scale=None, *,
+                            out=None, config=None, **options) -> torch.Tensor:
+    """The fused kernel: q [B, Hq, Lq, D] over ``length`` tokens of ``scheme``'s packed ``state`` ->
+    [B, Hq, Lq, D] in q's dtype. ``options`` go to ``scheme.kernel_operands`` (aligned: ``tau``, ``stats``)."""
+    reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
+    if reason is not None:
+        raise ValueError(f"{scheme.name} decode kernel: {reason}")
+    # A scheme storing its rows rotated says so in its operands: the kernel rotates q and turns o back.
+    return launchers.load().decode.launch(q, scheme.kernel_operands(q, state, length, **options), attn_mask, scale,
+                                          out=out, config=config)
+
+
+def _dequantized_attention(scheme, q, state: State, length: int, attn_mask, scale) -> torch.Tensor:
+    k, v = scheme.dequantize(state, length, q.dtype)
+    return exact_attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1])
+
+
+def decode_attention(scheme: StorageScheme, q, state: State, length: int, attn_mask, scale) -> torch.Tensor:
+    """Attention of q [B, Hq, Lq, Dk] (Lq small, Hq a multiple of Hkv) over the ``length`` tokens ``scheme``
+    stores in ``state``, ``attn_mask`` bool or additive broadcastable to [B, Hq, Lq, length] -> [B, Hq, Lq, Dv].
+    Fused kernel on CUDA; elsewhere a reference that never materialises more than this layer's dequantized cache."""
+    if isinstance(scheme, FullPrecision):
+        k, v = state["k"], state["v"]
+        return exact.attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1], True)
+    if not hasattr(scheme, "kernel_operands"):
+        return _dequantized_attention(scheme, q, state, length, attn_mask, scale)
+    if q.is_cuda:
+        reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
+        if reason is None:
+            return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
+        log.debug("%s decode on the reference: %s", scheme.name, reason)
+    return _dequantized_attention(scheme, q, state, length, attn_mask, scale)
+
+
+def decode_in_place(scheme: StorageScheme, q, sections: State, old_length: int, new_k, new_v, attn_mask,
+                    scale) -> torch.Tensor | None:
+    """A decode step on capacity ``sections`` (rows beyond the length allowed; the op's CUDA fast path): the
+    new rows appended at ``old_length``, then the decode kernel over ``old_length + n`` rows; None where the
+    scheme has no such path or a kernel refuses the inputs (the general path then runs).
+
+    int8: the new rows quantized into the sections by the fused append kernel. int4: the new tokens copied
+    into the residual window, unless they complete a key group (quantizing it is the general path's)."""
+    length = old_length + new_k.shape[2]
+    if isinstance(scheme, Int8):
+        if not scheme.fused_append:
+            return None
+        targets = {name: scheme.append_operands(name, x, sections) for name, x in (("k", new_k), ("v", new_v))}
+        if (not _append_kernel_takes(new_k, targets["k"]) or not _append_kernel_takes(new_v, targets["v"])
+                or kernel_unsupported_reason(q, sections, length, attn_mask, scheme)):
+            return None
+        for name, x in (("k", new_k), ("v", new_v)):
+            _append_by_kernel(x, targets[name], old_length)
+        return launchers.load().decode.launch(q, scheme.kernel_operands(q, sections, length), attn_mask, scale)
+    if isinstance(scheme, Int4Kivi):
+        if (not scheme.appends_to_residual(old_length, new_k.shape[2])
+                or kernel_unsupported_reason(q, sections, length, attn_mask, scheme)):
+            return None
+        scheme.append_residual(sections, old_length, new_k, new_v)
+        return launchers.load().decode.launch(q, scheme.kernel_operands(q, sections, length), attn_mask, scale,
+                                              False)
+    return None

@@ -1,0 +1,100 @@
+"""The fused int8 quantize-on-append kernel and the in-place decode step it serves (Triton, interpreter on CPU).
+
+Exact equality is owed: the kernel computes the same fp32 operations (amax / 127, an IEEE division,
+round half to even, clamp), so codes and scales must match bit for bit; rows outside the written range
+keep their poison (NaN scales, code -128, which quantize_rows never produces).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from lowering.attention.append.launcher import append_rows
+from lowering.core import packed
+from lowering.core.rotation import rotates, store_rows
+from lowering.formats import launch
+from lowering.storage import SCHEMES
+from lowering.storage.int8 import QMAX, quantize_rows
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _data(kind: str, shape, dtype, g):
+    x = torch.randn(shape, generator=g) * 3
+    if kind == "zero_rows":
+        x[..., ::2, :] = 0
+    elif kind == "one_huge":
+        x[..., 0, 1] = 6e4 if dtype == torch.float16 else 1e30
+    elif kind == "ties":  # values at exact half steps of the row's scale: x / scale = k + 1/2
+        x = (torch.randint(-100, 100, shape, generator=g).float() + 0.5)
+        x[..., 0] = 127.0  # amax 127: scale 1, so every other element is a tie
+    elif kind == "outlier_channel":
+        x[..., 3 % shape[-1]] *= 1000
+    return x.to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), new=st.integers(1, 5), dim=st.sampled_from([8, 24, 64, 128]),
+       start=st.integers(0, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       kind=st.sampled_from(["normal", "zero_rows", "one_huge", "ties", "outlier_channel"]), seed=st.integers(0, 99),
+       rotated=st.booleans())
+def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start, dtype, kind, seed, rotated,
+                                                   kvpass_device):
+    """Rotated rows too: the kernel's butterfly is the host's, stage for stage, so the bits still agree."""
+    assume(not rotated or rotates(dim))
+    g = torch.Generator().manual_seed(seed)
+    x = _data(kind, (batch, new, heads, dim), dtype, g).transpose(1, 2)  # [B, H, n, D] as HF hands it over
+    rows = start + new + 2
+    codes = torch.full((batch, heads, rows, dim), -128, dtype=torch.int8)
+    scales = torch.full((batch, heads, rows), float("nan"))
+    x_dev, codes_dev, scales_dev = (t.to(kvpass_device) for t in (x, codes, scales))
+    append_rows(x_dev, codes_dev[:, :, :start + new], scales_dev[:, :, :start + new], start, QMAX, rotated)
+    codes, scales = codes_dev.cpu(), scales_dev.cpu()
+    want_codes, want_scales = quantize_rows(store_rows(x) if rotated else x)
+    assert torch.equal(codes[:, :, start:start + new].float(), want_codes)
+    assert torch.equal(scales[:, :, start:start + new], want_scales)
+    assert (codes[:, :, :start] == -128).all() and (codes[:, :, start + new:] == -128).all()
+    assert scales[:, :, :start].isnan().all() and scales[:, :, start + new:].isnan().all()
+
+
+@settings(max_examples=12, deadline=None)
+@given(old_length=st.integers(1, 70), heads=st.sampled_from([(4, 2), (2, 2), (8, 1)]), masked=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+@pytest.mark.parametrize("kv_bits", ["8", "4"])
+def test_decode_in_place_equals_the_general_path(kv_bits, old_length, heads, masked, dtype, seed, kvpass_device):
+    """The schemes' decode step on capacity sections (the op's CUDA fast path: int8's fused append, int4's
+    residual rows) against the general path (append into trimmed views, then the same kernel): the same
+    bytes in the buffer, the same output; int4 declines (None) a step that completes a key group."""
+    scheme, (hq, hkv), d, b = SCHEMES[kv_bits], heads, 16, 2
+    g = torch.Generator().manual_seed(seed)
+    k0, v0 = (torch.randn(b, hkv, old_length, d, generator=g).to(dtype) for _ in range(2))
+    k1, v1 = (torch.randn(b, 1, hkv, d, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype).transpose(1, 2)
+    length = old_length + 1
+    assume(packed.capacity(old_length) >= length)  # the op takes this path only while the buffer has room
+    mask = None
+    if masked:  # HF's decode mask [B, 1, 1, L] with left padding in the first row
+        mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        mask[0, ..., : old_length // 2] = False
+    k0, v0, k1, v1, q = (t.to(kvpass_device) for t in (k0, v0, k1, v1, q))
+    mask = None if mask is None else mask.to(kvpass_device)
+    layout_of = lambda n: scheme.layout(b, hkv, n, d, d, dtype)  # noqa: E731
+    cap_layout = packed.capacity_layout(layout_of, packed.capacity(old_length))
+    buffer, cap = packed.allocate(cap_layout, kvpass_device)
+    buffer.fill_(0)
+    scheme.append(None, 0, k0, v0, packed.trimmed(cap, layout_of(old_length)))
+    other = buffer.clone()
+    # general path
+    out_state = packed.trimmed(cap, layout_of(length))
+    scheme.append(packed.trimmed(cap, layout_of(old_length)), old_length, k1, v1, out_state)
+    want = launch.kernel_decode_attention(scheme, q, out_state, length, mask, None)
+    # fast path on the other copy
+    other_cap = packed.views(other, cap_layout)
+    got = launch.decode_in_place(scheme, q, other_cap, old_length, k1, v1, mask, None)
+    if kv_bits == "4" and length % scheme.group == 0:
+        assert got is None  # the group fills: quantizing it is the general path's
+        return
+    assert got is not None and torch.equal(got, want)
+    assert torch.equal(other, buffer)
