@@ -36,8 +36,7 @@ def spread_ratios(model, ids: torch.Tensor) -> list[float]:
         return spread
 
     asl.rank_spread = recording
-    try:
-        asl.reset()
+    try:  # a new forward starts by itself (its first layer's site was seen before)
         with torch.no_grad():
             model(input_ids=ids, use_cache=True)
     finally:

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 from bench.common import environment, format_table, write_json  # noqa: E402
-from lowering import ops, packed, policies  # noqa: E402
+from lowering.core import packed, stats  # noqa: E402
 from lowering.formats import FormatSpec, build_format  # noqa: E402
 
 COLUMNS = ["policy", "path", "context", "budget", "ms_per_step", "in_place_steps", "cache_MiB", "same_kept",
@@ -47,7 +47,7 @@ def time_steps(spec, q, k, v, context, steps, warmup, device):
         _, kbuf, vbuf = torch.ops.kvpass.cache_attention(q[:, :, :1].expand(-1, -1, 32, -1), empty, empty,
                                                          k[:, :, :context], v[:, :, :context], None, False, None,
                                                          spec, "bench")
-        before = ops.calls["policy_replace_in_place"]
+        before = stats.calls["policy_replace_in_place"]
         for i in range(warmup + steps):
             if i == warmup:
                 sync(device)
@@ -62,7 +62,7 @@ def time_steps(spec, q, k, v, context, steps, warmup, device):
     if not getattr(fmt, "grows_in_place", False):  # budgeted: the buffer is the layout of its length
         sections = packed.views(packed.whole_buffer(kbuf), fmt.layout(B, Hkv, context + warmup + steps, D, D, q.dtype))
         kept = sections["pos"].sort(-1).values
-    return elapsed, ops.calls["policy_replace_in_place"] - before, packed.whole_buffer(kbuf).numel(), out, kept
+    return elapsed, stats.calls["policy_replace_in_place"] - before, packed.whole_buffer(kbuf).numel(), out, kept
 
 
 def main():
@@ -88,12 +88,9 @@ def main():
                                                    for path, flag in (("general", False), ("in place", True))]
     general = None  # (output, kept positions) of the last general row, what the in-place row is checked against
     for policy, path, flag in runs:
-        spec = FormatSpec(policy=policy, budget=None if policy == "full" else args.budget).to_json()
-        saved, policies.REPLACE_IN_PLACE = policies.REPLACE_IN_PLACE, flag
-        try:
-            seconds, served, nbytes, out, kept = time_steps(spec, q, k, v, context, args.steps, args.warmup, device)
-        finally:
-            policies.REPLACE_IN_PLACE = saved
+        spec = FormatSpec(policy=policy, budget=None if policy == "full" else args.budget,
+                          replace_in_place=flag).to_json()
+        seconds, served, nbytes, out, kept = time_steps(spec, q, k, v, context, args.steps, args.warmup, device)
         row = dict(policy=policy, path=path, context=context, budget=args.budget if policy != "full" else "",
                    ms_per_step=round(seconds * 1e3, 3), in_place_steps=served, cache_MiB=round(nbytes / 2**20, 1))
         if flag:  # against the general step of the same policy, just run: the same kept tokens, the same output

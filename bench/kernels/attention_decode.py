@@ -37,6 +37,7 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 import lowering.attention.decode.launcher as launcher  # noqa: E402
+from lowering.attention import grid  # noqa: E402
 from bench.common import (copy_bandwidth, environment, format_table, launch_overhead, poison_,  # noqa: E402
                           rel_error, time_cold, time_do_bench, time_graph, write_json)
 from lowering.attention.decode.launcher import DecodeAttentionConfig, decode_attention  # noqa: E402
@@ -148,7 +149,7 @@ def sweep(bw: float, l2_bytes: int, log: dict) -> dict:
         case = Case(batch, kv_len)
         sets = input_sets(case, l2_bytes, seed=7)  # fresh per shape; every candidate is checked on set 0
         ref = reference(*sets[0])
-        regime[case.name] = launcher.grid_regime(batch * HKV, launcher._sm_count(torch.device(DEVICE)))
+        regime[case.name] = launcher.grid_regime(batch * HKV, grid.sm_count(torch.device(DEVICE)))
         best = None
         for config in sweep_candidates():
             key = config_key(config)
@@ -195,7 +196,7 @@ def sweep_masks(l2_bytes: int, log: dict):
                  Case(b1, l1, mask="half")):
         sets = input_sets(case, l2_bytes, seed=21)
         for skip in (False, True):
-            base = launcher.default_config(case.batch * HKV, launcher._sm_count(sets[0][0].device))
+            base = launcher.default_config(case.batch * HKV, grid.sm_count(sets[0][0].device))
             config = dataclasses.replace(base, skip_masked_keys=skip)
             try:
                 t = time_graph(ours_fns(sets, config))
@@ -209,7 +210,7 @@ def sweep_masks(l2_bytes: int, log: dict):
 def time_stage2(case: Case, l2_bytes: int) -> float:
     """Graph time of the merge kernel alone, at the split count the rule picks for ``case``."""
     batch_heads = case.batch * HKV
-    sm_count = launcher._sm_count(torch.device(DEVICE))
+    sm_count = grid.sm_count(torch.device(DEVICE))
     config = launcher.default_config(batch_heads, sm_count)
     splits, _ = launcher.choose_num_splits(batch_heads, case.kv_len, sm_count, config)
     if splits == 1:

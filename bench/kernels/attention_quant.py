@@ -132,7 +132,7 @@ def run_row(key: str, data: str, batch: int, kv_len: int, bw: float, l2_bytes: i
     options = {"stats": stats} if key == "aligned" else {}
     out = poison_(torch.empty(q.shape, device=DEVICE, dtype=DTYPE))
     kernel_decode_attention(scheme, q, state, kv_len, None, None, out=out, **options)
-    # int8 / fp8 kernels attend over the exact products code * scale (see tests/lowering/test_storage_schemes.py)
+    # int8 / fp8 kernels attend over the exact products code * scale (see tests/lowering/storage/test_schemes.py)
     kd, vd = scheme.dequantize(state, kv_len, torch.float32 if getattr(scheme, "kernel_attends_over_products", False)
                                else DTYPE)
     ref_deq = reference(q, kd, vd, None)

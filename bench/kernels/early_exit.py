@@ -44,6 +44,7 @@ if SMOKE:
 
 from bench.common import Timing, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
 from lowering.attention.early_exit import bound as ee  # noqa: E402
+from lowering.attention.early_exit.launcher import bounded_attention_triton  # noqa: E402
 from lowering.attention.decode.launcher import decode_attention  # noqa: E402
 
 TOLERANCES = (0.0, 1e-4, 1e-3, 1e-2)
@@ -135,7 +136,7 @@ def bench_case(name, data, smoke):
     base = dict(data=name, B=B, L=L)
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)  # noqa: E731
     split = lambda: decode_attention(q, k, v, scale=scale)  # noqa: E731
-    no_exit = lambda: ee.bounded_attention_triton(q, k, v, None, None, scale, 0.0, early_exit=False)  # noqa: E731
+    no_exit = lambda: bounded_attention_triton(q, k, v, None, None, scale, 0.0, early_exit=False)  # noqa: E731
     t_base = timed(no_exit, smoke)
     off = no_exit()[0]
     for label, fn in (("torch SDPA", sdpa), ("split-KV kernel", split), ("early-exit kernel, off", no_exit)):
@@ -147,8 +148,8 @@ def bench_case(name, data, smoke):
                      "speedup": f"{t_base.median / t.median:.2f}", "err": f"{err:.1e}"})
     for tol in (0.0, 1e-3) if smoke else TOLERANCES:
         plan = ee.plan_visits(q, summaries, L, None, scale)
-        out, read = ee.bounded_attention_triton(q, k, v, plan, None, scale, tol)
-        t_kernel = timed(lambda: ee.bounded_attention_triton(q, k, v, plan, None, scale, tol), smoke)
+        out, read = bounded_attention_triton(q, k, v, plan, None, scale, tol)
+        t_kernel = timed(lambda: bounded_attention_triton(q, k, v, plan, None, scale, tol), smoke)
         t_full = timed(lambda: ee.bounded_attention(q, k, v, summaries, None, scale, tol), smoke)
         err = ((out.double() - ref).norm(dim=-1) / ref_norm).max().item()
         # What early exit adds to the same kernel's rounding: the quantity the bound controls (<= tol).

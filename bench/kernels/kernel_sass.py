@@ -1,6 +1,6 @@
 """sm_90 SASS of one kernel case, without a GPU: total and main-loop instruction counts, opcode histogram.
 
-The cases and their compilation are those of tests/lowering/test_kernels_compile_for_hopper.py (imported, so
+The cases and their compilation are those of tests/lowering/attention/test_kernels_compile_for_hopper.py (imported, so
 the counts describe what the test compiles). Run with the GPU image's Triton (3.6) in a process without
 TRITON_INTERPRET, e.g.
 
@@ -26,8 +26,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The hopper compile test: tests/lowering/ before the lowering restructuring, tests/lowering/attention/ after it.
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "lowering", "attention"), os.path.join(ROOT, "tests", "lowering")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "lowering", "attention")]  # the hopper compile test
 
 # "/*0a30*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")

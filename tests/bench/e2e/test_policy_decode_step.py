@@ -8,17 +8,14 @@ import bench.e2e.policy_decode_step as bench
 from lowering.formats import FormatSpec
 
 
-def test_each_path_serves_the_steps_it_is_named_for(monkeypatch):
-    from lowering import policies
-
+def test_each_path_serves_the_steps_it_is_named_for():
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
     q = torch.randn(1, 4, 64, 16, generator=g)
-    spec = FormatSpec(policy="snapkv", budget=16).to_json()
     # A clock read when the timed steps start (after 2 warm-up steps) and when they end: 10 s then 16 s.
     monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
     for flag, expected in ((False, 0), (True, 5)):
-        monkeypatch.setattr(policies, "REPLACE_IN_PLACE", flag)
+        spec = FormatSpec(policy="snapkv", budget=16, replace_in_place=flag).to_json()
         readings = iter([10.0, 16.0])
         seconds, served, nbytes, _, kept = bench.time_steps(spec, q, k, v, 40, 3, 2, "cpu")
         assert seconds == 2.0  # (16 - 10) / 3 timed steps: the 2 warm-up steps are not in the window

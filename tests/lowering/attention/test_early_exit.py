@@ -212,7 +212,7 @@ def test_concentrated_attention_skips_blocks(impl, dtype):
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), "reference"])
 def test_recorded_model_attention(impl):
     # Real q/K/V (SmolLM2-135M layer 15, bench/data): the bound holds; Hq 9 over Hkv 3.
-    rec = torch.load("bench/data/smollm2_attention.pt")["layers"]["15"]
+    rec = torch.load("bench/inputs/smollm2_attention.pt")["layers"]["15"]
     L = 128  # 8 blocks of 16
     p = dataclasses.replace(make_problem(batch=1, q_heads=9, kv_heads=3, q_len=1, kv_len=L, head_dim=64,
                                          dtype=torch.float16, scale=rec["scale"]),

@@ -8,10 +8,10 @@ the previous logits. The last-position logits of every step and the generated to
 revisions' are compared with ``torch.equal``. Prints a table; exits 1 on any difference, missing run or
 error in one revision only.
 
-    python bench/bit_identity.py 78ee655 HEAD                # CPU (the references)
-    KVPASS_TEST_DEVICE=cuda python bench/bit_identity.py 78ee655 HEAD   # GPU: the Triton kernels
-    python bench/bit_identity.py --run out.pt                # this checkout only (e.g. where there is no git)
-    python bench/bit_identity.py --compare base.pt head.pt
+    python bench/analysis/bit_identity.py 78ee655 HEAD                # CPU (the references)
+    KVPASS_TEST_DEVICE=cuda python bench/analysis/bit_identity.py 78ee655 HEAD   # GPU: the Triton kernels
+    python bench/analysis/bit_identity.py --run out.pt                # this checkout only (e.g. where there is no git)
+    python bench/analysis/bit_identity.py --compare base.pt head.pt
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+REPO = HERE.parents[1]
 ZOO_DIR = REPO / "tests"
 
 # (name, options): every kv_bits, every policy with a budget below the prompt (evictions at prefill and while
