@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
-
 from lowering.attention.early_exit import bound as early_exit  # noqa: E402
 
 DATA = SMOLLM2_ATTENTION

@@ -37,11 +37,21 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 import lowering.attention.decode.launcher as launcher  # noqa: E402
+from bench.common import (  # noqa: E402
+    copy_bandwidth,
+    environment,
+    format_table,
+    launch_overhead,
+    poison_,
+    rel_error,
+    time_cold,
+    time_do_bench,
+    time_graph,
+    write_json,
+)
 from lowering.attention import grid  # noqa: E402
-from bench.common import (copy_bandwidth, environment, format_table, launch_overhead, poison_,  # noqa: E402
-                          rel_error, time_cold, time_do_bench, time_graph, write_json)
-from lowering.attention.decode.launcher import DecodeAttentionConfig, decode_attention  # noqa: E402
 from lowering.attention.decode import kernel as kernels  # noqa: E402
+from lowering.attention.decode.launcher import DecodeAttentionConfig, decode_attention  # noqa: E402
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 SHAPES = [(1, 32768), (8, 8192), (8, 32768), (32, 8192)]

@@ -38,8 +38,8 @@ import torch  # noqa: E402
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
-from bench.kernels.attention_decode import reference, sdpa  # noqa: E402
 from bench.common import copy_bandwidth, environment, format_table, poison_, time_graph, write_json  # noqa: E402
+from bench.kernels.attention_decode import reference, sdpa  # noqa: E402
 from lowering.core.packed import allocate, views  # noqa: E402
 from lowering.formats.launch import kernel_decode_attention  # noqa: E402
 from lowering.storage import SCHEMES  # noqa: E402

@@ -43,9 +43,9 @@ if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 from bench.common import Timing, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
+from lowering.attention.decode.launcher import decode_attention  # noqa: E402
 from lowering.attention.early_exit import bound as ee  # noqa: E402
 from lowering.attention.early_exit.launcher import bounded_attention_triton  # noqa: E402
-from lowering.attention.decode.launcher import decode_attention  # noqa: E402
 
 TOLERANCES = (0.0, 1e-4, 1e-3, 1e-2)
 DATA = SMOLLM2_ATTENTION

@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.paths import SMOLLM2_ATTENTION  # noqa: E402
-
 from lowering.core.packed import allocate  # noqa: E402
 from lowering.core.reference import exact_attention  # noqa: E402
 from lowering.storage import SCHEMES  # noqa: E402

@@ -37,9 +37,9 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 from bench.common import copy_bandwidth, environment, format_table, time_cold, time_graph, write_json  # noqa: E402
 from lowering.attention.decode.launcher import decode_attention  # noqa: E402
-from lowering.formats.budgeted import key_weights, take  # noqa: E402
 from lowering.attention.scored.launcher import kept_attention, score_keys  # noqa: E402
 from lowering.core.operands import KeySegment  # noqa: E402
+from lowering.formats.budgeted import key_weights, take  # noqa: E402
 from lowering.storage.int8 import dequantize_rows, quantize_rows  # noqa: E402
 
 DTYPE = torch.bfloat16

@@ -8,7 +8,7 @@ import bench.e2e.policy_decode_step as bench
 from lowering.formats import FormatSpec
 
 
-def test_each_path_serves_the_steps_it_is_named_for():
+def test_each_path_serves_the_steps_it_is_named_for(monkeypatch):
     g = torch.Generator().manual_seed(0)
     k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
     q = torch.randn(1, 4, 64, 16, generator=g)
