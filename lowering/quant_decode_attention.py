@@ -5,15 +5,17 @@ scheme says how its sections map onto the kernel's operands (``scheme.kernel_ope
 of ``lowering/decode_attention.py`` picks tiles and splits and launches the one split-KV kernel with the
 scheme's ``KV_FORMAT`` (``lowering/kernels/decode_attention.py``), which dequantizes tiles in registers.
 Off CUDA (or for inputs the kernel refuses) the reference dequantizes this layer's cache and calls torch's
-SDPA: that is what CPU runs of the backend take. Tests call ``kernel_decode_attention`` directly under
+SDPA (in the stored basis where the scheme rotates its rows): that is what CPU runs of the backend take. Tests call ``kernel_decode_attention`` directly under
 ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
+from lowering import rotation
 from lowering.reference import exact_attention
 
 log = logging.getLogger("kvpass.lowering")
@@ -52,11 +54,45 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
 
 
 def packed_decode_attention(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:
-    """A scheme's ``decode_attention``: the fused kernel on CUDA, else dequantize this layer and run SDPA."""
+    """A scheme's ``decode_attention``: the fused kernel on CUDA, else its host twin for schemes storing code *
+    scale (``attend_over_products``), else dequantize this layer and run SDPA."""
     if q.is_cuda:
         reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
         if reason is None:
             return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
         log.debug("%s decode on the reference: %s", scheme.name, reason)
+    if getattr(scheme, "kernel_attends_over_products", False):
+        return attend_over_products(scheme, q, state, length, attn_mask, scale)
     k, v = scheme.dequantize(state, length, q.dtype)
     return exact_attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1])
+
+
+def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:
+    """The host twin of the fused kernel for schemes storing code * per-token scale (int8, fp8): q
+    [B, Hq, Lq, D] over ``length`` tokens -> [B, Hq, Lq, D] in q's dtype, computed in fp32.
+
+    As the kernel does, the key scales multiply the scores and the value scales the weights, and rotated
+    rows (``scheme.rotates``) are attended in the stored basis (the query rotated in, the output turned
+    back: q' . k' = q . k, ``lowering/rotation.py``). So a decode step converts each cached code to fp32
+    once and never scales, rotates back or copies the cache again: turning every row back costs a D log D
+    butterfly per row, per layer and step, most of a CPU decode step at 1.5k tokens. A query row whose
+    every key is masked gives zeros."""
+    b, hq, lq, d = q.shape
+    hkv = state["k_scale"].shape[1]
+    rotated = scheme.rotates(d)
+    query = (rotation.turn_back(q) if rotated else q.float()).reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
+    keys = scheme.code_rows(state, "k", length).float()  # [B, Hkv, L, D]
+    softmax_scale = d ** -0.5 if scale is None else scale
+    key_scale = state["k_scale"][:, :, :length].unsqueeze(-2) * softmax_scale  # [B, Hkv, 1, L]
+    scores = (query @ keys.transpose(-1, -2) * key_scale).view(b, hq, lq, length)
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask.float())
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(top == -math.inf, 0.0, top))
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    weights = weights.view(b, hkv, hq // hkv * lq, length) * state["v_scale"][:, :, :length].unsqueeze(-2)
+    out = weights @ scheme.code_rows(state, "v", length).float()  # [B, Hkv, G Lq, D]
+    if rotated:
+        out = rotation.turn_back(out)
+    return out.view(b, hq, lq, d).to(q.dtype)
