@@ -40,3 +40,35 @@ def dynamo_compile_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def through_dynamo(error: Exception) -> Exception:
+    """``error`` as an instance of a subclass of its own type that Dynamo re-raises unwrapped.
+
+    Dynamo wraps whatever a backend raises in ``BackendCompilerFailed``, except its own
+    ``ShortenTraceback`` family (torch 2.11-2.13: ``OutputGraph.call_user_compiler``), so a bad option
+    would reach the user as a RuntimeError around our ValueError. The returned exception is both: ``except
+    ValueError`` catches it at the model's call, and its message is ours.
+    """
+    from torch._dynamo.exc import ShortenTraceback
+
+    kind = type(error)
+    passing = _PASSING.get(kind)
+    if passing is None:
+        def __init__(self, *args):
+            ShortenTraceback.__init__(self, *args, first_useful_frame=None)
+
+        passing = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__module__": kind.__module__})
+        _PASSING[kind] = passing
+    return passing(*error.args)
+
+
+_PASSING: dict[type, type] = {}
+
+
+def is_compiled_wrapper(obj) -> bool:
+    """Whether ``obj`` is the wrapper ``torch.compile(module)`` returns (``OptimizedModule``): its
+    ``__call__`` is compiled, but other methods (``generate``) are the original module's."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(obj, OptimizedModule)

@@ -37,9 +37,16 @@ def _kernel_reason(q, k, v, attn_mask, is_causal) -> str | None:
 
 @torch.library.custom_op("kvpass::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-              is_causal: bool, scale: float | None, enable_gqa: bool, use_kernel: bool) -> torch.Tensor:
+              is_causal: bool, scale: float | None, enable_gqa: bool, use_kernel: bool, site: str = "") -> torch.Tensor:
     """Exact attention. q [B, Hq, Lq, D]; k, v [B, Hk, L, D] with Hk = Hq, or Hq % Hk == 0 and
-    enable_gqa; attn_mask bool (True = attend) or additive, broadcastable to [B, Hq, Lq, L]."""
+    enable_gqa; attn_mask bool (True = attend) or additive, broadcastable to [B, Hq, Lq, L]. ``site``: where
+    k, v are the model's cache, the site's name: its bytes and tokens go to ``lowering.stats`` (the figures a
+    packed cache reports, for comparison)."""
+    if site:
+        from lowering import stats
+
+        stats.set_last(site, "cache_bytes", k.numel() * k.element_size() + v.numel() * v.element_size())
+        stats.set_last(site, "tokens", k.shape[2])
     if use_kernel and (enable_gqa or q.shape[1] == k.shape[1]):
         reason = _kernel_reason(q, k, v, attn_mask, is_causal)
         if reason is None:
@@ -56,7 +63,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel):
+def _attention_fake(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel, site=""):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
@@ -80,6 +87,14 @@ def _layout_of(fmt, q, new_k, new_v):
 @functools.lru_cache(maxsize=4096)
 def _layout(fmt, b, h, dk, dv, dtype, length):
     return fmt.layout(b, h, length, dk, dv, dtype)
+
+
+def _section_bytes(layout) -> dict[str, int]:
+    """Bytes of each section of ``layout`` (the sections a length uses; what else the buffer holds is
+    capacity slack and alignment)."""
+    from lowering import packed
+
+    return {name: packed.layout_nbytes({name: section}) for name, section in layout.items()}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -144,7 +159,7 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
             out = _decode_in_place(fmt, q, root, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale)
             if out is not None:
                 calls["packed_decode_in_place"] += 1
-                return _finish(out, root, old_length + new_k.shape[2], site)
+                return _finish(out, root, old_length + new_k.shape[2], site, layout_of)
         out = _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
         if out is not None:
             return out
@@ -161,15 +176,16 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                                                 else layout_of(length)), dtype=torch.uint8, device=q.device)
     out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site,
                    _sections(root, fmt, layout_of, length))
-    return _finish(out, root, length, site)
+    return _finish(out, root, length, site, layout_of)
 
 
-def _finish(out: torch.Tensor, root: torch.Tensor, length: int, site: str):
+def _finish(out: torch.Tensor, root: torch.Tensor, length: int, site: str, layout_of):
     """The op's outputs once ``root`` holds ``length`` tokens, recorded as its last writer."""
     from lowering import packed, stats
 
     packed.commit(root, length)
     stats.set_last(site, "cache_bytes", root.numel())
+    stats.set_last(site, "section_bytes", _section_bytes(layout_of(length)))
     stats.set_last(site, "tokens", length)
     return out.contiguous(), packed.alias(root)[:1], packed.marker_buffer(out.device)
 
@@ -202,7 +218,7 @@ def _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_
         return None
     calls["policy_replace_in_place"] += 1
     packed.mark_rewritten(root)
-    return _finish(out, root, old_length + new_k.shape[2], site)
+    return _finish(out, root, old_length + new_k.shape[2], site, layout_of)
 
 
 @cache_attention.register_fake
