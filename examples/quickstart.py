@@ -11,14 +11,15 @@ and answers again. Prints a summary table first (answers, prefill time, decode t
 measured from the returned cache's tensors), then where the packed cache's bytes go
 (``kvpass.stats()``), then ``kvpass.report().summary()``: one line per kind of attention site.
 
-Why the default configuration: on the CPU a decode step of this model at 1.5k tokens is mostly the
-cache's traffic (eager: HF's DynamicCache copies the whole cache with ``torch.cat`` and SDPA reads it,
-per layer and token), not the weights. An int8 cache alone reads a quarter of the bytes, but the CPU has
-no fused kernel for it (that is the GPU's Triton kernel): torch converts the codes to fp32 every step,
-so int8 alone is about as fast as eager here, or slower. A SnapKV budget of 256 tokens keeps what the
-question attends to (the pass key among it) and attends over 256 tokens instead of 1.5k: less work
-than eager, and with int8 storage a cache about 20x smaller. ``--options '{"kv_bits": 8}'`` shows int8
-alone.
+Why an int8 cache, and what to expect on a CPU: int8 codes with per-token scales hold the 1.5k-token
+cache in about a quarter of the float32 bytes with the same answer. A decode step on this CPU costs
+about what eager's does, not less: eager copies its whole cache per layer and token (HF's DynamicCache
+``torch.cat``) and SDPA reads it; kvpass appends one row in place and reads the int8 codes, but off the
+GPU there is no fused kernel (that is the Triton kernel's job on CUDA), so torch converts the codes to
+fp32 every step, plus a few dozen small host ops per layer. Token policies (``"policy": "snapkv"``,
+``"budget": 256``) attend over fewer tokens but select and move them with host ops per step, slower
+still on a CPU. ``--options`` switches the configuration; ``"compiler": "eager"`` keeps the compile
+short (Inductor compiles the three graphs of a generate in minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kvpass.models import load_model  # noqa: E402
 
 # Compiled without Inductor ("eager": the same kvpass rewrite run as an FX graph): Inductor compiles the
 # three graphs of a generate (prefill, first and later decode steps) in minutes on 2 CPU cores.
-DEFAULT_OPTIONS = {"kv_bits": 8, "policy": "snapkv", "budget": 256, "compiler": "eager"}
+DEFAULT_OPTIONS = {"kv_bits": 8, "compiler": "eager"}
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 

@@ -10,6 +10,7 @@ SDPA (in the stored basis where the scheme rotates its rows): that is what CPU r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -80,7 +81,8 @@ def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) 
     b, hq, lq, d = q.shape
     hkv = state["k_scale"].shape[1]
     rotated = scheme.rotates(d)
-    query = (rotation.turn_back(q) if rotated else q.float()).reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
+    turn = _turn_back_matrix(d, q.device) if rotated else None
+    query = (q.float() @ turn if rotated else q.float()).reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
     keys = scheme.code_rows(state, "k", length).float()  # [B, Hkv, L, D]
     softmax_scale = d ** -0.5 if scale is None else scale
     key_scale = state["k_scale"][:, :, :length].unsqueeze(-2) * softmax_scale  # [B, Hkv, 1, L]
@@ -94,5 +96,13 @@ def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) 
     weights = weights.view(b, hkv, hq // hkv * lq, length) * state["v_scale"][:, :, :length].unsqueeze(-2)
     out = weights @ scheme.code_rows(state, "v", length).float()  # [B, Hkv, G Lq, D]
     if rotated:
-        out = rotation.turn_back(out)
+        out = out @ turn
     return out.view(b, hq, lq, d).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _turn_back_matrix(dim: int, device: torch.device) -> torch.Tensor:
+    """H 2^-ceil(m/2) as an fp32 [D, D] matrix: ``rotation.turn_back`` of a query or an output as one matmul
+    (its butterfly is a dozen small ops per stage, host time that dominates a few rows; bit-exactness with
+    the kernels matters only for stored rows, which ``rotation.store_rows`` still rotates)."""
+    return rotation.signs(dim, device, torch.float32) * 2.0 ** -rotation.shifts(dim)[1]

@@ -46,13 +46,14 @@ def test_folded_scales_match_the_dequantized_oracle(key, problem):
 @settings(max_examples=10, deadline=None)
 @given(problem=kt.decode_problems(head_dims=(16, 64), dtypes=(torch.float32,), causal=(False,)))
 def test_rotated_rows_are_attended_in_the_stored_basis(problem):
-    """int8 with rotated rows: the query rotated in, attention over the stored rows, the output turned back;
-    bit for bit the unrotated path on the rotated query (tested above), turned back (lowering/rotation.py
-    gives q H . k H = D q . k and the 2^-shifts that make it q . k)."""
+    """int8 with rotated rows: the query rotated in, attention over the stored rows, the output turned back
+    (by H 2^-ceil(m/2) as a matrix); bit for bit the unrotated path on the rotated query (tested above),
+    turned back (lowering/rotation.py gives q H . k H = D q . k and the 2^-shifts that make it q . k)."""
     scheme = SCHEMES["8"]
     problem = problem.to("cpu")
     state = _packed(scheme, problem.k, problem.v)
     rotated = scheme.decode_attention(problem.q, state, problem.kv_len, problem.attn_mask, problem.scale)
-    stored = scheme.without_rotation().decode_attention(rotation.turn_back(problem.q), state, problem.kv_len,
+    turn = rotation.signs(problem.head_dim, dtype=torch.float32) * 2.0 ** -rotation.shifts(problem.head_dim)[1]
+    stored = scheme.without_rotation().decode_attention(problem.q @ turn, state, problem.kv_len,
                                                         problem.attn_mask, problem.scale)
-    assert torch.equal(rotated, rotation.turn_back(stored))
+    assert torch.equal(rotated, stored @ turn)
