@@ -46,7 +46,7 @@ def through_dynamo(error: Exception) -> Exception:
     """``error`` as an instance of a subclass of its own type that Dynamo re-raises unwrapped.
 
     Dynamo wraps whatever a backend raises in ``BackendCompilerFailed``, except its own
-    ``ShortenTraceback`` family (torch 2.11-2.13: ``OutputGraph.call_user_compiler``), so a bad option
+    ``ShortenTraceback`` family (``OutputGraph.call_user_compiler``; tested on torch 2.13), so a bad option
     would reach the user as a RuntimeError around our ValueError. The returned exception is both: ``except
     ValueError`` catches it at the model's call, and its message is ours.
     """
