@@ -7,12 +7,18 @@
 
 Importing kvpass registers the backend (and its custom ops) and nothing else.
 """
+import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass import _compat
 from kvpass.backend import kvpass_backend
 from kvpass.options import KVPassOptions, parse_options
-from kvpass.report import NOTHING_COMPILED, NothingCompiledWarning, counters, report, reset, warn_if_nothing_compiled
-
-import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
+from kvpass.report import (
+    NOTHING_COMPILED,
+    NothingCompiledWarning,
+    counters,
+    report,
+    reset,
+    warn_if_nothing_compiled,
+)
 
 _compat.register_backend_once("kvpass", kvpass_backend)
 
@@ -64,6 +70,16 @@ def validate_options(options) -> KVPassOptions:
     return parse_options(options)
 
 
-__all__ = ["compile", "kvpass_backend", "KVPassOptions", "validate_options", "report", "reset", "counters", "stats",
-           "NothingCompiledWarning", "NOTHING_COMPILED"]
+__all__ = [
+    "NOTHING_COMPILED",
+    "KVPassOptions",
+    "NothingCompiledWarning",
+    "compile",
+    "counters",
+    "kvpass_backend",
+    "report",
+    "reset",
+    "stats",
+    "validate_options",
+]
 __version__ = "0.1.0"

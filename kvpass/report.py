@@ -81,14 +81,18 @@ class Report:
             return NOTHING_COMPILED
         lines = []
         for g in self.graphs:
-            lines.append(f"kvpass graph {g.graph}: {len(g.sites)} attention site(s), options {g.options}, "
-                         f"rewrite {g.compile_seconds * 1e3:.1f} ms")
+            lines.append(_graph_header(g))
             groups: dict[tuple, list[str]] = {}
             for s in g.sites:
                 groups.setdefault((s.pattern, s.cache, s.status, _outcome(s)), []).append(s.module or "?")
             for (pattern, cache, status, outcome), modules in groups.items():
                 lines.append(f"  {len(modules):3d} x {fold_modules(modules)}  {pattern}  {cache}  {status}  {outcome}")
         return "\n".join(lines)
+
+
+def _graph_header(g: GraphRecord) -> str:
+    return (f"kvpass graph {g.graph}: {len(g.sites)} attention site(s), options {g.options}, "
+            f"rewrite {g.compile_seconds * 1e3:.1f} ms")
 
 
 def _outcome(s: SiteRecord) -> str:
@@ -130,8 +134,7 @@ def format_graph(g: GraphRecord) -> str:
     header = ("#", "module", "pattern", "cache", "status", "variant / lowering or reason")
     rows = [(str(s.index), s.module or "?", s.pattern, s.cache, s.status, _outcome(s)) for s in g.sites]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = [f"kvpass graph {g.graph}: {len(g.sites)} attention site(s), options {g.options}, "
-             f"rewrite {g.compile_seconds * 1e3:.1f} ms"]
+    lines = [_graph_header(g)]
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     return "\n".join(lines)

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+import zoo
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 import kvpass
-import zoo
 from kvpass.patterns.fx_utils import qualified_name
 from kvpass.report import fold_modules
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import zoo
 
 import kvpass
-import zoo
 
 BAD = [({"kv_bits": 3}, "kv_bits"), ({"polcy": "snapkv"}, "polcy"), ({"policy": "full", "budget": 64}, "budget")]
 
