@@ -5,18 +5,17 @@ scheme says how its sections map onto the kernel's operands (``scheme.kernel_ope
 of ``lowering/decode_attention.py`` picks tiles and splits and launches the one split-KV kernel with the
 scheme's ``KV_FORMAT`` (``lowering/kernels/decode_attention.py``), which dequantizes tiles in registers.
 Off CUDA (or for inputs the kernel refuses) the reference dequantizes this layer's cache and calls torch's
-SDPA (in the stored basis where the scheme rotates its rows): that is what CPU runs of the backend take. Tests call ``kernel_decode_attention`` directly under
+SDPA, or for unrotated code * scale storage attends with the scales folded in: that is what CPU runs of
+the backend take. Tests call ``kernel_decode_attention`` directly under
 ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
 import torch
 
-from lowering import rotation
 from lowering.reference import exact_attention
 
 log = logging.getLogger("kvpass.lowering")
@@ -56,33 +55,32 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
 
 def packed_decode_attention(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:
     """A scheme's ``decode_attention``: the fused kernel on CUDA, else its host twin for schemes storing code *
-    scale (``attend_over_products``), else dequantize this layer and run SDPA."""
+    scale in unrotated rows (``attend_over_products``), else dequantize this layer and run SDPA."""
     if q.is_cuda:
         reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
         if reason is None:
             return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
         log.debug("%s decode on the reference: %s", scheme.name, reason)
-    if getattr(scheme, "kernel_attends_over_products", False):
+    if getattr(scheme, "kernel_attends_over_products", False) and not scheme.rotates(q.shape[-1]):
         return attend_over_products(scheme, q, state, length, attn_mask, scale)
     k, v = scheme.dequantize(state, length, q.dtype)
     return exact_attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1])
 
 
 def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:
-    """The host twin of the fused kernel for schemes storing code * per-token scale (int8, fp8): q
-    [B, Hq, Lq, D] over ``length`` tokens -> [B, Hq, Lq, D] in q's dtype, computed in fp32.
+    """The host path of schemes storing code * per-token scale with unrotated rows (fp8; int8 at head dims
+    that are not powers of two): q [B, Hq, Lq, D] over ``length`` tokens -> [B, Hq, Lq, D] in q's dtype,
+    computed in fp32.
 
-    As the kernel does, the key scales multiply the scores and the value scales the weights, and rotated
-    rows (``scheme.rotates``) are attended in the stored basis (the query rotated in, the output turned
-    back: q' . k' = q . k, ``lowering/rotation.py``). So a decode step converts each cached code to fp32
-    once and never scales, rotates back or copies the cache again: turning every row back costs a D log D
-    butterfly per row, per layer and step, most of a CPU decode step at 1.5k tokens. A query row whose
-    every key is masked gives zeros."""
+    As the kernel does, the key scales multiply the scores and the value scales the weights, so a decode
+    step converts each cached code to fp32 once and never scales or copies the cache again. Rotated rows
+    take ``dequantize`` instead: attending in the stored basis (the query rotated in, the output turned
+    back) would be cheaper, but its fp32 rotations of the output differ from attention over the
+    dequantized rows by more than the exact tolerance the host path is held to. A query row whose every
+    key is masked gives zeros."""
     b, hq, lq, d = q.shape
     hkv = state["k_scale"].shape[1]
-    rotated = scheme.rotates(d)
-    turn = _turn_back_matrix(d, q.device) if rotated else None
-    query = (q.float() @ turn if rotated else q.float()).reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
+    query = q.float().reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
     keys = scheme.code_rows(state, "k", length).float()  # [B, Hkv, L, D]
     softmax_scale = d ** -0.5 if scale is None else scale
     key_scale = state["k_scale"][:, :, :length].unsqueeze(-2) * softmax_scale  # [B, Hkv, 1, L]
@@ -95,14 +93,4 @@ def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) 
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     weights = weights.view(b, hkv, hq // hkv * lq, length) * state["v_scale"][:, :, :length].unsqueeze(-2)
     out = weights @ scheme.code_rows(state, "v", length).float()  # [B, Hkv, G Lq, D]
-    if rotated:
-        out = out @ turn
     return out.view(b, hq, lq, d).to(q.dtype)
-
-
-@functools.lru_cache(maxsize=16)
-def _turn_back_matrix(dim: int, device: torch.device) -> torch.Tensor:
-    """H 2^-ceil(m/2) as an fp32 [D, D] matrix: ``rotation.turn_back`` of a query or an output as one matmul
-    (its butterfly is a dozen small ops per stage, host time that dominates a few rows; bit-exactness with
-    the kernels matters only for stored rows, which ``rotation.store_rows`` still rotates)."""
-    return rotation.signs(dim, device, torch.float32) * 2.0 ** -rotation.shifts(dim)[1]

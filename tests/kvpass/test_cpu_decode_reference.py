@@ -1,7 +1,8 @@
-"""The host decode path of int8 / fp8 caches (``lowering.quant_decode_attention.attend_over_products``:
-scales folded into the scores and the weights, rotated rows attended in the stored basis) against the
-float64 attention over the scheme's dequantized cache, on drawn decode problems (GQA, bool and additive
-masks with fully masked rows, bf16/fp16/fp32, odd head dims)."""
+"""The host decode path of code * scale caches with unrotated rows (fp8, int8's rotation-free twin;
+``lowering.quant_decode_attention.attend_over_products``: scales folded into the scores and the weights)
+against the float64 attention over the scheme's dequantized cache, on drawn decode problems (GQA, bool
+and additive masks with fully masked rows, bf16/fp16/fp32, odd head dims). Rotated int8 rows take the
+dequantize path (tests/lowering/test_storage_schemes.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,6 @@ from hypothesis import example, given, settings
 
 import kvpass.testing as kt
 from kvpass.testing import make_problem
-from lowering import rotation
 from lowering.packed import allocate
 from lowering.storage import SCHEMES
 
@@ -41,19 +41,3 @@ def test_folded_scales_match_the_dequantized_oracle(key, problem):
         return scheme.decode_attention(q, state, problem.kv_len, attn_mask, scale)
 
     kt.check_kernel(host, dataclasses.replace(problem, k=k, v=v))
-
-
-@settings(max_examples=10, deadline=None)
-@given(problem=kt.decode_problems(head_dims=(16, 64), dtypes=(torch.float32,), causal=(False,)))
-def test_rotated_rows_are_attended_in_the_stored_basis(problem):
-    """int8 with rotated rows: the query rotated in, attention over the stored rows, the output turned back
-    (by H 2^-ceil(m/2) as a matrix); bit for bit the unrotated path on the rotated query (tested above),
-    turned back (lowering/rotation.py gives q H . k H = D q . k and the 2^-shifts that make it q . k)."""
-    scheme = SCHEMES["8"]
-    problem = problem.to("cpu")
-    state = _packed(scheme, problem.k, problem.v)
-    rotated = scheme.decode_attention(problem.q, state, problem.kv_len, problem.attn_mask, problem.scale)
-    turn = rotation.signs(problem.head_dim, dtype=torch.float32) * 2.0 ** -rotation.shifts(problem.head_dim)[1]
-    stored = scheme.without_rotation().decode_attention(problem.q @ turn, state, problem.kv_len,
-                                                        problem.attn_mask, problem.scale)
-    assert torch.equal(rotated, stored @ turn)
