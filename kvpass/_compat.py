@@ -37,3 +37,35 @@ def eager_compile(gm, example_inputs):
 def dynamo_compile_count() -> int:
     """How many frames Dynamo has compiled in this process (``unique_graphs``), for recompile checks."""
     return int(counters["stats"]["unique_graphs"])
+
+
+def through_dynamo(error: Exception) -> Exception:
+    """``error`` as an instance of a subclass of its own type that Dynamo re-raises unwrapped.
+
+    Dynamo wraps whatever a backend raises in ``BackendCompilerFailed``, except its own
+    ``ShortenTraceback`` family (``OutputGraph.call_user_compiler``; tested on torch 2.13), so a bad option
+    would reach the user as a RuntimeError around our ValueError. The returned exception is both: ``except
+    ValueError`` catches it at the model's call, and its message is ours.
+    """
+    from torch._dynamo.exc import ShortenTraceback
+
+    kind = type(error)
+    passing = _PASSING.get(kind)
+    if passing is None:
+        def __init__(self, *args):
+            ShortenTraceback.__init__(self, *args, first_useful_frame=None)
+
+        passing = type(kind.__name__, (kind, ShortenTraceback), {"__init__": __init__, "__module__": kind.__module__})
+        _PASSING[kind] = passing
+    return passing(*error.args)
+
+
+_PASSING: dict[type, type] = {}
+
+
+def is_compiled_wrapper(obj) -> bool:
+    """Whether ``obj`` is the wrapper ``torch.compile(module)`` returns (``OptimizedModule``): its
+    ``__call__`` is compiled, but other methods (``generate``) are the original module's."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(obj, OptimizedModule)

@@ -26,7 +26,10 @@ _PURE = {"getitem", "expand", "reshape", "view", "transpose", "matmul", "mul", "
 
 def kvpass_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None,
                    mode: str | None = None):
-    opts = parse_options(options)  # raises before anything is compiled
+    try:
+        opts = parse_options(options)  # raises before anything is compiled
+    except (ValueError, NotImplementedError) as error:
+        raise _compat.through_dynamo(error) from None  # the user's ValueError, not BackendCompilerFailed
     start = time.perf_counter()
     graph_id = next_graph_id()
     record = GraphRecord(graph=graph_id, options=dict(options or {}))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -18,6 +20,16 @@ from lowering.core.stats import calls
 log = logging.getLogger("kvpass")
 
 REWRITTEN, LEFT = "rewritten", "left"
+
+NOTHING_COMPILED = (
+    "kvpass: no graph compiled yet. If you wrote `model = torch.compile(model, backend=\"kvpass\")` and then "
+    "called `model.generate(...)`: torch.compile returns a wrapper whose `generate` is the original model's, "
+    "whose forward is not compiled, so kvpass never ran. Compile the model in place instead: "
+    "`model.compile(backend=\"kvpass\", options={...})` or `kvpass.compile(model, **options)`.")
+
+
+class NothingCompiledWarning(UserWarning):
+    """``kvpass.report()`` or ``kvpass.stats()`` was asked while no graph had been compiled with kvpass."""
 
 
 @dataclass(frozen=True)
@@ -62,18 +74,70 @@ class Report:
 
     def __str__(self) -> str:
         if not self.graphs:
-            return "kvpass: no graph compiled yet"
+            return NOTHING_COMPILED
         return "\n\n".join(format_graph(g) for g in self.graphs)
+
+    def summary(self) -> str:
+        """One line per graph and distinct site outcome (pattern, cache idiom, status, variant and lowering
+        or reason), its modules folded: ``model.layers.{0..29}.self_attn`` instead of 30 lines."""
+        if not self.graphs:
+            return NOTHING_COMPILED
+        lines = []
+        for g in self.graphs:
+            lines.append(_graph_header(g))
+            groups: dict[tuple, list[str]] = {}
+            for s in g.sites:
+                groups.setdefault((s.pattern, s.cache, s.status, _outcome(s)), []).append(s.module or "?")
+            for (pattern, cache, status, outcome), modules in groups.items():
+                lines.append(f"  {len(modules):3d} x {fold_modules(modules)}  {pattern}  {cache}  {status}  {outcome}")
+        return "\n".join(lines)
+
+
+def _graph_header(g: GraphRecord) -> str:
+    return (f"kvpass graph {g.graph}: {len(g.sites)} attention site(s), options {g.options}, "
+            f"rewrite {g.compile_seconds * 1e3:.1f} ms")
+
+
+def _outcome(s: SiteRecord) -> str:
+    if s.status != REWRITTEN:
+        return s.reason
+    return f"{s.variant}: {s.lowering}" + (f" ({s.reason})" if s.reason else "")
+
+
+def fold_modules(modules: list[str]) -> str:
+    """Module paths differing only in their numeric parts, folded: ['h.0.attn', 'h.1.attn', 'h.3.attn'] ->
+    'h.{0..1,3}.attn'; paths of different shapes are joined with ', '."""
+    shapes: dict[str, list[list[int]]] = {}
+    for m in modules:
+        shape = re.sub(r"(?<![^.])\d+(?![^.])", "{}", m)
+        shapes.setdefault(shape, []).append([int(n) for n in re.findall(r"(?<![^.])\d+(?![^.])", m)])
+    out = []
+    for shape, numbers in shapes.items():
+        if not numbers[0]:
+            out.append(shape)
+            continue
+        columns = [sorted(set(col)) for col in zip(*numbers)]
+        out.append(shape.format(*(_ranges(c) if len(c) > 1 else str(c[0]) for c in columns)))
+    return ", ".join(out)
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted distinct ints as '{0..29}', '{0,1,5..7}'."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    parts = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs]
+    return "{" + ",".join(parts) + "}"
 
 
 def format_graph(g: GraphRecord) -> str:
     header = ("#", "module", "pattern", "cache", "status", "variant / lowering or reason")
-    rows = [(str(s.index), s.module or "?", s.pattern, s.cache, s.status,
-             f"{s.variant}: {s.lowering}" + (f" ({s.reason})" if s.reason else "")
-             if s.status == REWRITTEN else s.reason) for s in g.sites]
+    rows = [(str(s.index), s.module or "?", s.pattern, s.cache, s.status, _outcome(s)) for s in g.sites]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = [f"kvpass graph {g.graph}: {len(g.sites)} attention site(s), options {g.options}, "
-             f"rewrite {g.compile_seconds * 1e3:.1f} ms"]
+    lines = [_graph_header(g)]
     for r in [header, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
     return "\n".join(lines)
@@ -103,9 +167,20 @@ def next_graph_id() -> int:
 
 
 def report() -> Report:
-    """A snapshot of everything compiled so far in this process (since the last ``reset()``)."""
+    """A snapshot of everything compiled so far in this process (since the last ``reset()``); warns
+    (``NothingCompiledWarning``, naming the fix) when that is nothing."""
+    warn_if_nothing_compiled()
     with _lock:
         return Report(list(_REPORT.graphs))
+
+
+def warn_if_nothing_compiled() -> None:
+    """The first place kvpass can see that ``model = torch.compile(model, backend="kvpass")`` compiled nothing
+    (the wrapper's ``generate`` runs the uncompiled model, and no kvpass code runs then)."""
+    with _lock:
+        empty = not _REPORT.graphs
+    if empty:
+        warnings.warn(NOTHING_COMPILED, NothingCompiledWarning, stacklevel=3)
 
 
 def reset() -> None:

@@ -15,15 +15,16 @@ from lowering.formats import cache_step
 
 @torch.library.custom_op("kvpass::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-              is_causal: bool, scale: float | None, enable_gqa: bool, use_kernel: bool) -> torch.Tensor:
+              is_causal: bool, scale: float | None, enable_gqa: bool, use_kernel: bool, site: str = "") -> torch.Tensor:
     """Exact attention. q [B, Hq, Lq, D]; k, v [B, Hk, L, D] with Hk = Hq, or Hq % Hk == 0 and
     enable_gqa; attn_mask bool (True = attend) or additive, broadcastable to [B, Hq, Lq, L]; ``use_kernel``:
-    the Triton decode kernel where it takes the inputs -> [B, Hq, Lq, Dv]."""
-    return exact.attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel)
+    the Triton decode kernel where it takes the inputs; ``site``: where k, v are the model's cache, the site's
+    name (its bytes and tokens go to ``lowering.core.stats``, the figures a packed cache reports) -> [B, Hq, Lq, Dv]."""
+    return exact.attention(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel, site)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel):
+def _attention_fake(q, k, v, attn_mask, is_causal, scale, enable_gqa, use_kernel, site=""):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

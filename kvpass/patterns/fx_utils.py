@@ -3,6 +3,7 @@ argument lookup by position or keyword, and the fake tensor a node produces."""
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import torch
@@ -71,9 +72,18 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-            break
-    return path.replace("._modules['", ".").replace("']", "")
+    return qualified_name(list(stack.values())[-1][0])
+
+
+# The root a Dynamo source names a module from: the compiled function's local (L['self'], L['args'][0] when
+# the module is reached through *args, as with model.compile or HF's wrapped forward), a global, or self.
+_SOURCE_ROOT = re.compile(r"^(?:[LG]\['[^']*'\](?:\[\d+\])*|self)")
+
+
+def qualified_name(source: str) -> str:
+    """A module's dotted path from its Dynamo source name: L['self'].model.layers[3], L['args'][0].model,
+    L['self']._modules['model']._modules['layers']._modules['3'] -> 'model.layers.3' (the root dropped)."""
+    path = _SOURCE_ROOT.sub("", source, count=1)
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.lstrip(".")

@@ -2,7 +2,8 @@
 
 On CUDA, decode-sized queries run kvpass's Triton split-KV kernel (reads each KV head once for all
 its query heads, even where the model expanded K/V with ``repeat_kv``); elsewhere the op calls
-torch's SDPA. The cache update is left as the model wrote it.
+torch's SDPA. The cache update is left as the model wrote it; the op records its bytes and tokens
+(``kvpass.stats()``), so the exact mode has the figures a packed cache is compared with.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def rewrite_exact(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
         new = graph.call_function(
             torch.ops.kvpass.attention.default,
             (m.query, site.key, site.value, m.attn_mask, m.is_causal, m.scale, site.enable_gqa,
-             options.decode_kernel),
+             options.decode_kernel, site.module if site.cache_idiom != "none" else ""),
         )
     new.meta.update(m.output.meta)
     m.output.replace_all_uses_with(new)

@@ -9,7 +9,7 @@ import torch
 from lowering.attention import launchers
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.reference import exact_attention
-from lowering.core.stats import calls
+from lowering.core.stats import calls, set_last
 
 log = logging.getLogger("kvpass.lowering")
 
@@ -27,10 +27,15 @@ def kernel_reason(q, k, v, attn_mask, is_causal) -> str | None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-              scale: float | None, enable_gqa: bool, use_kernel: bool) -> torch.Tensor:
+              scale: float | None, enable_gqa: bool, use_kernel: bool, site: str = "") -> torch.Tensor:
     """Exact attention. q [B, Hq, Lq, D]; k, v [B, Hk, L, D] with Hk = Hq, or Hq % Hk == 0 and
     enable_gqa; attn_mask bool (True = attend) or additive, broadcastable to [B, Hq, Lq, L]. ``use_kernel``:
-    try the decode kernel first (False: torch's SDPA always). -> [B, Hq, Lq, Dv], contiguous."""
+    try the decode kernel first (False: torch's SDPA always). ``site``: where k, v are the model's own cache,
+    the site's name: its bytes and tokens are recorded in ``lowering.core.stats`` (the figures a packed cache
+    reports, for comparison). -> [B, Hq, Lq, Dv], contiguous."""
+    if site:
+        set_last(site, "cache_bytes", k.numel() * k.element_size() + v.numel() * v.element_size())
+        set_last(site, "tokens", k.shape[2])
     if use_kernel and (enable_gqa or q.shape[1] == k.shape[1]):
         reason = kernel_reason(q, k, v, attn_mask, is_causal)
         if reason is None:

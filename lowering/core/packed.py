@@ -55,6 +55,11 @@ def layout_nbytes(layout: Layout) -> int:
     return sum(_aligned(_section_bytes(s)) for s in layout.values())
 
 
+def section_nbytes(layout: Layout) -> dict[str, int]:
+    """Bytes each section of ``layout`` takes in a buffer (aligned as ``layout_nbytes`` counts them)."""
+    return {name: _aligned(_section_bytes(s)) for name, s in layout.items()}
+
+
 def views(buffer: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     """Typed views of the sections of a flat ``uint8`` buffer laid out by ``layout``."""
     if buffer.dtype != torch.uint8 or buffer.dim() != 1:

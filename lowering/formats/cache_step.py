@@ -86,7 +86,7 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
             out = _decode_in_place(fmt, q, root, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale)
             if out is not None:
                 stats.calls["packed_decode_in_place"] += 1
-                return _finish(out, root, old_length + new_k.shape[2], site)
+                return _finish(out, root, layout_of, old_length + new_k.shape[2], site)
         out = _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
         if out is not None:
             return out
@@ -103,13 +103,16 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                                                 else layout_of(length)), dtype=torch.uint8, device=q.device)
     out = fmt.step(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site,
                    _sections(root, fmt, layout_of, length))
-    return _finish(out, root, length, site)
+    return _finish(out, root, layout_of, length, site)
 
 
-def _finish(out: torch.Tensor, root: torch.Tensor, length: int, site: str):
-    """The op's outputs once ``root`` holds ``length`` tokens, recorded as its last writer."""
+def _finish(out: torch.Tensor, root: torch.Tensor, layout_of, length: int, site: str):
+    """The op's outputs once ``root`` holds ``length`` tokens, recorded as its last writer. The statistics
+    keep the layout of ``length`` tokens (a cached object: its per-section bytes are counted only when
+    ``kvpass.stats()`` asks, never on the step's path)."""
     packed.commit(root, length)
     stats.set_last(site, "cache_bytes", root.numel())
+    stats.set_last(site, "layout", layout_of(length))
     stats.set_last(site, "tokens", length)
     return out.contiguous(), packed.alias(root)[:1], packed.marker_buffer(out.device)
 
@@ -138,4 +141,4 @@ def _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_
         return None
     stats.calls["policy_replace_in_place"] += 1
     packed.mark_rewritten(root)
-    return _finish(out, root, old_length + new_k.shape[2], site)
+    return _finish(out, root, layout_of, old_length + new_k.shape[2], site)

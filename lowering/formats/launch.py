@@ -16,6 +16,7 @@ never launch anything; the formats call the functions here instead of a scheme's
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -93,7 +94,9 @@ def _dequantized_attention(scheme, q, state: State, length: int, attn_mask, scal
 def decode_attention(scheme: StorageScheme, q, state: State, length: int, attn_mask, scale) -> torch.Tensor:
     """Attention of q [B, Hq, Lq, Dk] (Lq small, Hq a multiple of Hkv) over the ``length`` tokens ``scheme``
     stores in ``state``, ``attn_mask`` bool or additive broadcastable to [B, Hq, Lq, length] -> [B, Hq, Lq, Dv].
-    Fused kernel on CUDA; elsewhere a reference that never materialises more than this layer's dequantized cache."""
+    Fused kernel on CUDA; elsewhere its host twin for schemes storing code * scale in unrotated rows
+    (``attend_over_products``), else a reference that never materialises more than this layer's dequantized
+    cache."""
     if isinstance(scheme, FullPrecision):
         k, v = state["k"], state["v"]
         return exact.attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1], True)
@@ -104,7 +107,38 @@ def decode_attention(scheme: StorageScheme, q, state: State, length: int, attn_m
         if reason is None:
             return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
         log.debug("%s decode on the reference: %s", scheme.name, reason)
+    if getattr(scheme, "kernel_attends_over_products", False) and not scheme.rotates(q.shape[-1]):
+        return attend_over_products(scheme, q, state, length, attn_mask, scale)
     return _dequantized_attention(scheme, q, state, length, attn_mask, scale)
+
+
+def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) -> torch.Tensor:
+    """The host path of schemes storing code * per-token scale with unrotated rows (fp8; int8 at head dims
+    that are not powers of two): q [B, Hq, Lq, D] over ``length`` tokens -> [B, Hq, Lq, D] in q's dtype,
+    computed in fp32.
+
+    As the kernel does, the key scales multiply the scores and the value scales the weights, so a decode
+    step converts each cached code to fp32 once and never scales or copies the cache again. Rotated rows
+    take ``dequantize`` instead: attending in the stored basis (the query rotated in, the output turned
+    back) would be cheaper, but its fp32 rotations of the output differ from attention over the
+    dequantized rows by more than the exact tolerance the host path is held to. A query row whose every
+    key is masked gives zeros."""
+    b, hq, lq, d = q.shape
+    hkv = state["k_scale"].shape[1]
+    query = q.float().reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
+    keys = scheme.code_rows(state, "k", length).float()  # [B, Hkv, L, D]
+    softmax_scale = d ** -0.5 if scale is None else scale
+    key_scale = state["k_scale"][:, :, :length].unsqueeze(-2) * softmax_scale  # [B, Hkv, 1, L]
+    scores = (query @ keys.transpose(-1, -2) * key_scale).view(b, hq, lq, length)
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask.float())
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.exp(scores - torch.where(top == -math.inf, 0.0, top))
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    weights = weights.view(b, hkv, hq // hkv * lq, length) * state["v_scale"][:, :, :length].unsqueeze(-2)
+    out = weights @ scheme.code_rows(state, "v", length).float()  # [B, Hkv, G Lq, D]
+    return out.view(b, hq, lq, d).to(q.dtype)
 
 
 def decode_in_place(scheme: StorageScheme, q, sections: State, old_length: int, new_k, new_v, attn_mask,

@@ -1,7 +1,7 @@
 """int4 (KIVI) specifics: the residual window's boundary, in the layout and in the fused kernel.
 
 The layout is a pure function of the length: length // 32 full key groups, length % 32 residual tokens
-in full precision. Kernel checks are those of test_storage_schemes.check_scheme (exact-kernel tolerance
+in full precision. Kernel checks are those of test_schemes.check_scheme (exact-kernel tolerance
 over the dequantized cache, step bound vs the unquantized cache).
 """
 import pytest

@@ -11,7 +11,7 @@ fp8 max(|x^| / 15, 2^-10 scale), aligned s / 2, each plus the roundings to fp32 
 (``lowering.storage.int8.rounding_slack``). int8's rotated rows (x H) are checked where the kernel computes,
 in the stored domain, and its turned-back output against the unquantized oracle (``stored_domain``).
 The aligned scheme runs here with tau = 0 (every low part read: a 12-bit cache); its skip rule is tested
-in test_storage_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (conftest.py).
+in test_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (conftest.py).
 """
 from __future__ import annotations
 
