@@ -37,14 +37,6 @@ def test_other_spellings_raise_the_value_error_at_the_first_call(spelling, optio
     assert "BackendCompilerFailed" not in type(info.value).__name__
 
 
-def test_a_value_not_built_yet_passes_through_as_not_implemented(monkeypatch):
-    monkeypatch.setattr("kvpass.options.implemented", lambda: {"policy": {"full"}, "kv_bits": {16}})
-    f = torch.compile(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q), backend="kvpass",
-                      options={"kv_bits": 8})
-    with pytest.raises(NotImplementedError, match="kv_bits"):
-        f(torch.randn(1, 2, 3, 4))
-
-
 def test_kvpass_compile_refuses_the_torch_compile_wrapper():
     wrapper = torch.compile(zoo.build("llama"), backend="kvpass")
     with pytest.raises(TypeError, match="_orig_mod"):
