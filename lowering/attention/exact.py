@@ -7,6 +7,7 @@ import logging
 import torch
 
 from lowering.attention import launchers
+from lowering.attention.compile_failure import KernelCompileError
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.reference import exact_attention
 from lowering.core.stats import calls, set_last
@@ -30,9 +31,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
               scale: float | None, enable_gqa: bool, use_kernel: bool, site: str = "") -> torch.Tensor:
     """Exact attention. q [B, Hq, Lq, D]; k, v [B, Hk, L, D] with Hk = Hq, or Hq % Hk == 0 and
     enable_gqa; attn_mask bool (True = attend) or additive, broadcastable to [B, Hq, Lq, L]. ``use_kernel``:
-    try the decode kernel first (False: torch's SDPA always). ``site``: where k, v are the model's own cache,
-    the site's name: its bytes and tokens are recorded in ``lowering.core.stats`` (the figures a packed cache
-    reports, for comparison). -> [B, Hq, Lq, Dv], contiguous."""
+    try the decode kernel first (False: torch's SDPA always; so does a kernel that fails to compile).
+    ``site``: where k, v are the model's own cache, the site's name: its bytes and tokens are recorded in
+    ``lowering.core.stats`` (the figures a packed cache reports, for comparison). -> [B, Hq, Lq, Dv],
+    contiguous."""
     if site:
         set_last(site, "cache_bytes", k.numel() * k.element_size() + v.numel() * v.element_size())
         set_last(site, "tokens", k.shape[2])
@@ -40,10 +42,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         reason = kernel_reason(q, k, v, attn_mask, is_causal)
         if reason is None:
             mask = None if attn_mask is None else attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            calls["triton_decode"] += 1
-            return launchers.load().decode.decode_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                            is_causal=is_causal).contiguous()
-        if q.is_cuda:
+            try:
+                out = launchers.load().decode.decode_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                               is_causal=is_causal)
+            except KernelCompileError as error:
+                reason = f"kernel failed to compile ({error})"
+            else:
+                calls["triton_decode"] += 1
+                return out.contiguous()
+        if q.is_cuda or reason.startswith("kernel failed"):
             calls[f"torch_sdpa: {reason}"] += 1
         log.debug("kvpass::attention on torch SDPA: %s", reason)
     calls["torch_sdpa"] += 1

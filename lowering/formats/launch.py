@@ -21,8 +21,10 @@ import math
 import torch
 
 from lowering.attention import exact, launchers
+from lowering.attention.compile_failure import KernelCompileError
 from lowering.core.operands import AppendOperands
 from lowering.core.reference import exact_attention
+from lowering.core.stats import calls
 from lowering.storage import State, StorageScheme
 from lowering.storage.full import FullPrecision
 from lowering.storage.int4 import Int4Kivi
@@ -86,6 +88,20 @@ def kernel_decode_attention(scheme, q: torch.Tensor, state: dict, length: int, a
                                           out=out, config=config)
 
 
+def kernel_attention_or_none(scheme, q, state: State, length: int, attn_mask, scale) -> torch.Tensor | None:
+    """The fused kernel's output (contiguous), or None where it refuses the inputs or fails to compile for
+    them (counted in ``lowering.core.stats.calls``): the caller then takes its reference."""
+    reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
+    if reason is None:
+        try:
+            return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
+        except KernelCompileError as error:
+            reason = f"kernel failed to compile ({error})"
+            calls[f"{scheme.name} decode on the reference: {reason}"] += 1
+    log.debug("%s decode on the reference: %s", scheme.name, reason)
+    return None
+
+
 def _dequantized_attention(scheme, q, state: State, length: int, attn_mask, scale) -> torch.Tensor:
     k, v = scheme.dequantize(state, length, q.dtype)
     return exact_attention(q, k, v, attn_mask, False, scale, q.shape[1] != k.shape[1])
@@ -103,10 +119,9 @@ def decode_attention(scheme: StorageScheme, q, state: State, length: int, attn_m
     if not hasattr(scheme, "kernel_operands"):
         return _dequantized_attention(scheme, q, state, length, attn_mask, scale)
     if q.is_cuda:
-        reason = kernel_unsupported_reason(q, state, length, attn_mask, scheme)
-        if reason is None:
-            return kernel_decode_attention(scheme, q, state, length, attn_mask, scale).contiguous()
-        log.debug("%s decode on the reference: %s", scheme.name, reason)
+        out = kernel_attention_or_none(scheme, q, state, length, attn_mask, scale)
+        if out is not None:
+            return out
     if getattr(scheme, "kernel_attends_over_products", False) and not scheme.rotates(q.shape[-1]):
         return attend_over_products(scheme, q, state, length, attn_mask, scale)
     return _dequantized_attention(scheme, q, state, length, attn_mask, scale)
@@ -145,7 +160,7 @@ def decode_in_place(scheme: StorageScheme, q, sections: State, old_length: int, 
                     scale) -> torch.Tensor | None:
     """A decode step on capacity ``sections`` (rows beyond the length allowed; the op's CUDA fast path): the
     new rows appended at ``old_length``, then the decode kernel over ``old_length + n`` rows; None where the
-    scheme has no such path or a kernel refuses the inputs (the general path then runs).
+    scheme has no such path or a kernel refuses the inputs or fails to compile (the general path then runs).
 
     int8: the new rows quantized into the sections by the fused append kernel. int4: the new tokens copied
     into the residual window, unless they complete a key group (quantizing it is the general path's)."""
@@ -159,12 +174,21 @@ def decode_in_place(scheme: StorageScheme, q, sections: State, old_length: int, 
             return None
         for name, x in (("k", new_k), ("v", new_v)):
             _append_by_kernel(x, targets[name], old_length)
-        return launchers.load().decode.launch(q, scheme.kernel_operands(q, sections, length), attn_mask, scale)
+        return _launch_or_none(q, scheme.kernel_operands(q, sections, length), attn_mask, scale)
     if isinstance(scheme, Int4Kivi):
         if (not scheme.appends_to_residual(old_length, new_k.shape[2])
                 or kernel_unsupported_reason(q, sections, length, attn_mask, scheme)):
             return None
         scheme.append_residual(sections, old_length, new_k, new_v)
-        return launchers.load().decode.launch(q, scheme.kernel_operands(q, sections, length), attn_mask, scale,
-                                              False)
+        return _launch_or_none(q, scheme.kernel_operands(q, sections, length), attn_mask, scale)
     return None
+
+
+def _launch_or_none(q, operands, attn_mask, scale) -> torch.Tensor | None:
+    """The decode kernel over ``operands``, or None where it fails to compile (the general path then runs: it
+    writes this step's rows again where the in-place step wrote them, so nothing is lost)."""
+    try:
+        return launchers.load().decode.launch(q, operands, attn_mask, scale)
+    except KernelCompileError as error:
+        calls[f"decode in place on the general path: kernel failed to compile ({error})"] += 1
+        return None

@@ -27,6 +27,7 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from lowering.attention import grid
+from lowering.attention.compile_failure import KernelCompileError, is_compile_failure, summary
 from lowering.attention.decode import kernel as kernels
 from lowering.attention.device import merge
 from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2
@@ -194,6 +195,8 @@ def _smem_limit(device: torch.device) -> int:
 # Configurations that a launch refused for shared memory (a Triton version allocating more than
 # shared_memory_bound says), mapped to the one that launched: later calls go straight there.
 _SHRUNK: dict[tuple, DecodeAttentionConfig] = {}
+# (config, shape key, split query) -> why that kernel failed to compile: never asked for again.
+_FAILED: dict[tuple, str] = {}
 
 
 # Decided when the kernel module was imported (TRITON_INTERPRET=1 then): CPU tensors need it.
@@ -278,7 +281,11 @@ def decode_attention(q, k, v, attn_mask=None, scale=None, is_causal=False, *, ou
 
 def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, out=None,
            config: DecodeAttentionConfig | None = None) -> torch.Tensor:
-    """Launch both stages on validated inputs (``decode_attention`` and the packed caches' launchers)."""
+    """Launch both stages on validated inputs (``decode_attention`` and the packed caches' launchers).
+
+    Raises :class:`KernelCompileError` where the kernel fails to compile for these constants (after trying
+    the path without the query's split, where the operands offer one); the failure is remembered, so later
+    calls raise at once."""
     batch, num_heads, q_len, head_dim = q.shape
     num_kv_heads, kv_len = kv.k.shape[1], kv.kv_len
     if out is None:
@@ -320,6 +327,13 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     shape_key = (q.device, q.dtype, group, head_dim, block_m, mask_kind, mask_per_key, kv.kv_format)
     while (config, *shape_key) in _SHRUNK:
         config = _SHRUNK[(config, *shape_key)]
+    split_query = kv.split_query and config.split_query
+    failed = _FAILED.get((config, *shape_key, split_query))
+    if failed is not None:
+        if split_query:  # the int4 / int8 path without the query's split takes the same operands
+            return launch(q, kv, attn_mask, scale, is_causal, out=out,
+                          config=dataclasses.replace(config, split_query=False))
+        raise KernelCompileError(f"decode kernel for {shape_key[1:]}: {failed}")
     num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
 
     split_output = num_splits > 1
@@ -354,7 +368,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 FOLD_V_SCALE=q.dtype != torch.float16,
                 num_warps=config.num_warps, num_stages=config.num_stages,
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
-                VALUE_BLOCK=kv.value_block, SPLIT_QUERY=kv.split_query and config.split_query,
+                VALUE_BLOCK=kv.value_block, SPLIT_QUERY=split_query,
                 FOLD_ROWS=min(block_m, next_power_of_2(group * q_len)),
             )
         except OutOfResources:
@@ -367,6 +381,13 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                            "num_stages=%d", config, shape_key, smaller.block_n, smaller.num_stages)
             _SHRUNK[(config, *shape_key)] = smaller
             return launch(q, kv, attn_mask, scale, is_causal, out=out, config=smaller)
+        except Exception as error:
+            if not is_compile_failure(error):
+                raise
+            _FAILED[(config, *shape_key, split_query)] = summary(error)
+            logger.warning("decode_attention: the kernel failed to compile for %s (%s, split query %s): %s",
+                           shape_key, config, split_query, summary(error))
+            return launch(q, kv, attn_mask, scale, is_causal, out=out, config=config)
         if split_output:
             merge.merge_splits_kernel[(rows,)](
                 part, out, num_splits,
