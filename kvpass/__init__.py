@@ -25,10 +25,19 @@ def stats() -> dict:
     return {"attention_calls": dict(lowering.ops.calls), "sites": lowering.stats.snapshot()}
 
 
+def __getattr__(name: str):
+    # kvpass.PackedCache needs transformers, which ``import kvpass`` does not: imported on first use.
+    if name == "PackedCache":
+        from kvpass.packed_cache import PackedCache
+
+        return PackedCache
+    raise AttributeError(f"module 'kvpass' has no attribute {name!r}")
+
+
 def validate_options(options) -> KVPassOptions:
     """Check options before compiling: ValueError for a bad one, NotImplementedError for one not built yet."""
     return parse_options(options)
 
 
-__all__ = ["kvpass_backend", "KVPassOptions", "validate_options", "report", "reset", "counters", "stats"]
+__all__ = ["kvpass_backend", "KVPassOptions", "validate_options", "report", "reset", "counters", "stats", "PackedCache"]
 __version__ = "0.1.0"

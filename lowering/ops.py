@@ -209,3 +209,6 @@ def _replace_in_place(fmt, q, past_k, layout_of, old_length, new_k, new_v, attn_
 def _cache_attention_fake(q, past_k, past_v, new_k, new_v, attn_mask, is_causal, scale, spec, site):
     return (q.new_empty((*q.shape[:-1], new_v.shape[-1])), q.new_empty(1, dtype=torch.uint8),
             q.new_empty(1, dtype=torch.uint8))
+
+
+import lowering.fixed_capacity  # noqa: E402,F401  (registers torch.ops.kvpass.fixed_cache_*)

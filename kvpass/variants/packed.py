@@ -21,7 +21,9 @@ from torch import fx
 from kvpass.options import KVPassOptions
 from kvpass.sites import Site
 from kvpass.variants import register_variant
-from kvpass.variants.exact import rewrite_exact
+from kvpass.variants.exact import attend_exactly, rewrite_exact
+from kvpass.variants.fixed_capacity import IDIOM as PACKED_CACHE_IDIOM
+from kvpass.variants.fixed_capacity import rewrite_fixed_capacity
 
 REPLACEABLE_CACHES = ("dynamic_cache_cat",)
 
@@ -57,6 +59,8 @@ def spec_of(options: KVPassOptions) -> str:
 def rewrite_packed(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
     import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 
+    if site.cache_idiom == PACKED_CACHE_IDIOM:  # a kvpass.PackedCache brings its own storage
+        return rewrite_fixed_capacity(graph, site, options, attend_exactly)
     reason = unsupported_reason(site)
     if reason is not None:
         return f"FALLBACK to exact ({rewrite_exact(graph, site, options)}): {reason}"
