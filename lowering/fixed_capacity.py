@@ -19,7 +19,9 @@ Ops (``torch.ops.kvpass.*``, each with a fake implementation):
 Semantics, equal to the general path's (``lowering/formats/dense.py``): a prefill-length write (more than
 ``MAX_DECODE_QUERY_LEN`` tokens) is attended with its own tokens at full precision and the earlier ones as
 stored; a decode-length write is attended as stored (the scheme's decode attention: the fused kernel on
-CUDA, dequantize + SDPA elsewhere).
+CUDA, dequantize + SDPA elsewhere). One difference: a prefill-length write after earlier tokens (chunked
+prefill) reads those earlier tokens as stored once the write completes their int4 group, where the general
+path reads them from its old full-precision residual.
 
 Grouped schemes (int4 KIVI: keys per channel over ``scheme.group`` tokens, a full-precision residual for the
 open group) on fixed buffers: the code sections cover ``capacity + group`` tokens (the last group is a
@@ -279,16 +281,21 @@ def kernel_mask(mask: torch.Tensor, positions: torch.Tensor, spec: FixedCacheSpe
 
 def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec: FixedCacheSpec):
     """q [B, Hq, Lq, D] over the cache (written already, this step's tokens included) -> [B, Hq, Lq, Dv]."""
-    gqa = q.shape[1] != spec.kv_heads
     if is_causal or q.shape[2] > MAX_DECODE_QUERY_LEN:
         k, v = read(buffer, positions, new_k, new_v, spec)
-        return exact_attention(q, k, v, attn_mask, is_causal, scale, gqa)
+        return exact_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != spec.kv_heads)
+    state, length, mask = decode_operands(q, buffer, positions, attn_mask, spec)
+    return spec.scheme.decode_attention(q, state, length, mask, scale).contiguous()
+
+
+def decode_operands(q, buffer, positions, attn_mask, spec: FixedCacheSpec):
+    """(sections, stored length, mask over them) a scheme's ``decode_attention`` takes for a decode-length
+    query: the whole capacity under the model's mask (a positional causal one where the model gave none)."""
     if attn_mask is None:
         attn_mask = positional_mask(q, positions, spec.capacity)
-    state = packed.views(buffer, spec.layout)
     if spec.group is not None:
         attn_mask = kernel_mask(attn_mask, positions, spec)
-    return spec.scheme.decode_attention(q, state, spec.stored_length, attn_mask, scale).contiguous()
+    return packed.views(buffer, spec.layout), spec.stored_length, attn_mask
 
 
 # ---- the ops -----------------------------------------------------------------------------------------------
