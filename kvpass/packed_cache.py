@@ -40,10 +40,10 @@ class PackedLayer(CacheLayerMixin):
         super().__init__()
         self.spec, self.spec_json = spec, spec.to_json()
         self.max_cache_len = spec.capacity
-        self.device = torch.device(device)
+        self.buffer = allocate(spec, device)
+        self.device = self.buffer.device  # "cuda" -> "cuda:0", as the model's tensors say
         self.batch_size, self.num_heads = spec.batch, spec.kv_heads
         self.k_head_dim, self.v_head_dim = spec.k_dim, spec.v_dim
-        self.buffer = allocate(spec, self.device)
         # Tokens written: a device tensor advanced in place, so no step reads it back and no graph specialises on it.
         self.cumulative_length = torch.zeros((), dtype=torch.int64, device=self.device)
         torch._dynamo.mark_static_address(self.buffer)

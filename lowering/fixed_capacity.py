@@ -170,7 +170,7 @@ def _scatter(dst: State, src: State, tokens: torch.Tensor, groups: torch.Tensor 
         rows = token_blocks.read_rows(src[name], n_tokens, slots)
         slot = tokens % token_blocks.TOKENS
         if slots is not None:
-            slot = torch.tensor(slots, device=tokens.device)[slot]
+            slot = token_blocks.slot_index(tuple(slots), tokens.device)[slot]
         _bytes(dst[name]).transpose(-1, -2)[:, :, tokens // token_blocks.TOKENS, slot] = _bytes(rows)
 
 
