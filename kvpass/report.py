@@ -29,6 +29,20 @@ class SiteRecord:
     lowering: str = ""  # how the rewritten op runs
     reason: str = ""  # why the site was left, or notes (GQA expansion stripped, other cache readers)
 
+    @property
+    def cuda_graphs(self) -> str:
+        """Whether this site can run under CUDA graphs (``mode="reduce-overhead"``): "yes", or "no: why"."""
+        return capturability(self)
+
+
+def capturability(s: SiteRecord) -> str:
+    if s.status == REWRITTEN and s.lowering.startswith("cache_attention"):
+        return ("no: a packed DynamicCache's slots change shape every step and its buffer grows inside the op "
+                "(kvpass.PackedCache is the capturable packed cache)")
+    if s.cache == "dynamic_cache_cat":
+        return "no: a DynamicCache grows by cat, a new shape every step (StaticCache or kvpass.PackedCache capture)"
+    return "yes"
+
 
 @dataclass
 class GraphRecord:
@@ -55,7 +69,11 @@ class Report:
         return [s for s in self.sites if s.status == LEFT]
 
     def to_dict(self) -> dict:
-        return {"graphs": [asdict(g) for g in self.graphs]}
+        graphs = [asdict(g) for g in self.graphs]
+        for g, record in zip(graphs, self.graphs):
+            for site, s in zip(g["sites"], record.sites):
+                site["cuda_graphs"] = s.cuda_graphs
+        return {"graphs": graphs}
 
     def __str__(self) -> str:
         if not self.graphs:
@@ -66,8 +84,8 @@ class Report:
 def format_graph(g: GraphRecord) -> str:
     header = ("#", "module", "pattern", "cache", "status", "variant / lowering or reason")
     rows = [(str(s.index), s.module or "?", s.pattern, s.cache, s.status,
-             f"{s.variant}: {s.lowering}" + (f" ({s.reason})" if s.reason else "")
-             if s.status == REWRITTEN else s.reason) for s in g.sites]
+             (f"{s.variant}: {s.lowering}" + (f" ({s.reason})" if s.reason else "")
+              if s.status == REWRITTEN else s.reason) + f" [CUDA graphs: {s.cuda_graphs}]") for s in g.sites]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = [f"kvpass graph {g.graph}: {len(g.sites)} attention site(s), options {g.options}, "
              f"rewrite {g.compile_seconds * 1e3:.1f} ms"]

@@ -22,6 +22,7 @@ from lowering import packed
 KV_BITS = (16, 8, "fp8", 4, "aligned")
 EAGER = {"compiler": "eager"}
 NEW_TOKENS = 40  # past the first int4 group boundary (32) from every prompt below
+EAGER_NEW_TOKENS = 24  # 9-token prompts: past the boundary too
 
 
 def generate(model, ids, mask, cache=None, new_tokens=NEW_TOKENS, **kwargs):
@@ -53,8 +54,8 @@ def test_eager_generate_equals_the_general_path(name, kv_bits):
     backend's DynamicCache rewrite (batch 3, left padding)."""
     ids, mask = zoo.prompt(3, left_padding=True)
     model = zoo.build(name)
-    out = generate(model, ids, mask, packed_cache(model, ids, kv_bits))
-    assert torch.equal(out, general_path(name, kv_bits, ids, mask))
+    out = generate(model, ids, mask, packed_cache(model, ids, kv_bits, EAGER_NEW_TOKENS), new_tokens=EAGER_NEW_TOKENS)
+    assert torch.equal(out, general_path(name, kv_bits, ids, mask, EAGER_NEW_TOKENS))
 
 
 COMPILED = [(bits, 3, 9) for bits in KV_BITS] + [(bits, 1, n) for bits in (8, 4) for n in (1, 20)]
@@ -82,7 +83,7 @@ def test_compiled_generate_attends_over_the_packed_buffer(kv_bits, batch, length
                      else []), reads
     sites = kvpass.report().sites
     assert sites and all(s.cache == "kvpass_packed_cache" and s.lowering.startswith("fixed_cache_attention")
-                         for s in sites), str(kvpass.report())
+                         and s.cuda_graphs == "yes" for s in sites), str(kvpass.report())
 
 
 def recording_backend(calls):
@@ -180,3 +181,14 @@ def test_bad_arguments_are_refused():
 def test_capacity_rounds_up_to_the_grid():
     cache = kvpass.PackedCache(zoo.build("llama"), batch_size=1, max_cache_len=65, kv_bits=8)
     assert cache.max_cache_len == 128 and cache.get_max_length() == 128
+
+
+def test_report_says_which_sites_cuda_graphs_capture():
+    """Per site: PackedCache sites are capturable; the general packed path's are not, with the reason."""
+    ids, mask = zoo.prompt(1)
+    model = zoo.build("llama")
+    model.forward = torch.compile(model.forward, backend="kvpass", options={**EAGER, "kv_bits": 8})
+    generate(model, ids, mask, new_tokens=2)
+    sites = kvpass.report().to_dict()["graphs"][0]["sites"]
+    assert sites and all(s["cuda_graphs"].startswith("no: a packed DynamicCache") for s in sites), sites
+    assert "[CUDA graphs: no" in str(kvpass.report())
