@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kvpass  # noqa: E402
-from bench.common import environment, format_table  # noqa: E402
+import kvpass
+from bench.common import environment, format_table
 
 SHAPES = {
     "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -313,10 +313,10 @@ def main(argv=None) -> int:
                     base = {"shape": shape, "layers": model.config.num_hidden_layers, "method": method.name,
                             "batch": batch, "context": context}
                     if method.via == "generate":
-                        rows.append(run_row(lambda m=method, b=batch, c=context: generate_timing(model, m, b, c, args),
+                        rows.append(run_row(lambda m=method, b=batch, c=context, model=model: generate_timing(model, m, b, c, args),
                                             base))
                     else:
-                        rows.append(run_row(lambda m=method, b=batch, c=context: decode_loop(model, m, b, c, args,
+                        rows.append(run_row(lambda m=method, b=batch, c=context, model=model: decode_loop(model, m, b, c, args,
                                                                                               counter), base))
             del model
     payload = {"environment": environment(), "args": vars(args), "recording_counter": counter.available,

@@ -7,12 +7,12 @@ given the K (or V) node as attention reads it after GQA expansion is stripped. T
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import fx
 
-from kvpass.patterns.fx_utils import arg, module_path, op_name, rank, normalise_dim
+from kvpass.patterns.fx_utils import arg, module_path, normalise_dim, op_name, rank
 
 
 @dataclass

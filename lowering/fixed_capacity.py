@@ -118,7 +118,7 @@ class FixedCacheSpec:
         return packed.layout_nbytes(self.layout)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse_spec(spec: str) -> FixedCacheSpec:
     return FixedCacheSpec(**json.loads(spec))
 
@@ -143,7 +143,7 @@ class SectionKinds:
     groups: tuple[str, ...]  # [B, Hkv, L / group, D] (grouped schemes' key scales)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def section_kinds(spec: FixedCacheSpec) -> SectionKinds:
     """Sorted by how dim 2 of each section grows with the length (the layout at two lengths tells)."""
     g = spec.group or 1

@@ -38,7 +38,7 @@ def _rows_view(section: torch.Tensor) -> torch.Tensor:
     return section.transpose(-1, -2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def slot_index(slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``slots`` as an int64 tensor on ``device``, made once: a step captured in a CUDA graph may not copy a
     host list to the device (the first, eager call of a fixed-capacity cache makes it)."""

@@ -9,12 +9,12 @@ import gc
 
 import pytest
 import torch
+import zoo
 from torch._subclasses.fake_tensor import FakeTensor
 from transformers import CompileConfig
 
 import kvpass
 import lowering.fixed_capacity
-import zoo
 from kvpass import _compat
 from kvpass.backend import kvpass_backend
 from lowering import packed
