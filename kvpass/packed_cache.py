@@ -50,7 +50,7 @@ class PackedLayer(CacheLayerMixin):
         torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, *args, **kwargs) -> None:
         pass  # allocated at construction, before any graph is captured
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -73,7 +73,9 @@ class PackedLayer(CacheLayerMixin):
         torch.ops.kvpass.fixed_cache_write(self.buffer, positions, key_states, value_states, self.spec_json)
         return torch.ops.kvpass.fixed_cache_read(self.buffer, positions, key_states, value_states, self.spec_json)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, *args) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the model's mask: the whole capacity (the argument, a query length or in
+        older transformers the cache positions, does not matter)."""
         return self.max_cache_len, 0
 
     def get_seq_length(self) -> torch.Tensor:
@@ -81,6 +83,8 @@ class PackedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.max_cache_len
+
+    get_max_cache_shape = get_max_length  # the same method's name in transformers releases before 5.25
 
     def reset(self) -> None:
         self.buffer.zero_()
