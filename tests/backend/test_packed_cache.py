@@ -192,3 +192,16 @@ def test_report_says_which_sites_cuda_graphs_capture():
     sites = kvpass.report().to_dict()["graphs"][0]["sites"]
     assert sites and all(s["cuda_graphs"].startswith("no: a packed DynamicCache") for s in sites), sites
     assert "[CUDA graphs: no" in str(kvpass.report())
+
+
+def test_a_site_reading_the_cache_otherwise_keeps_the_dequantized_read():
+    """GPT-2's eager attention transposes the cached keys itself: that site keeps the read and attends exactly
+    over it (same tokens, reported), rather than guessing what the transpose feeds."""
+    ids, mask = zoo.prompt(1)
+    model = zoo.build("gpt2", "eager")
+    want = generate(model, ids, mask, packed_cache(model, ids, 4, 4), new_tokens=4)
+    model.forward = torch.compile(model.forward, backend="kvpass", options=EAGER)
+    assert torch.equal(generate(model, ids, mask, packed_cache(model, ids, 4, 4), new_tokens=4), want)
+    sites = kvpass.report().sites
+    assert sites and all(s.lowering.startswith("FALLBACK to exact over the dequantized cache")
+                         and "also read by transpose" in s.lowering for s in sites), str(kvpass.report())
