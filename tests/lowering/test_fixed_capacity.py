@@ -160,3 +160,25 @@ def test_spec_refuses_a_capacity_off_the_grid():
 def test_buffer_bytes_are_the_layout_bytes(kv_bits):
     spec = spec_for(kv_bits)
     assert fc.allocate(spec, "cpu").untyped_storage().nbytes() == packed.layout_nbytes(spec.layout) == spec.nbytes
+
+
+@pytest.mark.parametrize("kv_bits", [8, "fp8", 4, "aligned"], ids=str)
+@pytest.mark.parametrize("kv_len", [40, 100])
+def test_decode_kernel_over_the_capacity_equals_it_over_the_length_in_bf16(kv_bits, kv_len):
+    """bf16, D=64 (int8 / int4 score keys by their query splits there): the kernel over the capacity under the
+    mask ``decode_operands`` builds gives what it gives over the general path's sections of the same tokens."""
+    if packed_kernel_unavailable():
+        pytest.skip("the kernel needs TRITON_INTERPRET=1 on the CPU")
+    problem = kt.make_problem(batch=2, q_heads=8, kv_heads=2, q_len=1, kv_len=kv_len, head_dim=64,
+                              dtype=torch.bfloat16, mask="bool", mask_causal=True, left_pad=(0, 5), seed=kv_len)
+    spec = spec_for(kv_bits, batch=2, dim=64, dtype=torch.bfloat16)
+    buffer, positions = write_chunks(spec, problem.k, problem.v, [kv_len - 1, 1])
+    mask = torch.nn.functional.pad(problem.attn_mask, (0, CAPACITY - kv_len), value=False)
+    state, length, kernel_mask = fc.decode_operands(problem.q, buffer, positions, mask, spec)
+    out = kernel_decode_attention(spec.scheme, problem.q, state, length, kernel_mask)
+    general = packed.allocate(spec.layout_at(kv_len), "cpu")[1]
+    spec.scheme.append(None, 0, problem.k, problem.v, general)
+    want = kernel_decode_attention(spec.scheme, problem.q, general, kv_len, problem.attn_mask)
+    # the same tokens and kernel; only the split of the keys may differ (more of them over the capacity): at most
+    # a bf16 rounding of the merged output apart (identical under the interpreter)
+    torch.testing.assert_close(out, want, atol=2.0 ** -9, rtol=2.0 ** -7)
