@@ -109,11 +109,11 @@ class FixedCacheSpec:
     def layout_at(self, length: int) -> packed.Layout:
         return self.scheme.layout(self.batch, self.kv_heads, length, self.k_dim, self.v_dim, self.torch_dtype)
 
-    @property
+    @functools.cached_property  # each op call views the buffer by it: computed once per spec
     def layout(self) -> packed.Layout:
         return self.layout_at(self.stored_length)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return packed.layout_nbytes(self.layout)
 
