@@ -147,6 +147,9 @@ class SectionKinds:
 def section_kinds(spec: FixedCacheSpec) -> SectionKinds:
     """Sorted by how dim 2 of each section grows with the length (the layout at two lengths tells)."""
     g = spec.group or 1
+    if g % token_blocks.TOKENS and g != 1:
+        raise ValueError(f"storage scheme {spec.scheme.name!r}: a key group of {g} tokens is not whole value blocks "
+                         f"of {token_blocks.TOKENS}, which fixed-capacity writes copy as such")
     a, b = spec.layout_at(4 * token_blocks.TOKENS * g), spec.layout_at(8 * token_blocks.TOKENS * g)
     rows, blocks, groups = [], [], []
     for name, (shape, _) in a.items():
@@ -174,7 +177,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _scatter(dst: State, src: State, tokens: torch.Tensor, groups: torch.Tensor | None, spec: FixedCacheSpec,
              n_tokens: int) -> None:
     """Sections ``src`` (the layout of ``n_tokens`` tokens) into ``dst`` at token indices ``tokens`` (int64
-    [n_tokens]) and, for group sections, group indices ``groups``."""
+    [n_tokens]) and, for a grouped scheme's window of whole groups, group indices ``groups``."""
     kinds = section_kinds(spec)
     for name in kinds.rows:
         _bytes(dst[name]).index_copy_(2, tokens, _bytes(src[name]))
@@ -182,6 +185,11 @@ def _scatter(dst: State, src: State, tokens: torch.Tensor, groups: torch.Tensor 
         dst[name].index_copy_(2, groups, src[name])
     slots = _value_slots(spec)
     for name in kinds.blocks:
+        if groups is not None:  # whole groups, so whole blocks (a group is a multiple of the block's tokens)
+            per_group = spec.group // token_blocks.TOKENS
+            block = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).flatten()
+            _bytes(dst[name]).index_copy_(2, block, _bytes(src[name]))
+            continue
         rows = token_blocks.read_rows(src[name], n_tokens, slots)
         slot = tokens % token_blocks.TOKENS
         if slots is not None:
