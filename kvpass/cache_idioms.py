@@ -7,8 +7,8 @@ given the K (or V) node as attention reads it after GQA expansion is stripped. T
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from torch import fx
 
@@ -104,3 +104,18 @@ def buffer_index_put(kv: fx.Node) -> CacheUpdate | None:
             return CacheUpdate("buffer_index_put", past=buffer, new=arg(user, 2, "values"), written=buffer,
                                positions=None)
     return None
+
+
+# torch.ops.kvpass.fixed_cache_read as Dynamo records it (the op packet) or as built by hand (its overload).
+READ_OPS = ("fixed_cache_read", "fixed_cache_read.default")
+
+
+@register_cache_idiom("kvpass_packed_cache")
+def kvpass_packed_cache(kv: fx.Node) -> CacheUpdate | None:
+    """PackedCache (``kvpass/packed_cache.py``): ``keys, values = fixed_cache_read(buffer, positions,
+    new_k, new_v, spec)`` after ``fixed_cache_write`` stored the new tokens in the layer's fixed buffer."""
+    if op_name(kv) != "getitem" or op_name(kv.args[0]) not in READ_OPS:
+        return None
+    read = kv.args[0]
+    return CacheUpdate("kvpass_packed_cache", past=read.args[0], new=read.args[2 + kv.args[1]], written=kv,
+                       positions=read.args[1])

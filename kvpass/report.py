@@ -44,6 +44,20 @@ class SiteRecord:
     lowering: str = ""  # how the rewritten op runs
     reason: str = ""  # why the site was left, or notes (GQA expansion stripped, other cache readers)
 
+    @property
+    def cuda_graphs(self) -> str:
+        """Whether this site can run under CUDA graphs (``mode="reduce-overhead"``): "yes", or "no: why"."""
+        return capturability(self)
+
+
+def capturability(s: SiteRecord) -> str:
+    if s.status == REWRITTEN and s.lowering.startswith("cache_attention"):
+        return ("no: a packed DynamicCache's slots change shape every step and its buffer grows inside the op "
+                "(PackedCache is the capturable packed cache)")
+    if s.cache == "dynamic_cache_cat":
+        return "no: a DynamicCache grows by cat, a new shape every step (StaticCache or PackedCache capture)"
+    return "yes"
+
 
 @dataclass
 class GraphRecord:
@@ -70,7 +84,11 @@ class Report:
         return [s for s in self.sites if s.status == LEFT]
 
     def to_dict(self) -> dict:
-        return {"graphs": [asdict(g) for g in self.graphs]}
+        graphs = [asdict(g) for g in self.graphs]
+        for g, record in zip(graphs, self.graphs):
+            for site, s in zip(g["sites"], record.sites):
+                site["cuda_graphs"] = s.cuda_graphs
+        return {"graphs": graphs}
 
     def __str__(self) -> str:
         if not self.graphs:
@@ -87,7 +105,8 @@ class Report:
             lines.append(_graph_header(g))
             groups: dict[tuple, list[str]] = {}
             for s in g.sites:
-                groups.setdefault((s.pattern, s.cache, s.status, _outcome(s)), []).append(s.module or "?")
+                outcome = f"{_outcome(s)} [CUDA graphs: {s.cuda_graphs}]"
+                groups.setdefault((s.pattern, s.cache, s.status, outcome), []).append(s.module or "?")
             for (pattern, cache, status, outcome), modules in groups.items():
                 lines.append(f"  {len(modules):3d} x {fold_modules(modules)}  {pattern}  {cache}  {status}  {outcome}")
         return "\n".join(lines)
@@ -135,7 +154,8 @@ def _ranges(values: list[int]) -> str:
 
 def format_graph(g: GraphRecord) -> str:
     header = ("#", "module", "pattern", "cache", "status", "variant / lowering or reason")
-    rows = [(str(s.index), s.module or "?", s.pattern, s.cache, s.status, _outcome(s)) for s in g.sites]
+    rows = [(str(s.index), s.module or "?", s.pattern, s.cache, s.status,
+             f"{_outcome(s)} [CUDA graphs: {s.cuda_graphs}]") for s in g.sites]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = [_graph_header(g)]
     for r in [header, *rows]:

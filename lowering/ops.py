@@ -2,7 +2,8 @@
 Inductor trace them through their fake implementations (dynamic sequence lengths included).
 
 Registration only: each op's body is one call into the layer that implements it (exact attention:
-``lowering.attention.exact``; a packed cache's step: ``lowering.formats.cache_step``). Importing this module
+``lowering.attention.exact``; a packed cache's step: ``lowering.formats.cache_step``; the fixed-capacity
+cache's write, read and attention: ``lowering.formats.fixed_capacity``). Importing this module
 registers the ops; ``kvpass.variants`` imports it, and nothing else should.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowering.attention import exact
-from lowering.formats import cache_step
+from lowering.formats import cache_step, fixed_capacity
 
 
 @torch.library.custom_op("kvpass::attention", mutates_args=())
@@ -46,3 +47,43 @@ def cache_attention(q: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
 def _cache_attention_fake(q, past_k, past_v, new_k, new_v, attn_mask, is_causal, scale, spec, site):
     return (q.new_empty((*q.shape[:-1], new_v.shape[-1])), q.new_empty(1, dtype=torch.uint8),
             q.new_empty(1, dtype=torch.uint8))
+
+
+@torch.library.custom_op("kvpass::fixed_cache_write", mutates_args=("buffer",))
+def fixed_cache_write(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                      spec: str) -> None:
+    """Store new_k, new_v [B, Hkv, n, D] at ``positions`` (int64 [n]) of the layer's fixed buffer."""
+    fixed_capacity.write(buffer, positions, new_k, new_v, fixed_capacity.parse_spec(spec))
+
+
+@fixed_cache_write.register_fake
+def _fixed_cache_write_fake(buffer, positions, new_k, new_v, spec):
+    return None
+
+
+@torch.library.custom_op("kvpass::fixed_cache_read", mutates_args=())
+def fixed_cache_read(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                     spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache as full-precision keys and values [B, Hkv, capacity, D] (``read``)."""
+    return fixed_capacity.read(buffer, positions, new_k, new_v, fixed_capacity.parse_spec(spec))
+
+
+@fixed_cache_read.register_fake
+def _fixed_cache_read_fake(buffer, positions, new_k, new_v, spec):
+    s = fixed_capacity.parse_spec(spec)
+    return (new_k.new_empty((s.batch, s.kv_heads, s.capacity, s.k_dim)),
+            new_v.new_empty((s.batch, s.kv_heads, s.capacity, s.v_dim)))
+
+
+@torch.library.custom_op("kvpass::fixed_cache_attention", mutates_args=())
+def fixed_cache_attention(q: torch.Tensor, buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor,
+                          new_v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+                          spec: str) -> torch.Tensor:
+    """Attention of q [B, Hq, Lq, D] over the packed buffer, under the model's mask over the capacity."""
+    return fixed_capacity.attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale,
+                                    fixed_capacity.parse_spec(spec))
+
+
+@fixed_cache_attention.register_fake
+def _fixed_cache_attention_fake(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec):
+    return q.new_empty((*q.shape[:-1], fixed_capacity.parse_spec(spec).v_dim))

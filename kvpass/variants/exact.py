@@ -14,10 +14,18 @@ import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass.options import KVPassOptions
 from kvpass.sites import Site
 from kvpass.variants import register_variant
+from kvpass.variants.fixed_capacity import IDIOM as PACKED_CACHE_IDIOM
+from kvpass.variants.fixed_capacity import rewrite_fixed_capacity
 
 
 @register_variant("exact", applies=lambda options: options.is_exact)
 def rewrite_exact(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
+    if site.cache_idiom == PACKED_CACHE_IDIOM:  # a PackedCache brings its own storage
+        return rewrite_fixed_capacity(graph, site, options, attend_exactly)
+    return attend_exactly(graph, site, options)
+
+
+def attend_exactly(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
     m = site.match
     with graph.inserting_before(m.output):
         new = graph.call_function(

@@ -22,7 +22,9 @@ import lowering.ops  # noqa: F401  (registers torch.ops.kvpass.*)
 from kvpass.options import KVPassOptions
 from kvpass.sites import Site
 from kvpass.variants import register_variant
-from kvpass.variants.exact import rewrite_exact
+from kvpass.variants.exact import attend_exactly, rewrite_exact
+from kvpass.variants.fixed_capacity import IDIOM as PACKED_CACHE_IDIOM
+from kvpass.variants.fixed_capacity import rewrite_fixed_capacity
 from lowering.core.packed import slot_view
 from lowering.formats import FormatSpec
 from lowering.formats.early_exit import resolve_tolerance
@@ -55,6 +57,8 @@ def spec_of(options: KVPassOptions) -> str:
 
 @register_variant("packed", applies=lambda options: not options.is_exact)
 def rewrite_packed(graph: fx.Graph, site: Site, options: KVPassOptions) -> str:
+    if site.cache_idiom == PACKED_CACHE_IDIOM:  # a PackedCache brings its own storage
+        return rewrite_fixed_capacity(graph, site, options, attend_exactly)
     reason = unsupported_reason(site)
     if reason is not None:
         return f"FALLBACK to exact ({rewrite_exact(graph, site, options)}): {reason}"

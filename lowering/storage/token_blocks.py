@@ -14,6 +14,8 @@ through ``write_rows`` / ``read_rows``; kernels compute the same offsets
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lowering.core.packed import MOVED_AS_BYTES, copy_unless_same
@@ -35,13 +37,20 @@ def _rows_view(section: torch.Tensor) -> torch.Tensor:
     return section.transpose(-1, -2)
 
 
+@functools.cache
+def slot_index(slots: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``slots`` as an int64 tensor on ``device``, made once: a step captured in a CUDA graph may not copy a
+    host list to the device (the first, eager call of a fixed-capacity cache makes it)."""
+    return torch.tensor(slots, device=device)
+
+
 def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor, slots=None) -> None:
     """Rows [B, H, n, D] into tokens start .. start + n - 1 of ``section`` (token t at slot ``slots[t % T]``)."""
     n = rows.shape[2]
     if n == 0:
         return
     tokens = torch.arange(start, start + n, device=section.device)
-    slot = tokens % TOKENS if slots is None else torch.tensor(slots, device=section.device)[tokens % TOKENS]
+    slot = tokens % TOKENS if slots is None else slot_index(tuple(slots), section.device)[tokens % TOKENS]
     rows = rows.to(section.dtype)
     if section.dtype in MOVED_AS_BYTES:
         section, rows = section.view(torch.uint8), rows.view(torch.uint8)
@@ -52,7 +61,7 @@ def read_rows(section: torch.Tensor, length: int, slots=None) -> torch.Tensor:
     """The first ``length`` token rows, [B, H, length, D] (a copy; ``slots`` as ``write_rows``')."""
     B, H, nblk, D, T = section.shape
     raw = section.view(torch.uint8) if section.dtype in MOVED_AS_BYTES else section
-    tokens = _rows_view(raw) if slots is None else _rows_view(raw)[:, :, :, list(slots)]
+    tokens = _rows_view(raw) if slots is None else _rows_view(raw)[:, :, :, slot_index(tuple(slots), raw.device)]
     rows = tokens.reshape(B, H, nblk * T, D)[:, :, :length]
     return rows.view(section.dtype) if raw is not section else rows
 

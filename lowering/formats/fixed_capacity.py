@@ -1,0 +1,323 @@
+"""Packed caches on fixed-capacity buffers: writes at device positions, attention over the whole capacity.
+
+The general packed path (``lowering.formats.cache_step``) grows its buffer on the host's count of tokens;
+this one keeps one flat ``uint8`` buffer per layer laid out once for ``capacity`` tokens (a layout of the
+storage scheme, ``lowering/storage``), so a decode step is device work of fixed shapes: the write position is
+a device tensor, nothing is reallocated, nothing is read back to the host, and CUDA graphs capture it. The
+model's mask hides what is not written yet (static-cache semantics: HF's mask spans the capacity).
+
+Ops (``torch.ops.kvpass.*``, registered with their fake implementations in ``lowering/ops.py``):
+
+- ``fixed_cache_write(buffer, positions, new_k, new_v, spec)``: store new_k, new_v [B, Hkv, n, D] at the
+  token positions ``positions`` (int64 [n], consecutive, starting at the cache's length); mutates ``buffer``.
+- ``fixed_cache_read(buffer, positions, new_k, new_v, spec) -> (k, v)``: the cache as the model's
+  full-precision [B, Hkv, capacity, D] keys and values (eager semantics: correct without kvpass compiling,
+  and slow: it dequantizes the whole capacity every call).
+- ``fixed_cache_attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec)``: what
+  the backend puts in place of the read and the attention (``kvpass/variants/fixed_capacity.py``).
+
+Semantics, equal to the general path's (``lowering/formats/dense.py``): a prefill-length write (more than
+``MAX_DECODE_QUERY_LEN`` tokens) is attended with its own tokens at full precision and the earlier ones as
+stored; a decode-length write is attended as stored (the scheme's decode attention: the fused kernel on
+CUDA, dequantize + SDPA elsewhere). One difference: a prefill-length write after earlier tokens (chunked
+prefill) reads those earlier tokens as stored once the write completes their int4 group, where the general
+path reads them from its old full-precision residual.
+
+Grouped schemes (int4 KIVI: keys per channel over ``scheme.group`` tokens, a full-precision residual for the
+open group) on fixed buffers: the code sections cover ``capacity + group`` tokens (the last group is a
+scratch target for window groups past the capacity) and the residual section holds ``group - 1`` rows, the
+open group's. A write of n tokens at s rebuilds, at full precision, the window of the ``window_groups(n)``
+groups from s's group on (the residual rows before s, the new rows, zeros after) and quantizes all of them
+(``scheme.append`` on the window, so the codes are the general path's bit for bit), scatters them into the
+code sections, and keeps the rows of the group now open as the residual. A group's codes are final once
+its last token is written; until then attention reads that group from the residual, so the codes written
+for partial groups are never read (the mask the kernel gets hides them).
+
+Not on fixed buffers yet (design of the next step; the general path serves them meanwhile):
+
+- Budgeted policies (``policy``, ``budget``): the buffer laid out for ``budget`` slots per KV head plus a
+  position table int64 [B, Hkv, budget] (-1: empty) and the policy's scores [B, Hkv, budget] in the same
+  buffer. A decode write picks its slot on the device (an argmin over the policy's keep-priority: streaming the
+  oldest non-sink, H2O the smallest accumulated weight, SnapKV/ASL a ring over the newest half) and stores the
+  token there with ``index_copy_`` at that device index (int4 then stores keys per token, as ``int4_rows``
+  does); the kernel's mask is the model's mask gathered at the kept positions ([b, h, Lq, budget]), so the
+  decode kernel reads ``budget`` slots whatever the length. The prefill's selection (SnapKV's top-k of the
+  window's scores) is ``topk`` with k = budget: fixed shapes for a given prompt length. ADORE: its cold int8
+  store laid out for the capacity, and a fixed number r of rebuilt tokens per step (top-r of the cold scores).
+- Early exit: block summaries (per 64-key block key min/max and value norm) laid out for ``capacity / 64``
+  blocks; a write recomputes the summaries of the blocks it touches from their stored rows (fixed shape); blocks
+  past the length are empty under the mask.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lowering.core import packed
+from lowering.core.limits import MAX_DECODE_QUERY_LEN
+from lowering.core.packed import MOVED_AS_BYTES
+from lowering.core.reference import exact_attention
+from lowering.formats import launch
+from lowering.storage import State, StorageScheme, scheme_for, token_blocks
+
+CAPACITY_MULTIPLE = 64  # capacities are whole 16-token value blocks and 32-token key groups (int4)
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
+
+
+@dataclass(frozen=True)
+class FixedCacheSpec:
+    """One layer's fixed-capacity packed cache: the op's ``spec`` argument (``to_json``)."""
+
+    kv_bits: int | str
+    batch: int
+    kv_heads: int
+    capacity: int  # tokens, a multiple of CAPACITY_MULTIPLE: the length of the model's mask
+    k_dim: int
+    v_dim: int
+    dtype: str  # the model's, "torch.bfloat16"
+
+    def __post_init__(self):
+        if self.capacity <= 0 or self.capacity % CAPACITY_MULTIPLE:
+            raise ValueError(f"capacity must be a positive multiple of {CAPACITY_MULTIPLE}, got {self.capacity}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def scheme(self) -> StorageScheme:
+        return scheme_for(self.kv_bits)
+
+    @property
+    def group(self) -> int | None:
+        """Tokens per key group of a grouped scheme (int4), None for per-token schemes."""
+        return getattr(self.scheme, "group", None)
+
+    @property
+    def stored_length(self) -> int:
+        """The length the scheme's layout is taken at: the capacity, or for a grouped scheme the capacity plus
+        one scratch group in the code sections and ``group - 1`` residual rows."""
+        g = self.group
+        return self.capacity if g is None else self.capacity + 2 * g - 1
+
+    def layout_at(self, length: int) -> packed.Layout:
+        return self.scheme.layout(self.batch, self.kv_heads, length, self.k_dim, self.v_dim, self.torch_dtype)
+
+    @functools.cached_property  # each op call views the buffer by it: computed once per spec
+    def layout(self) -> packed.Layout:
+        return self.layout_at(self.stored_length)
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        return packed.layout_nbytes(self.layout)
+
+
+@functools.cache
+def parse_spec(spec: str) -> FixedCacheSpec:
+    return FixedCacheSpec(**json.loads(spec))
+
+
+def allocate(spec: FixedCacheSpec, device: torch.device | str) -> torch.Tensor:
+    """The layer's buffer, zeroed: never-written rows and partial groups hold finite numbers, so a kernel
+    that multiplies a masked key's value by a zero weight never meets a NaN."""
+    return torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
+
+
+def window_groups(n: int, group: int) -> int:
+    """Groups that n consecutive tokens can touch, wherever they start."""
+    return (n + group - 2) // group + 1
+
+
+# ---- section kinds: which sections hold one row per token, which 16-token blocks ---------------------------
+
+@dataclass(frozen=True)
+class SectionKinds:
+    rows: tuple[str, ...]  # [B, Hkv, L, ...]
+    blocks: tuple[str, ...]  # token_blocks: [B, Hkv, ceil(L / 16), D, 16]
+    groups: tuple[str, ...]  # [B, Hkv, L / group, D] (grouped schemes' key scales)
+
+
+@functools.cache
+def section_kinds(spec: FixedCacheSpec) -> SectionKinds:
+    """Sorted by how dim 2 of each section grows with the length (the layout at two lengths tells)."""
+    g = spec.group or 1
+    if g % token_blocks.TOKENS and g != 1:
+        raise ValueError(f"storage scheme {spec.scheme.name!r}: a key group of {g} tokens is not whole value blocks "
+                         f"of {token_blocks.TOKENS}, which fixed-capacity writes copy as such")
+    a, b = spec.layout_at(4 * token_blocks.TOKENS * g), spec.layout_at(8 * token_blocks.TOKENS * g)
+    rows, blocks, groups = [], [], []
+    for name, (shape, _) in a.items():
+        ratio = b[name][0][2] / max(1, shape[2])
+        if len(shape) == 5 and shape[-1] == token_blocks.TOKENS:
+            blocks.append(name)
+        elif ratio == 2 and shape[2] == 4 * token_blocks.TOKENS * g:
+            rows.append(name)
+        elif ratio == 2 and shape[2] == 4 * token_blocks.TOKENS:
+            groups.append(name)
+        elif not name.endswith("_res"):
+            raise ValueError(f"storage scheme {spec.scheme.name!r}: section {name!r} {shape} of unknown kind")
+    return SectionKinds(tuple(rows), tuple(blocks), tuple(groups))
+
+
+def _value_slots(spec: FixedCacheSpec):
+    return getattr(spec.scheme, "VALUE_SLOTS", None)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """float8 sections move as bytes (no index_copy kernels for float8 everywhere), exactly."""
+    return t.view(torch.uint8) if t.dtype in MOVED_AS_BYTES else t
+
+
+def _scatter(dst: State, src: State, tokens: torch.Tensor, groups: torch.Tensor | None, spec: FixedCacheSpec,
+             n_tokens: int) -> None:
+    """Sections ``src`` (the layout of ``n_tokens`` tokens) into ``dst`` at token indices ``tokens`` (int64
+    [n_tokens]) and, for a grouped scheme's window of whole groups, group indices ``groups``."""
+    kinds = section_kinds(spec)
+    for name in kinds.rows:
+        _bytes(dst[name]).index_copy_(2, tokens, _bytes(src[name]))
+    for name in kinds.groups:
+        dst[name].index_copy_(2, groups, src[name])
+    slots = _value_slots(spec)
+    for name in kinds.blocks:
+        if groups is not None:  # whole groups, so whole blocks (a group is a multiple of the block's tokens)
+            per_group = spec.group // token_blocks.TOKENS
+            block = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).flatten()
+            _bytes(dst[name]).index_copy_(2, block, _bytes(src[name]))
+            continue
+        rows = token_blocks.read_rows(src[name], n_tokens, slots)
+        slot = tokens % token_blocks.TOKENS
+        if slots is not None:
+            slot = token_blocks.slot_index(tuple(slots), tokens.device)[slot]
+        _bytes(dst[name]).transpose(-1, -2)[:, :, tokens // token_blocks.TOKENS, slot] = _bytes(rows)
+
+
+def _fresh_sections(spec: FixedCacheSpec, length: int, device) -> State:
+    return packed.allocate(spec.layout_at(length), device)[1]
+
+
+def write(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+          spec: FixedCacheSpec) -> None:
+    state = packed.views(buffer, spec.layout)
+    n = new_k.shape[2]
+    if spec.group is None:
+        rows = _fresh_sections(spec, n, buffer.device)
+        launch.append(spec.scheme, None, 0, new_k, new_v, rows)
+        _scatter(state, rows, positions, None, spec, n)
+        return
+    g = spec.group
+    window_k, window_v, first = _window(state, positions, new_k, new_v, g)
+    span = window_groups(n, g) * g
+    groups = _fresh_sections(spec, span, buffer.device)
+    launch.append(spec.scheme, None, 0, window_k, window_v, groups)
+    group_index = first + torch.arange(span // g, device=buffer.device)
+    scratch = spec.capacity // g  # the code sections' last group
+    group_index = torch.where(group_index < scratch, group_index, scratch)
+    tokens = (group_index[:, None] * g + torch.arange(g, device=buffer.device)).flatten()
+    _scatter(state, groups, tokens, group_index, spec, span)
+    # the residual: the rows of the group open after the write (none valid when the write ended a group)
+    opened = (positions[-1] + 1) // g - first
+    rows = (opened * g + torch.arange(g - 1, device=buffer.device)).clamp(max=span - 1)
+    state["k_res"].copy_(window_k.index_select(2, rows))
+    state["v_res"].copy_(window_v.index_select(2, rows))
+
+
+def _window(state: State, positions, new_k, new_v, g: int):
+    """Full-precision rows of the groups the write touches ([B, Hkv, window_groups(n) * g, D] each) and the
+    first group's index (device scalar): residual rows before the write, the new rows, zeros after."""
+    n = new_k.shape[2]
+    span = window_groups(n, g) * g
+    start = positions[0]
+    first = start // g
+    at = first * g + torch.arange(span, device=positions.device)  # window row -> token position
+    rel = at - start
+    from_new = ((rel >= 0) & (rel < n))[:, None]
+    from_res = (at < start)[:, None]
+    new_rows = rel.clamp(0, n - 1)
+    res_rows = (at - first * g).clamp(max=g - 2)
+    out = []
+    for new, res in ((new_k, state["k_res"]), (new_v, state["v_res"])):
+        taken = torch.where(from_new, new.index_select(2, new_rows),
+                            torch.where(from_res, res.index_select(2, res_rows).to(new.dtype), 0))
+        out.append(taken)
+    return out[0], out[1], first
+
+
+def read(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+         spec: FixedCacheSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [B, Hkv, capacity, D] in the model's dtype, position by position (unwritten
+    positions hold finite garbage the mask hides); a prefill-length write's own rows at full precision."""
+    state = packed.views(buffer, spec.layout)
+    dtype, c, g = spec.torch_dtype, spec.capacity, spec.group
+    k, v = spec.scheme.dequantize(state, spec.stored_length, dtype)
+    k, v = k[:, :, :c], v[:, :, :c]
+    if g is not None:  # the open group's positions from the residual rows
+        opened = (positions[-1] + 1) // g
+        at = torch.arange(c, device=buffer.device)
+        is_open = (at // g == opened)[:, None]
+        rows = (at - opened * g).clamp(0, g - 2)
+        k = torch.where(is_open, state["k_res"].index_select(2, rows).to(dtype), k)
+        v = torch.where(is_open, state["v_res"].index_select(2, rows).to(dtype), v)
+    if new_k.shape[2] > MAX_DECODE_QUERY_LEN:
+        k, v = k.index_copy(2, positions, new_k.to(dtype)), v.index_copy(2, positions, new_v.to(dtype))
+    return _own(k, buffer), _own(v, buffer)
+
+
+def _own(t: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and not a view of ``buffer`` (an op may not return an alias of its input: 16-bit
+    storage dequantizes to views of it)."""
+    if t.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.contiguous()
+
+
+def _masked_value(mask: torch.Tensor):
+    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+
+
+def positional_mask(q: torch.Tensor, positions: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Bool [1, 1, Lq, capacity]: query i (at position positions[i]) sees positions <= its own."""
+    at = torch.arange(capacity, device=q.device)
+    return (at[None, :] <= positions[:, None])[None, None]
+
+
+def kernel_mask(mask: torch.Tensor, positions: torch.Tensor, spec: FixedCacheSpec) -> torch.Tensor:
+    """The model's mask over the capacity ([b, h, Lq, capacity]) as a grouped scheme's decode attention
+    reads the stored sections: code positions of the open group hidden, the scratch group hidden, then the
+    ``group - 1`` residual rows, each under the mask of its position while written (positions < length)."""
+    g, c = spec.group, spec.capacity
+    length = positions[-1] + 1
+    opened = length // g
+    at = torch.arange(c, device=mask.device)
+    masked = _masked_value(mask)
+    codes = torch.where(at // g == opened, masked, mask)
+    rows = opened * g + torch.arange(g - 1, device=mask.device)
+    residual = torch.where(rows < length, mask.index_select(-1, rows.clamp(max=c - 1)), masked)
+    scratch = torch.full((*mask.shape[:-1], g), masked, dtype=mask.dtype, device=mask.device)
+    return torch.cat([codes, scratch, residual], -1)
+
+
+def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec: FixedCacheSpec):
+    """q [B, Hq, Lq, D] over the cache (written already, this step's tokens included) -> [B, Hq, Lq, Dv]."""
+    if is_causal or q.shape[2] > MAX_DECODE_QUERY_LEN:
+        k, v = read(buffer, positions, new_k, new_v, spec)
+        return exact_attention(q, k, v, attn_mask, is_causal, scale, q.shape[1] != spec.kv_heads)
+    state, length, mask = decode_operands(q, buffer, positions, attn_mask, spec)
+    return launch.decode_attention(spec.scheme, q, state, length, mask, scale).contiguous()
+
+
+def decode_operands(q, buffer, positions, attn_mask, spec: FixedCacheSpec):
+    """(sections, stored length, mask over them) a scheme's ``decode_attention`` takes for a decode-length
+    query: the whole capacity under the model's mask (a positional causal one where the model gave none)."""
+    if attn_mask is None:
+        attn_mask = positional_mask(q, positions, spec.capacity)
+    if spec.group is not None:
+        attn_mask = kernel_mask(attn_mask, positions, spec)
+    return packed.views(buffer, spec.layout), spec.stored_length, attn_mask
