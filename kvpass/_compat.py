@@ -6,9 +6,15 @@ from typing import Any, Callable
 
 from torch._dynamo.backends import registry
 from torch._dynamo.backends.debugging import aot_eager
+from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.utils import counters
 from torch._inductor import list_mode_options
 from torch._inductor.compile_fx import compile_fx
+
+try:
+    from torch._dynamo.exc import ShortenTraceback
+except ImportError:  # a torch without it: a backend's error reaches the user inside BackendCompilerFailed
+    ShortenTraceback = None
 
 
 def register_backend_once(name: str, compiler_fn: Callable[..., Any]) -> None:
@@ -47,8 +53,8 @@ def through_dynamo(error: Exception) -> Exception:
     would reach the user as a RuntimeError around our ValueError. The returned exception is both: ``except
     ValueError`` catches it at the model's call, and its message is ours.
     """
-    from torch._dynamo.exc import ShortenTraceback
-
+    if ShortenTraceback is None:
+        return error
     kind = type(error)
     passing = _PASSING.get(kind)
     if passing is None:
@@ -66,6 +72,4 @@ _PASSING: dict[type, type] = {}
 def is_compiled_wrapper(obj) -> bool:
     """Whether ``obj`` is the wrapper ``torch.compile(module)`` returns (``OptimizedModule``): its
     ``__call__`` is compiled, but other methods (``generate``) are the original module's."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
     return isinstance(obj, OptimizedModule)

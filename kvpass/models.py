@@ -7,7 +7,8 @@ on a GGUF-loaded model; so the first load copies the dequantized weights into a 
 ``LlamaForCausalLM`` and saves that (with the tokenizer) under the cache folder, and every later
 load reads the saved folder in ~0.5 s.
 
-transformers is imported inside the functions: ``import kvpass`` must not pull it in.
+This module and ``kvpass.packed_cache`` are the ones that need transformers (the ``hf`` extra); ``import
+kvpass`` never imports either, so kvpass itself does not depend on transformers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+try:
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(f"kvpass.models needs transformers ({missing}): pip install -e '.[hf]'") from missing
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +141,8 @@ def _require(module: str, pip: str) -> None:
 
 def _convert_gguf(folder: Path, gguf_file: str, dest: Path) -> None:
     """Dequantize a GGUF checkpoint and save it as a plain HF folder (weights + tokenizer) in ``dest``."""
-    _require("transformers", "'transformers>=5.17'")
     _require("gguf", "gguf accelerate")
     _require("accelerate", "accelerate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses GGUF-loaded models; a fresh model of the same class holding the same
@@ -151,9 +156,6 @@ def _convert_gguf(folder: Path, gguf_file: str, dest: Path) -> None:
 
 
 def _load_hf_folder(path: Path, *, dtype: torch.dtype, attn_implementation: str):
-    _require("transformers", "'transformers>=5.17'")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     model.eval()
@@ -167,15 +169,12 @@ def save_tiny_llama(dest: str | os.PathLike, *, seed: int = 0, num_hidden_layers
     tokens plus ``<eos>``), the folder loads through :func:`load_model` like a real one, in well
     under a second.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab["<eos>"] = len(vocab)
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
