@@ -11,17 +11,18 @@ and answers again. Prints a summary table first (answers, prefill time, decode t
 measured from the returned cache's tensors), then where the packed cache's bytes go
 (``kvpass.stats()``), then ``kvpass.report().summary()``: one line per kind of attention site.
 
-Why fp8, and what to expect on a CPU: fp8 (e4m3) codes with per-token scales hold the 1.5k-token cache
-in about a quarter of the float32 bytes with the same answer (int8 holds as many bytes:
-``--options '{"kv_bits": 8, "compiler": "eager"}'``). Decode on this CPU is slower than eager (0.55-0.71x its
-tokens/s in two runs here), not faster: eager copies its whole cache per layer and token (HF's
-DynamicCache ``torch.cat``) and SDPA reads it; kvpass appends one row in place and reads the codes,
-but off the GPU there is no fused kernel (that is the Triton kernel's job on CUDA), so torch converts
-the codes to fp32 every step, plus a few dozen small host ops per layer (per layer and token at 1.5k
-tokens on one core: eager's cat + SDPA 0.3-0.7 ms, kvpass's fp8 op 3-5 ms). int8 is slower still on
-the CPU: its rows are stored rotated (a Hadamard matrix), and the reference turns every cached row
-back each step (13-19 ms per layer and token). Token policies (``"policy": "snapkv"``,
-``"budget": 256``) attend over fewer tokens but select and move them with host ops per step.
+The default configuration, and what to expect on a CPU: SnapKV (``"policy": "snapkv"``) keeps 128 tokens
+per layer and KV head, those the prompt's last queries attend to most (the question at the end points at
+the pass key), stored as fp8 (e4m3) codes with per-token scales, and decodes by writing each new token over
+the evicted one in place (``"replace_in_place": True``; the default does so on CUDA only). The cache is then
+about 40x smaller than eager's and decoding reads 128 tokens instead of 1.5k, so it keeps up with eager on
+this CPU (1.07x its tokens/s in one run here, under load) although off the GPU there is no fused kernel: torch
+converts the codes to fp32 every step, plus a few dozen small host ops per layer. SnapKV finds one pass key
+asked at the end; for several keys at long contexts it loses what ADORE keeps (bench/RESULTS.md, quality at
+2048 tokens). Without a policy (``--options '{"kv_bits": "fp8", "compiler": "eager"}'``) the whole cache
+is kept, 3.7x smaller, and decode is slower than eager here (0.55-0.71x): every step converts all 1.5k
+cached rows (eager's cat + SDPA 0.3-0.7 ms per layer and token, kvpass's fp8 op 3-5 ms); int8 is slower
+still on the CPU, its rows stored rotated by a Hadamard matrix and turned back every step.
 ``--options`` switches the configuration; ``"compiler": "eager"`` keeps the compile short (Inductor
 compiles the three graphs of a generate in minutes on 2 CPU cores).
 """
@@ -48,7 +49,7 @@ from kvpass.models import load_model  # noqa: E402
 
 # Compiled without Inductor ("eager": the same kvpass rewrite run as an FX graph): Inductor compiles the
 # three graphs of a generate (prefill, first and later decode steps) in minutes on 2 CPU cores.
-DEFAULT_OPTIONS = {"kv_bits": "fp8", "compiler": "eager"}
+DEFAULT_OPTIONS = {"kv_bits": "fp8", "policy": "snapkv", "budget": 128, "replace_in_place": True, "compiler": "eager"}
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 

@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 import kvpass.testing as kt
 from kvpass.testing import make_problem
 from lowering.core.packed import allocate
+from lowering.formats import launch
 from lowering.storage import SCHEMES
 
 
@@ -38,6 +39,6 @@ def test_folded_scales_match_the_dequantized_oracle(key, problem):
     k, v = scheme.dequantize(state, problem.kv_len, torch.float32)
 
     def host(q, k, v, attn_mask=None, scale=None, is_causal=False):
-        return scheme.decode_attention(q, state, problem.kv_len, attn_mask, scale)
+        return launch.decode_attention(scheme, q, state, problem.kv_len, attn_mask, scale)
 
     kt.check_kernel(host, dataclasses.replace(problem, k=k, v=v))

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvpass.testing as kt
+from lowering import ops
 from lowering.attention.decode import launcher as decode_launcher
 from lowering.core import packed
 from lowering.formats import fixed_capacity as fc
@@ -39,7 +40,7 @@ def write_chunks(spec, k, v, chunks):
     start = 0
     for n in chunks:
         positions = torch.arange(start, start + n)
-        fc.fixed_cache_write(buffer, positions, k[:, :, start:start + n], v[:, :, start:start + n], spec.to_json())
+        ops.fixed_cache_write(buffer, positions, k[:, :, start:start + n], v[:, :, start:start + n], spec.to_json())
         start += n
     return buffer, positions
 
@@ -47,7 +48,7 @@ def write_chunks(spec, k, v, chunks):
 def stored(spec, buffer, length):
     """The cache's first ``length`` positions as a decode step reads them (no prefill overlay)."""
     one = torch.zeros(spec.batch, spec.kv_heads, 1, spec.k_dim, dtype=spec.torch_dtype)
-    k, v = fc.fixed_cache_read(buffer, torch.tensor([length - 1]), one, one, spec.to_json())
+    k, v = ops.fixed_cache_read(buffer, torch.tensor([length - 1]), one, one, spec.to_json())
     return k[:, :, :length], v[:, :, :length]
 
 
@@ -72,7 +73,7 @@ def test_write_stores_what_the_general_path_stores(kv_bits, chunks, batch, dim, 
     start = 0
     for n in chunks:  # after every write, the stored prefix equals the general path's of the same tokens
         positions = torch.arange(start, start + n)
-        fc.fixed_cache_write(buffer, positions, k[:, :, start:start + n], v[:, :, start:start + n], spec.to_json())
+        ops.fixed_cache_write(buffer, positions, k[:, :, start:start + n], v[:, :, start:start + n], spec.to_json())
         start += n
         got_k, got_v = stored(spec, buffer, start)
         want_k, want_v = general_path(spec, k[:, :, :start], v[:, :, :start])
@@ -87,7 +88,7 @@ def test_prefill_read_gives_the_written_tokens_at_full_precision(kv_bits):
     spec = spec_for(kv_bits)
     k, v = torch.randn(2, 1, 2, 40, 16).unbind(0)
     buffer, positions = write_chunks(spec, k, v, [5, 35])
-    got_k, got_v = fc.fixed_cache_read(buffer, positions, k[:, :, 5:], v[:, :, 5:], spec.to_json())
+    got_k, got_v = ops.fixed_cache_read(buffer, positions, k[:, :, 5:], v[:, :, 5:], spec.to_json())
     assert got_k.shape == (1, 2, CAPACITY, 16)
     assert torch.equal(got_k[:, :, 5:40], k[:, :, 5:]) and torch.equal(got_v[:, :, 5:40], v[:, :, 5:])
     want_k, want_v = (t[:, :, :5] for t in general_path(spec, k, v))
@@ -115,7 +116,7 @@ def decode_problem(kv_bits, q_len, kv_len, batch, seed, dtype=torch.float32):
 @settings(max_examples=10, deadline=None)
 def test_decode_attention_matches_the_float64_oracle(kv_bits, q_len, kv_len, batch, seed):
     problem, spec, buffer, positions, mask, as_stored = decode_problem(kv_bits, q_len, kv_len, batch, seed)
-    out = fc.fixed_cache_attention(problem.q, buffer, positions, problem.k[:, :, -q_len:], problem.v[:, :, -q_len:],
+    out = ops.fixed_cache_attention(problem.q, buffer, positions, problem.k[:, :, -q_len:], problem.v[:, :, -q_len:],
                                    mask, False, None, spec.to_json())
     kt.assert_attention_close(out, kt.reference_attention(as_stored), kt.tolerance_for(as_stored),
                               context=f"kv_bits={kv_bits} {problem!r}")
