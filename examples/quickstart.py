@@ -16,8 +16,8 @@ per layer and KV head, those the prompt's last queries attend to most (the quest
 the pass key), stored as fp8 (e4m3) codes with per-token scales, and decodes by writing each new token over
 the evicted one in place (``"replace_in_place": True``; the default does so on CUDA only). The cache is then
 about 40x smaller than eager's and decoding reads 128 tokens instead of 1.5k, so it keeps up with eager on
-this CPU (1.07x its tokens/s in one run here, under load) although off the GPU there is no fused kernel: torch
-converts the codes to fp32 every step, plus a few dozen small host ops per layer. SnapKV finds one pass key
+this CPU (0.93x its tokens/s idle, 1.07x in a run under load) although off the GPU there is no fused kernel:
+torch converts the codes to fp32 every step, plus about 0.8 ms of small host ops per layer and step. SnapKV finds one pass key
 asked at the end; for several keys at long contexts it loses what ADORE keeps (bench/RESULTS.md, quality at
 2048 tokens). Without a policy (``--options '{"kv_bits": "fp8", "compiler": "eager"}'``) the whole cache
 is kept, 3.7x smaller, and decode is slower than eager here (0.55-0.71x): every step converts all 1.5k
