@@ -49,6 +49,9 @@ class KVPassOptions:
         token over the evicted one in the cache's own buffer once the hot set is full
         (lowering/formats/slot_replacement.py): None (default) does so on CUDA, True everywhere, False never
         (False keeps every earlier cache state of a generation readable, at the cost of a copy per step).
+    asl_layers: with policy "asl", (first_layer, span): the first layer whose ranking may settle the selection
+        and how many layers' rankings its spread is taken over (lowering/formats/asl.py); None: the paper's
+        (10, 8), set for 32-layer models; a shallower model may want smaller values.
     """
 
     policy: str = "full"
@@ -59,6 +62,7 @@ class KVPassOptions:
     compiler: str = "inductor"
     mode: str | None = None
     replace_in_place: bool | None = None
+    asl_layers: tuple[int, int] | None = None
 
     @property
     def is_exact(self) -> bool:
@@ -87,6 +91,8 @@ def parse_options(options: Mapping[str, Any] | KVPassOptions | None) -> KVPassOp
             raise ValueError(f"unknown kvpass option(s) {unknown}; allowed: {sorted(_FIELDS)}")
         opts = KVPassOptions(**options)
     _validate(opts)
+    if isinstance(opts.asl_layers, list):  # a list from JSON or a user: the frozen options hold a tuple
+        opts = dataclasses.replace(opts, asl_layers=tuple(opts.asl_layers))
     return opts
 
 
@@ -113,3 +119,9 @@ def _validate(o: KVPassOptions) -> None:
     _check("decode_kernel", isinstance(o.decode_kernel, bool), "True or False", o.decode_kernel)
     _check("replace_in_place", o.replace_in_place is None or isinstance(o.replace_in_place, bool),
            "None, True or False", o.replace_in_place)
+    layers_ok = o.asl_layers is None or (
+        o.policy == "asl" and isinstance(o.asl_layers, (tuple, list)) and len(o.asl_layers) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in o.asl_layers)
+        and o.asl_layers[0] >= 0 and o.asl_layers[1] >= 1)
+    _check("asl_layers", layers_ok, "None, or with policy 'asl' a pair (first_layer >= 0, span >= 1) of ints",
+           o.asl_layers)

@@ -52,7 +52,8 @@ def unsupported_reason(site: Site) -> str | None:
 
 def spec_of(options: KVPassOptions) -> str:
     return FormatSpec(kv_bits=options.kv_bits, policy=options.policy, budget=options.budget,
-                      early_exit=options.early_exit, replace_in_place=options.replace_in_place).to_json()
+                      early_exit=options.early_exit, replace_in_place=options.replace_in_place,
+                      asl_layers=None if options.asl_layers is None else tuple(options.asl_layers)).to_json()
 
 
 @register_variant("packed", applies=lambda options: not options.is_exact)

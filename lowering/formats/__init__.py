@@ -31,6 +31,9 @@ class FormatSpec:
     (``lowering.attention.scored``; policies with ``fused_scoring``). ``replace_in_place``: full hot sets of
     ``replaces_in_place`` policies decode in place (``lowering/formats/slot_replacement.py``). None = on CUDA;
     True also runs the kernels on the CPU under ``TRITON_INTERPRET=1`` (tests), False the reference paths.
+    ``asl_layers``: ASL's (first layer, span) (``lowering/formats/asl.py``); None: the paper's (10, 8).
+    ``adore_lazy_cold_rows``: ADORE's decode steps convert only the cold rows they rebuild (False: every cold
+    row, each step; the same result, O(L) work: the tests compare the two).
     """
 
     kv_bits: int | str = 16
@@ -39,6 +42,12 @@ class FormatSpec:
     early_exit: float | None = None
     fused_scoring: bool | None = None
     replace_in_place: bool | None = None
+    asl_layers: tuple[int, int] | None = None
+    adore_lazy_cold_rows: bool = True
+
+    def __post_init__(self):
+        if self.asl_layers is not None:  # JSON gives a list back
+            object.__setattr__(self, "asl_layers", tuple(self.asl_layers))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

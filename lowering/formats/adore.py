@@ -39,8 +39,8 @@ fused pass reads hot keys and int8 cold codes once and the attention reuses its 
 ``lowering.attention.scored``), a sort of
 L scores, and the int8 rewrite of the cold store into the step's new buffer (the packed design copies it
 every step); attention itself reads budget tokens. Cold rows are otherwise left where they are
-(``lazy_cold_rows``): only the rebuilt ones are dequantized and stored in the hot form, and the released
-rows are spliced as int8 codes, so no step materialises the cold store at full precision (the reference
+(``FormatSpec.adore_lazy_cold_rows``): only the rebuilt ones are dequantized and stored in the hot form, and
+the released rows are spliced as int8 codes, so no step materialises the cold store at full precision (the reference
 scoring's dequantized keys aside).
 Statistics per site (``kvpass.stats()``): ``kept``, ``released``, ``rebuilt``, ``cold_bytes``.
 """
@@ -125,8 +125,8 @@ class Adore(BudgetedFormat):
     # old hot and new tokens only, the cold keys are dequantized for reference scoring alone (the fused
     # kernel reads their codes) and only the rebuilt rows are converted to the hot form, O(budget) rows per
     # step instead of O(L). A prefill over a compressed cache attends over every candidate, so it splices
-    # every cold row in; False does that on every step (the tests compare the two).
-    lazy_cold_rows = True
+    # every cold row in; ``FormatSpec.adore_lazy_cold_rows=False`` does that on every step (the tests compare
+    # the two).
 
     @property
     def recent(self) -> int:
@@ -144,7 +144,7 @@ class Adore(BudgetedFormat):
 
     def candidates(self, q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site) -> AdoreCandidates:
         """Old hot, then the cold store, then the new tokens (so ``is_new`` stays the last n). The cold rows
-        themselves stay in the cold store unless the step is a prefill or ``lazy_cold_rows`` is off (class
+        themselves stay in the cold store unless the step is a prefill or ``spec.adore_lazy_cold_rows`` is off (class
         docstring): ``c.k``, ``c.v`` and ``c.stored`` then hold the old hot and new candidates only."""
         c = super().candidates(q, old, old_length, new_k, new_v, attn_mask, is_causal, scale, site)
         n_hot = min(old_length, self.budget)  # candidates before the cold ones
@@ -161,7 +161,7 @@ class Adore(BudgetedFormat):
                                 visible=splice(c.visible, old["cold_score"] > NEVER)),
             n_hot=n_hot, n_cold=n_cold, int8=int8, cold_k=(old["cold_k"], old["cold_k_scale"]),
             cold_v=(old["cold_v"], old["cold_v_scale"]))
-        return self._splice_cold_rows(c) if c.prefill or not self.lazy_cold_rows else c
+        return self._splice_cold_rows(c) if c.prefill or not self.spec.adore_lazy_cold_rows else c
 
     def _splice_cold_rows(self, c: AdoreCandidates) -> AdoreCandidates:
         """``c`` with every cold row dequantized into ``k``, ``v`` and ``stored`` (O(L) per step)."""

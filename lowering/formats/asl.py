@@ -33,9 +33,9 @@ vector [B, L]. It assumes the layers of one forward run in order (true for HF ge
 
 Constants are the paper's for 32-layer models (Llama-3.1-8B): FIRST_LAYER 10, SPAN 8, SETTLE_RATIO 0.3,
 window 32 (at budgets from 256 up; smaller budgets take SnapKV's ``observation_window``, at most 1/8 of
-the budget, so the window never is the whole selection). The op does not see the model's depth, so they
-are class attributes: set them on ``ASL`` for a shallower model (e.g. a 30-layer SmolLM2 keeps them; a
-2-layer test model needs FIRST_LAYER <= 1).
+the budget, so the window never is the whole selection). The op does not see the model's depth, so the
+first layer and the span are the option ``asl_layers=(first_layer, span)`` (``FormatSpec.asl_layers``;
+default the paper's (10, 8): a 30-layer SmolLM2 keeps them, a 2-layer test model needs (1, 2)).
 
 Whether the rule fires on a model: ``bench/asl_rank_spread.py`` prints the ratio per layer (on SmolLM2-135M
 it never does, so ASL selects as SnapKV there; bench/RESULTS.md).
@@ -92,13 +92,12 @@ def rank_spread(ranks: list[torch.Tensor], top: int) -> torch.Tensor:
 @register_format("asl")
 class ASL(SnapKV):
     policy = "asl"
-    first_layer = FIRST_LAYER
-    span = SPAN
     settle_ratio = SETTLE_RATIO
     asl_kernel = KERNEL
 
     def __init__(self, spec, storage):
         super().__init__(spec, storage)
+        self.first_layer, self.span = (FIRST_LAYER, SPAN) if spec.asl_layers is None else spec.asl_layers
         self._threads = threading.local()  # .forward: this thread's ForwardState (module docstring)
 
     @property

@@ -6,6 +6,15 @@ import torch
 
 import kvpass
 from kvpass.options import KV_BITS, POLICIES, KVPassOptions, implemented, parse_options
+from kvpass.variants.packed import spec_of
+from lowering.formats import build_format
+
+
+def test_asl_layers_reach_the_format_spec_as_a_pair():
+    opts = parse_options({"policy": "asl", "budget": 64, "asl_layers": [3, 4]})
+    assert opts.asl_layers == (3, 4)
+    fmt = build_format(spec_of(opts))
+    assert (fmt.first_layer, fmt.span) == (3, 4)
 
 
 def test_no_options_is_exact_default():
@@ -26,6 +35,11 @@ def test_no_options_is_exact_default():
     ({"mode": "fast"}, "mode"),
     ({"compiler": "tvm"}, "compiler"),
     ({"decode_kernel": 1}, "decode_kernel"),
+    ({"policy": "snapkv", "budget": 64, "asl_layers": (1, 2)}, "asl_layers"),  # ASL's alone
+    ({"policy": "asl", "budget": 64, "asl_layers": (1,)}, "asl_layers"),
+    ({"policy": "asl", "budget": 64, "asl_layers": (-1, 2)}, "asl_layers"),
+    ({"policy": "asl", "budget": 64, "asl_layers": (1, 0)}, "asl_layers"),
+    ({"policy": "asl", "budget": 64, "asl_layers": (1.5, 2)}, "asl_layers"),
 ])
 def test_bad_option_names_key_and_allowed_values(options, key):
     with pytest.raises(ValueError, match=key) as info:

@@ -13,13 +13,11 @@ from bench.analysis.asl_rank_spread import spread_ratios  # noqa: E402
 from kvpass.models import load_model, save_tiny_llama  # noqa: E402
 
 
-def test_one_ratio_per_layer_after_the_first(tmp_path, monkeypatch):
+def test_one_ratio_per_layer_after_the_first(tmp_path):
     layers = 5
     model, _ = load_model(save_tiny_llama(tmp_path, num_hidden_layers=layers))
-    monkeypatch.setattr(asl.ASL, "first_layer", 1)
-    monkeypatch.setattr(asl.ASL, "span", 2)
     model.forward = torch.compile(model.forward, backend="kvpass",
-                                  options={"policy": "asl", "budget": 16, "compiler": "eager"})
+                                  options={"policy": "asl", "budget": 16, "asl_layers": (1, 2), "compiler": "eager"})
     ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
     ratios = spread_ratios(model, ids)
     assert len(ratios) == layers - 2  # layers 2..4 over layer 1

@@ -306,7 +306,7 @@ def test_adore_rebuilds_a_cold_token_that_becomes_dominant():
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 2 ** 16), budget=st.integers(1, 20), group=st.sampled_from([1, 2, 4]))
 def test_adore_steps_that_leave_cold_rows_in_place_equal_the_spliced_steps(kv_bits, seed, budget, group):
-    """Decode steps that convert only the rebuilt cold rows (``Adore.lazy_cold_rows``, O(budget) rows) write
+    """Decode steps that convert only the rebuilt cold rows (``FormatSpec.adore_lazy_cold_rows``, O(budget) rows) write
     the same sections bit for bit and return the same output as steps that splice every cold row into the
     candidates (O(L)): dequantizing and storing rows is per row, so the order of gather and conversion
     cannot matter. Left padding, GQA, and a 20-token chunk over the compressed cache (the prefill path,
@@ -320,9 +320,7 @@ def test_adore_steps_that_leave_cold_rows_in_place_equal_the_spliced_steps(kv_bi
         calls.append((lo, hi, mask))
     runs = {}
     for lazy in (False, True):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(adore_mod.Adore, "lazy_cold_rows", lazy)
-            runs[lazy] = run_sequence(fmt_for("adore", budget, kv_bits), q, k, v, calls)
+        runs[lazy] = run_sequence(fmt_for("adore", budget, kv_bits, adore_lazy_cold_rows=lazy), q, k, v, calls)
     for t, ((lo, hi, _), a, sa, b, sb) in enumerate(zip(calls, *runs[False], *runs[True])):
         assert torch.equal(a, b), f"kv_bits={kv_bits}, budget={budget}: output of step {t} (L={hi}) differs"
         for name in sa:
@@ -349,20 +347,21 @@ def test_snapkv_decoding_keeps_half_the_budget_recent(budget):
     assert 1 <= recent <= budget
 
 
-def test_asl_settled_ranks_give_one_selection_for_every_head_and_later_layer(monkeypatch):
+def test_asl_settled_ranks_give_one_selection_for_every_head_and_later_layer():
     """Layers 0-1 see different keys, layers 2+ the same: over a span of 2 layers the rank variance
     drops to 0 (<= 0.3 x its value at layer 1) at layer 3, the selection is taken there and every later
     layer keeps that set on every head: the top (budget - window) of the selection layer's pooled
     scores plus the window."""
-    monkeypatch.setattr(asl_mod.ASL, "first_layer", 1)
-    monkeypatch.setattr(asl_mod.ASL, "span", 2)
     B, Hkv, G, D, L, budget = 2, 2, 2, 16, 80, 40
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Hkv * G, L, D, generator=g)
     v = torch.randn(B, Hkv, L, D, generator=g)
     settled_k = torch.randn(B, Hkv, L, D, generator=g)
     mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
-    fmt = fmt_for("asl", budget)
+    fmt = fmt_for("asl", budget, asl_layers=(1, 2))
+    default = fmt_for("asl", budget)
+    assert (fmt.first_layer, fmt.span) == (1, 2) and (default.first_layer, default.span) == (asl_mod.FIRST_LAYER,
+                                                                                             asl_mod.SPAN)
     kept = []
     for layer in range(6):
         k = torch.randn(B, Hkv, L, D, generator=g) if layer < 2 else settled_k
