@@ -59,6 +59,14 @@ def time_do_bench(fn, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
     return Timing(*(x * 1e-3 for x in ms))
 
 
+# Random-weight Llama configurations of the end-to-end benches (bench/e2e/), by the real model they mimic.
+MODEL_SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256),
+}
+
 _FLUSH = {}
 
 

@@ -43,15 +43,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import kvpass
-from bench.common import environment, format_table
+from bench.common import MODEL_SHAPES, environment, format_table
 from kvpass.packed_cache import PackedCache
 
-SHAPES = {
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256),
-}
+SHAPES = {name: MODEL_SHAPES[name] for name in ("llama3.2-1b", "llama3-8b")}
 RO = {"mode": "reduce-overhead"}
 
 
