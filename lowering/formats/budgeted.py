@@ -267,6 +267,18 @@ def visible_tokens(attn_mask, is_causal, q_len: int, length: int, pos: torch.Ten
     return seen.gather(-1, pos.long())
 
 
+def visible_column(attn_mask, q_len: int, length: int, column: int, kv_heads: int, q_heads: int,
+                   device) -> torch.Tensor:
+    """``visible_tokens`` (no causal mask) of the one token at ``column`` for every (batch row, KV head),
+    bool [B|1, Hkv, 1]: a decode step's new token, from the mask's one column."""
+    if attn_mask is None:
+        return torch.ones(1, kv_heads, 1, dtype=torch.bool, device=device)
+    m = _as_4d(attn_mask)
+    m = m.expand(*m.shape[:2], q_len, length)[..., column]  # [B|1, Hq|1, Lq]
+    seen = m.any(-1) if m.dtype == torch.bool else m.amax(-1) >= MASKED_BELOW  # [B|1, Hq|1]
+    return seen.expand(seen.shape[0], q_heads).reshape(-1, kv_heads, q_heads // kv_heads).any(-1, keepdim=True)
+
+
 def select(key: torch.Tensor, hot: int, pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [B, H, N] of the keys in descending order: (first ``hot``, the rest). Equal keys: the lower
     position first given ``pos`` (slots replaced in place are out of position order), else the lower index."""

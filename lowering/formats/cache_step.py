@@ -42,22 +42,25 @@ def _sections(buffer: torch.Tensor, fmt, layout_of, length: int) -> dict[str, to
     """The sections of ``length`` tokens in ``buffer`` (laid out for their capacity where the format grows
     in place)."""
     if not getattr(fmt, "grows_in_place", False):
-        return packed.views(buffer, layout_of(length))
+        return _views(buffer, layout_of(length))
     return packed.trimmed(_capacity_views(buffer, layout_of, packed.capacity(length)), layout_of(length))
 
 
 def _capacity_views(buffer: torch.Tensor, layout_of, cap: int) -> dict[str, torch.Tensor]:
-    """``views`` of a buffer laid out for ``cap`` tokens, kept on the buffer tensor: a decode step that
-    appends in place reuses them instead of re-slicing every section (each view op costs the host
-    microseconds, per layer and step). The views hold the buffer's storage, not the tensor object, so
-    they go with it."""
-    layout = _capacity_layout(*layout_of.args, cap)
-    key = tuple(layout.items())
+    """``views`` of a buffer laid out for ``cap`` tokens (``_views``)."""
+    return _views(buffer, _capacity_layout(*layout_of.args, cap))
+
+
+def _views(buffer: torch.Tensor, layout: packed.Layout) -> dict[str, torch.Tensor]:
+    """``packed.views``, kept on the buffer tensor: a decode step on the same buffer and layout (appending
+    in place, or replacing slots of a full hot set) reuses them instead of re-slicing every section (each
+    view op costs the host microseconds, per layer and step). The views hold the buffer's storage, not the
+    tensor object, so they go with it."""
     cached = getattr(buffer, "_kvpass_views", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and (cached[0] is layout or cached[0] == layout):
         return cached[1]
     sections = packed.views(buffer, layout)
-    buffer._kvpass_views = (key, sections)
+    buffer._kvpass_views = (layout, sections)
     return sections
 
 

@@ -141,7 +141,7 @@ def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) 
     b, hq, lq, d = q.shape
     hkv = state["k_scale"].shape[1]
     query = q.float().reshape(b, hkv, hq // hkv * lq, d)  # [B, Hkv, G Lq, D]
-    keys = scheme.code_rows(state, "k", length).float()  # [B, Hkv, L, D]
+    keys = scheme.code_values(state, "k", length)  # [B, Hkv, L, D]
     softmax_scale = d ** -0.5 if scale is None else scale
     key_scale = state["k_scale"][:, :, :length].unsqueeze(-2) * softmax_scale  # [B, Hkv, 1, L]
     scores = (query @ keys.transpose(-1, -2) * key_scale).view(b, hq, lq, length)
@@ -152,7 +152,7 @@ def attend_over_products(scheme, q, state: dict, length: int, attn_mask, scale) 
     weights = torch.exp(scores - torch.where(top == -math.inf, 0.0, top))
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     weights = weights.view(b, hkv, hq // hkv * lq, length) * state["v_scale"][:, :, :length].unsqueeze(-2)
-    out = weights @ scheme.code_rows(state, "v", length).float()  # [B, Hkv, G Lq, D]
+    out = weights @ scheme.code_values(state, "v", length)  # [B, Hkv, G Lq, D]
     return out.view(b, hq, lq, d).to(q.dtype)
 
 

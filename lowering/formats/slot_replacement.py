@@ -31,7 +31,7 @@ from lowering.core import stats
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.formats import launch
-from lowering.formats.budgeted import NEVER, Candidates, take, visible_tokens
+from lowering.formats.budgeted import NEVER, Candidates, take, visible_column
 from lowering.storage import State
 
 
@@ -49,6 +49,14 @@ def put(t: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor, write: torch.Te
     write = write.reshape(*write.shape, *([1] * (t.dim() - 3)))
     src = torch.where(write, rows.to(t.dtype), take(t, slot))
     t.scatter_(2, slot.reshape(*slot.shape, *([1] * (t.dim() - 3))).expand_as(src), src)
+
+
+def overwrite(t: torch.Tensor, index: tuple, rows: torch.Tensor) -> None:
+    """t[b, h, slot[b, h]] = rows[b, h, 0] for every (b, h), in place; ``index`` = (b, h, slot) broadcastable
+    to [B, H]."""
+    if t.dtype in MOVED_AS_BYTES:
+        return overwrite(t.view(torch.uint8), index, rows.view(torch.uint8))
+    t[index] = rows[:, :, 0].to(t.dtype)
 
 
 def decode_replacing(fmt, q, state: State, old_length: int, new_k, new_v, attn_mask, is_causal, scale,
@@ -74,7 +82,7 @@ def replace_step(fmt, q, state: State, old_length: int, new_k, new_v, attn_mask,
     launch.append(fmt.storage, None, 0, new_k, new_v, new_rows)
     new_pos = torch.full((B, Hkv, 1), old_length, dtype=torch.long, device=q.device)
     old_score = state["score"]
-    visible_new = visible_tokens(attn_mask, False, q.shape[2], length, new_pos, q.shape[1])
+    visible_new = visible_column(attn_mask, q.shape[2], length, old_length, Hkv, q.shape[1], q.device).expand(B, Hkv, 1)
     c = Candidates(q, None, None, {}, torch.cat([state["pos"].long(), new_pos], 2),
                    torch.cat([old_score, old_score.new_zeros(B, Hkv, 1)], 2),
                    torch.cat([old_score > NEVER, visible_new], 2),
@@ -85,8 +93,14 @@ def replace_step(fmt, q, state: State, old_length: int, new_k, new_v, attn_mask,
     slot = dropped.clamp(max=budget - 1)[..., None]
     keeps_new = (dropped < budget)[..., None]
     old_score.copy_(score[..., :budget])  # the kept old tokens' scores as the policy updated them
-    for name, rows in {**new_rows, "pos": new_pos, "score": score[..., budget:]}.items():
-        put(state[name], slot, rows, keeps_new)
+    writes = {**new_rows, "pos": new_pos, "score": score[..., budget:]}
+    if not q.is_cuda and bool(keeps_new.all()):  # host tensors: the flag is read without a synchronisation
+        index = (torch.arange(B, device=q.device)[:, None], torch.arange(Hkv, device=q.device), slot[..., 0])
+        for name, rows in writes.items():
+            overwrite(state[name], index, rows)
+    else:
+        for name, rows in writes.items():
+            put(state[name], slot, rows, keeps_new)
     stats.add(site, "evicted", B * Hkv)
     stats.set_last(site, "kept", budget)
     return fmt.attend_kept(q, {name: state[name] for name in new_rows}, state["pos"], budget, length, attn_mask,

@@ -25,6 +25,7 @@ the two rotations (``error_bound``).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -60,8 +61,22 @@ def quantize_rows(x: torch.Tensor, qmax: float = QMAX) -> tuple[torch.Tensor, to
     return q, scale
 
 
+@functools.cache
+def _float8_values(device: torch.device) -> torch.Tensor:
+    """float32 [256]: the value of every float8 e4m3 bit pattern (two are NaN, as e4m3fn defines them)."""
+    return torch.arange(256, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
+
+
+def codes_as_float(codes: torch.Tensor) -> torch.Tensor:
+    """int8 or float8 e4m3 codes -> float32, equal to ``codes.float()``. Host float8 codes are looked up in
+    their 256 values: torch's CPU conversion from float8 goes element by element, several times slower."""
+    if codes.dtype == torch.float8_e4m3fn and not codes.is_cuda:
+        return _float8_values(codes.device).take(codes.view(torch.uint8).long())
+    return codes.float()
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+    return (codes_as_float(q) * scale.unsqueeze(-1)).to(dtype)
 
 
 def copy_old_tokens(old: State | None, old_length: int, out: State, names) -> None:
@@ -184,6 +199,10 @@ class Int8:
         self.copy_old(old, old_length, out)
         for name, x in (("k", new_k), ("v", new_v)):
             self.write_rows(name, x, out, old_length)
+
+    def code_values(self, state: State, name: str, length: int) -> torch.Tensor:
+        """``code_rows`` as float32 values (the host decode path's operand)."""
+        return codes_as_float(self.code_rows(state, name, length))
 
     def code_rows(self, state: State, name: str, length: int) -> torch.Tensor:
         """The codes of ``length`` tokens as rows [B, Hkv, length, D] (a copy where they are blocked)."""

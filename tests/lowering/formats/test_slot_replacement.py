@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import kvpass.testing as kt
 from lowering.core import packed, stats
 from lowering.formats import FormatSpec, build_format
-from lowering.formats.budgeted import gather_model_mask, select, take
+from lowering.formats.budgeted import gather_model_mask, select, take, visible_column, visible_tokens
 from lowering.formats.slot_replacement import weakest
 
 IN_PLACE_POLICIES = ["streaming", "snapkv", "asl"]
@@ -109,6 +109,29 @@ def test_weakest_is_what_select_orders_last(rows, n, levels, seed):
     pos = torch.stack([torch.randperm(1000, generator=g)[:n] for _ in range(rows)])[:, None]
     _, last = select(key, n - 1, pos)
     assert torch.equal(weakest(key, pos), last[..., 0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.integers(1, 3), q_len=st.integers(1, 3),
+       length=st.integers(1, 20), additive=st.booleans(), broadcast=st.sampled_from(["none", "heads", "rows"]),
+       seed=st.integers(0, 2 ** 16))
+def test_visible_column_is_visible_tokens_at_the_column(batch, kv_heads, group, q_len, length, additive, broadcast,
+                                                         seed):
+    """The decode step's visibility of its new token, read from one mask column, is the general step's
+    ``visible_tokens`` at that position: bool and additive masks, per-head or broadcast, rows all masked."""
+    g = torch.Generator().manual_seed(seed)
+    q_heads = kv_heads * group
+    shape = {"none": (batch, q_heads, q_len, length), "heads": (batch, 1, q_len, length),
+             "rows": (1, 1, q_len, length)}[broadcast]
+    mask = torch.rand(shape, generator=g) < 0.6
+    if additive:
+        mask = torch.where(mask, 0.0, torch.finfo(torch.float32).min)
+    column = int(torch.randint(0, length, (), generator=g))
+    pos = torch.full((batch, kv_heads, 1), column, dtype=torch.long)
+    want = visible_tokens(mask, False, q_len, length, pos, q_heads)
+    got = visible_column(mask, q_len, length, column, kv_heads, q_heads, "cpu").expand(batch, kv_heads, 1)
+    assert torch.equal(got, want)
+    assert visible_column(None, q_len, length, column, kv_heads, q_heads, "cpu").all()
 
 
 def test_a_stale_slot_of_a_rewritten_buffer_raises():

@@ -31,7 +31,7 @@ from lowering.core.packed import allocate
 from lowering.core.rotation import rotates, shifts, signs
 from lowering.formats import launch
 from lowering.storage import SCHEMES, token_blocks
-from lowering.storage.int8 import rounding_unit
+from lowering.storage.int8 import codes_as_float, rounding_unit
 
 DEVICE = kt.default_device()
 QUANTIZED = ("8", "4", "fp8", "aligned")
@@ -368,3 +368,13 @@ def test_cache_is_smaller_than_the_16_bit_one(key):
         # bytes per token and head at D=128: int8/fp8 2 (128 + 4), int4 80 + 68, aligned 2 (192 + 4)
         expected = {"8": 264, "fp8": 264, "4": 148, "aligned": 392}[key] * 8 * 4096
         assert held == expected and held < full, (key, held, full)
+
+
+def test_host_float8_codes_convert_as_torch_converts_them():
+    """``codes_as_float`` (a lookup of the 256 e4m3 values on the host) equals ``.float()`` for every bit
+    pattern, NaN where e4m3fn has NaN, in any shape."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for shaped in (codes, codes.reshape(2, 4, 32), codes.reshape(16, 16)[:, ::3]):
+        assert torch.equal(codes_as_float(shaped).nan_to_num(7.0), shaped.float().nan_to_num(7.0))
+    ints = torch.arange(-128, 128, dtype=torch.int8)
+    assert torch.equal(codes_as_float(ints), ints.float())
