@@ -51,12 +51,17 @@ class Dense:
         full_precision = str(self.spec.kv_bits) == "16"
         layer = None  # this layer's keys and values as attention sees them, when early exit needs them
         if self.tolerance is not None:
+            start = old_length
             if full_precision:
                 summarised = new_k, new_v
             else:  # summarise what attention will read: the dequantized new tokens
                 layer = self.storage.dequantize(_scheme_part(out), length, q.dtype)
-                summarised = layer[0][:, :, old_length:], layer[1][:, :, old_length:]
-            bound.update_summaries(_summary_part(old), old_length, *summarised, _summary_part(out))
+                # A grouped scheme (int4) quantizes its open group's earlier rows, until now read at full
+                # precision, once the group fills: summarise them again as codes, merged with what their
+                # block held (min / max merge, so the summaries contain both forms).
+                start = restored_from(self.storage, old_length)
+                summarised = layer[0][:, :, start:], layer[1][:, :, start:]
+            bound.update_summaries(_summary_part(old), start, *summarised, _summary_part(out))
         # SDPA's is_causal aligns the query block top-left (with a longer cache, a 1-token query sees only
         # key 0); HF passes an explicit mask whenever there is a past. Follow SDPA exactly on that path.
         if q.shape[2] > MAX_DECODE_QUERY_LEN or is_causal:
@@ -76,6 +81,13 @@ class Dense:
         if self.tolerance is not None:
             return None
         return launch.decode_in_place(self.storage, q, sections, old_length, new_k, new_v, attn_mask, scale)
+
+
+def restored_from(storage: StorageScheme, old_length: int) -> int:
+    """The first token whose stored form an append at ``old_length`` may change: the open group's first for a
+    scheme quantizing in groups of tokens (``group``), else ``old_length``."""
+    group = getattr(storage, "group", None)
+    return old_length - old_length % group if group else old_length
 
 
 def _scheme_part(state: State | None) -> State | None:
