@@ -8,7 +8,7 @@ positions the elementwise key min / max and the largest value L2 norm of the row
 reads them (dequantized; int4's open group from its residual rows).
 
 - ``update_summaries`` (after ``fixed_capacity.write``): recomputes from their stored rows the summaries of the
-  ``window_groups(n, BLOCK)`` blocks from the block of the write's first position on (one block for a decode
+  ``window_groups(n, BLOCK)`` blocks from the block of the write's first position on (one block for a one-token
   step), chosen by a device index; rows at positions >= the length count as absent. Fixed shapes, no host
   read. Recomputing rather than merging is what int4 needs: a write that completes a key group turns that
   group's rows from the residual's full precision into codes (the group lies inside one block).
@@ -18,7 +18,8 @@ reads them (dequantized; int4's open group from its residual rows).
   at or past the length hidden as well, planned with the device length (``plan_visits(written=...)``: the
   newest block first, token counts up to the length). Blocks past the length are hidden, so never read.
   Prefill-length queries attend exactly, as ``fixed_capacity.attention``. Blocks are counted in the site's
-  stats as the general path counts them: ``B * Hkv * ceil(length / BLOCK)`` in all, and those read.
+  stats as the general path counts them: ``B * Hkv * ceil(length / BLOCK)`` in all, and those read (device
+  tensors, summed on the device; not while a CUDA graph is being recorded, nor on its replays).
 
 For every scheme but int4 the summaries and the visiting plan are those of the general path over the same tokens,
 so the output is too (up to the rounding of sums over more, hidden, keys); for int4 the general path keeps the
@@ -135,6 +136,6 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, s
     mask = held_mask(q, attn_mask, positions, spec.capacity)
     out, read, _ = bound.bounded_attention(q, k, v, summaries(buffer, spec), mask, scale, spec.early_exit,
                                            written=length)
-    total = q.shape[0] * spec.kv_heads * bound.num_blocks(length)
-    early_exit.count_blocks(site, total, read)
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):  # a graph's statistic would be pool memory
+        early_exit.count_blocks(site, q.shape[0] * spec.kv_heads * bound.num_blocks(length), read)
     return out.contiguous()

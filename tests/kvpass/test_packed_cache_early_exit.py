@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_packed_cache import generate, live_tensors_of_length, recording_backend
+from transformers import CompileConfig
 
 import kvpass
 import zoo
@@ -73,6 +74,21 @@ def test_compiled_generate_equals_the_general_path(kv_bits, batch, length, new_t
     first = length if length <= MAX_DECODE_QUERY_LEN else length + 1
     steps = sum(bound.num_blocks(n) for n in range(first, length + new_tokens))
     assert all(total == batch * 2 * steps for _, total in blocks.values()), blocks
+
+
+def test_hf_compile_config_path():
+    """generate's own compiled decode step (CompileConfig) over an early-exit cache: the general path's tokens."""
+    ids, mask = zoo.prompt(3, left_padding=True)
+    want, _ = general_path(4, ids, mask, 70)
+    model = zoo.build("llama")
+    config = CompileConfig(backend="kvpass", options=EAGER, mode=None, fullgraph=True)
+    config._compile_all_devices = True  # HF auto-compiles only on CUDA unless told otherwise
+    kvpass.reset()
+    out = generate(model, ids, mask, packed_cache(model, ids, 4, 70), new_tokens=70, min_new_tokens=70,
+                   compile_config=config)
+    assert torch.equal(out, want)
+    sites = kvpass.report().sites
+    assert sites and all("early exit at tolerance" in s.lowering for s in sites), str(kvpass.report())
 
 
 @pytest.mark.parametrize("kv_bits", [8, 4], ids=str)
