@@ -253,3 +253,27 @@ def test_buffer_bytes_are_the_scheme_layout_plus_the_summaries(kv_bits):
 def test_spec_refuses_a_tolerance_out_of_range(tol):
     with pytest.raises(ValueError, match="early_exit"):
         spec_for(8, tol=tol)
+
+
+def test_without_a_mask_the_positions_decide():
+    """No mask from the model (SDPA's causal case at a decode step): each query sees the positions up to its own,
+    as under the explicit causal mask over the capacity."""
+    d = decode(8, 2, 100, 1, seed=4, tol=1e-3, concentrated=True)
+    p = d.problem
+    args = (p.q, d.buffer, d.positions, p.k[:, :, -2:], p.v[:, :, -2:])
+    causal = fc.positional_mask(p.q, d.positions, CAPACITY)
+    without = ops.fixed_cache_early_exit_attention(*args, None, False, None, d.spec.to_json(), SITE)
+    explicit = ops.fixed_cache_early_exit_attention(*args, causal, False, None, d.spec.to_json(), SITE)
+    assert torch.equal(without, explicit)
+
+
+def test_positions_past_the_length_are_hidden_whatever_the_mask():
+    """A mask that shows unwritten positions (additive zeros over the capacity) still attends the written ones
+    only: the summaries hold no rows there, so the bound would not cover them."""
+    d = decode(16, 1, 90, 1, seed=5, tol=0.0, concentrated=False)
+    p = d.problem
+    args = (p.q, d.buffer, d.positions, p.k[:, :, -1:], p.v[:, :, -1:])
+    shows_all = torch.zeros(1, 1, 1, CAPACITY)
+    out = ops.fixed_cache_early_exit_attention(*args, shows_all, False, None, d.spec.to_json(), SITE)
+    ref = kt.reference_attention(p.q, p.k, p.v)  # the 90 written tokens, no mask
+    kt.assert_attention_close(out, ref, kt.tolerance_for(dataclasses.replace(p, attn_mask=None)))
