@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvpass.options import parse_options
+from lowering.formats.early_exit import resolve_tolerance
 from lowering.formats.fixed_capacity import CAPACITY_MULTIPLE, FixedCacheSpec, allocate
 from lowering.storage import scheme_for
 
@@ -131,13 +133,17 @@ class PackedCache(Cache):
     """A packed KV cache of fixed capacity for every attention layer of a model (``kv_bits`` as the option:
     16, 8, "fp8", 4, "aligned"). ``config_or_model``: the model (its dtype and device are the defaults) or its
     config; ``batch_size``: the batch it serves (exactly); ``max_cache_len``: prompt plus generated tokens,
-    rounded up to a multiple of 64. ``nbytes``: the bytes all layers hold."""
+    rounded up to a multiple of 64; ``early_exit``: as the option (None, True or a tolerance in [0, 1)): block
+    summaries in the buffer and bounded decode attention (``lowering/formats/fixed_early_exit.py``).
+    ``nbytes``: the bytes all layers hold."""
 
     def __init__(self, config_or_model, batch_size: int, max_cache_len: int, kv_bits: int | str = 8,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 early_exit: bool | float | None = None):
         config = _text_config(config_or_model)
         _check_full_attention(config)
         scheme_for(kv_bits)  # NotImplementedError naming the schemes for a bad value
+        tolerance = resolve_tolerance(parse_options({"early_exit": early_exit}).early_exit)  # ValueError as the option
         model_dtype, model_device = _model_dtype_device(config_or_model)
         dtype = dtype or model_dtype or torch.float32
         device = device or model_device or "cpu"
@@ -148,7 +154,7 @@ class PackedCache(Cache):
             raise ValueError(f"batch_size and max_cache_len must be >= 1, got {batch_size}, {max_cache_len}")
         capacity = -(-max_cache_len // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         spec = FixedCacheSpec(kv_bits=kv_bits, batch=batch_size, kv_heads=kv_heads, capacity=capacity,
-                              k_dim=head_dim, v_dim=head_dim, dtype=str(dtype))
+                              k_dim=head_dim, v_dim=head_dim, dtype=str(dtype), early_exit=tolerance)
         self.spec = spec
         super().__init__(layers=[PackedLayer(spec, device) for _ in range(config.num_hidden_layers)])
 

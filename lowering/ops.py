@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowering.attention import exact
-from lowering.formats import cache_step, fixed_capacity
+from lowering.formats import cache_step, fixed_capacity, fixed_early_exit
 
 
 @torch.library.custom_op("kvpass::attention", mutates_args=())
@@ -54,6 +54,7 @@ def fixed_cache_write(buffer: torch.Tensor, positions: torch.Tensor, new_k: torc
                       spec: str) -> None:
     """Store new_k, new_v [B, Hkv, n, D] at ``positions`` (int64 [n]) of the layer's fixed buffer."""
     fixed_capacity.write(buffer, positions, new_k, new_v, fixed_capacity.parse_spec(spec))
+    fixed_early_exit.update_summaries(buffer, positions, fixed_capacity.parse_spec(spec))  # with early_exit only
 
 
 @fixed_cache_write.register_fake
@@ -86,4 +87,20 @@ def fixed_cache_attention(q: torch.Tensor, buffer: torch.Tensor, positions: torc
 
 @fixed_cache_attention.register_fake
 def _fixed_cache_attention_fake(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec):
+    return q.new_empty((*q.shape[:-1], fixed_capacity.parse_spec(spec).v_dim))
+
+
+@torch.library.custom_op("kvpass::fixed_cache_early_exit_attention", mutates_args=())
+def fixed_cache_early_exit_attention(q: torch.Tensor, buffer: torch.Tensor, positions: torch.Tensor,
+                                     new_k: torch.Tensor, new_v: torch.Tensor, attn_mask: torch.Tensor | None,
+                                     is_causal: bool, scale: float | None, spec: str, site: str) -> torch.Tensor:
+    """``fixed_cache_attention`` for a spec with ``early_exit``: bounded decode attention, blocks counted in
+    ``site``'s stats (``lowering.formats.fixed_early_exit``)."""
+    return fixed_early_exit.attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale,
+                                      fixed_capacity.parse_spec(spec), site)
+
+
+@fixed_cache_early_exit_attention.register_fake
+def _fixed_cache_early_exit_attention_fake(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec,
+                                           site):
     return q.new_empty((*q.shape[:-1], fixed_capacity.parse_spec(spec).v_dim))

@@ -51,19 +51,22 @@ def rewrite_fixed_capacity(graph: fx.Graph, site: Site, options: KVPassOptions, 
         return f"FALLBACK to exact over the dequantized cache ({fallback(graph, site, options)}): {reason}"
     m, read = site.match, site.key_cache.written.args[0]
     buffer, positions, new_k, new_v, spec = read.args
+    s = parse_spec(spec)
+    op, args = torch.ops.kvpass.fixed_cache_attention.default, (
+        m.query, buffer, positions, new_k, new_v, m.attn_mask, m.is_causal, m.scale, spec)
+    if s.early_exit is not None:  # the buffer holds block summaries: bounded attention, counted for the site
+        op, args = torch.ops.kvpass.fixed_cache_early_exit_attention.default, (*args, site.module)
     with graph.inserting_before(m.output):
-        fused = graph.call_function(
-            torch.ops.kvpass.fixed_cache_attention.default,
-            (m.query, buffer, positions, new_k, new_v, m.attn_mask, m.is_causal, m.scale, spec))
+        fused = graph.call_function(op, args)
     fused.meta.update(m.output.meta)
     m.output.replace_all_uses_with(fused)
     graph.erase_node(m.output)
     for node in (m.key, m.value):
         _erase_dead_views(graph, node)
-    s = parse_spec(spec)
+    exit_note = "" if s.early_exit is None else f", early exit at tolerance {s.early_exit:g}"
     ignored = "" if options.is_exact or str(options.kv_bits) == str(s.kv_bits) else \
         f"; options kv_bits={options.kv_bits!r} ignored: the cache's storage is used"
-    return (f"fixed_cache_attention ({s.kv_bits}-bit storage of PackedCache, capacity {s.capacity}; "
+    return (f"fixed_cache_attention ({s.kv_bits}-bit storage of PackedCache, capacity {s.capacity}{exit_note}; "
             f"CUDA-graph capturable{ignored})")
 
 

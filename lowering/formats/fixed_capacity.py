@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lowering.attention.early_exit import bound
 from lowering.core import packed
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.packed import MOVED_AS_BYTES
@@ -78,10 +79,13 @@ class FixedCacheSpec:
     k_dim: int
     v_dim: int
     dtype: str  # the model's, "torch.bfloat16"
+    early_exit: float | None = None  # tolerance; block summaries after the scheme's sections (fixed_early_exit.py)
 
     def __post_init__(self):
         if self.capacity <= 0 or self.capacity % CAPACITY_MULTIPLE:
             raise ValueError(f"capacity must be a positive multiple of {CAPACITY_MULTIPLE}, got {self.capacity}")
+        if self.early_exit is not None and not 0 <= self.early_exit < 1:
+            raise ValueError(f"early_exit must be None or a tolerance in [0, 1), got {self.early_exit!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
@@ -113,7 +117,9 @@ class FixedCacheSpec:
 
     @functools.cached_property  # each op call views the buffer by it: computed once per spec
     def layout(self) -> packed.Layout:
-        return self.layout_at(self.stored_length)
+        summaries = {} if self.early_exit is None else bound.summary_layout(
+            self.batch, self.kv_heads, self.capacity, self.k_dim, self.torch_dtype)
+        return {**self.layout_at(self.stored_length), **summaries}
 
     @functools.cached_property
     def nbytes(self) -> int:

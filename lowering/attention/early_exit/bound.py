@@ -152,8 +152,12 @@ def _score_unit_roundoff(device) -> float:
     return 2.0 ** -11 if tf32 else 2.0 ** -24
 
 
-def plan_visits(q: torch.Tensor, summaries: dict, length: int, attn_mask, scale: float) -> VisitPlan:
-    """Bounds, visiting order and suffix sums for q [B, Hq, Lq, Dk] over ``length`` summarised tokens."""
+def plan_visits(q: torch.Tensor, summaries: dict, length: int, attn_mask, scale: float, written=None) -> VisitPlan:
+    """Bounds, visiting order and suffix sums for q [B, Hq, Lq, Dk] over ``length`` summarised tokens.
+
+    ``written`` (int64 device scalar, or None for ``length``): the tokens held when the summaries span a fixed
+    capacity of ``length``; the newest block is the one holding token ``written - 1`` and a block's token count
+    stops at ``written`` (blocks past it count none: their keys must be hidden, ``fixed_early_exit`` hides them)."""
     B, Hq, Lq, D = q.shape
     kmin, kmax, vmax = (summaries[n] for n in SECTIONS)
     Hkv, nb = kmin.shape[1], kmin.shape[2]
@@ -172,11 +176,13 @@ def plan_visits(q: torch.Tensor, summaries: dict, length: int, attn_mask, scale:
     relative = bound - torch.where(torch.isfinite(row_best), row_best, 0.0)
     priority = relative.amax(2)  # [B, Hkv, nb]: the best any row of the group could get from the block
     block = torch.arange(nb, device=q.device)  # built on the device: no host copy, CUDA-graph capturable
-    recent = block >= nb - RECENT_BLOCKS
+    filled = length if written is None else written
+    newest = (filled - 1) // BLOCK
+    recent = (block > newest - RECENT_BLOCKS) & (block <= newest)
     priority = torch.where(recent & torch.isfinite(priority), math.inf, priority)
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices  # [B, Hkv, nb]
 
-    tokens = torch.where(block == nb - 1, float(length - (nb - 1) * BLOCK), float(BLOCK))
+    tokens = (filled - block * BLOCK).clamp(0, BLOCK).float()  # tokens per block
     weight = (bound + tokens.log()).gather(-1, order[:, :, None, :].expand(B, Hkv, G * Lq, nb))
     log_rest = torch.logcumsumexp(weight.flip(-1), -1).flip(-1) + margin_max
     log_rest = torch.cat([log_rest, log_rest.new_full((B, Hkv, G * Lq, 1), -math.inf)], -1)
@@ -231,12 +237,13 @@ def bounded_attention_reference(q, k, v, plan: VisitPlan, attn_mask, scale: floa
     return out.reshape(B, Hq, Lq, Dv).to(q.dtype), blocks_read.int()
 
 
-def bounded_attention(q, k, v, summaries: dict, attn_mask, scale: float | None, tol: float):
+def bounded_attention(q, k, v, summaries: dict, attn_mask, scale: float | None, tol: float, written=None):
     """Decode attention of q [B, Hq, Lq, D] over k, v [B, Hkv, L, D] that stops once the unread blocks
     cannot change any row's output by more than ``tol`` (relative L2, see the module docstring).
+    ``written``: as ``plan_visits``'s, for a fixed capacity L.
     -> (out, blocks_read [B, Hkv], blocks_total). The Triton kernel on CUDA, the reference elsewhere."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    plan = plan_visits(q, summaries, k.shape[2], attn_mask, scale)
+    plan = plan_visits(q, summaries, k.shape[2], attn_mask, scale, written)
     if q.is_cuda and launchers.load().early_exit.unsupported_reason(q, k, v, attn_mask) is None:
         out, read = launchers.load().early_exit.bounded_attention_triton(q, k, v, plan, attn_mask, scale, tol)
     else:
