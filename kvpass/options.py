@@ -41,8 +41,8 @@ class KVPassOptions:
         each query row's output by more than t in relative L2 norm (lowering/attention/early_exit/bound.py).
     decode_kernel: on CUDA, run decode-sized attention (query length <= 16) through kvpass's Triton
         kernel; False keeps torch's SDPA for every site (exact mode only; useful to compare).
-    compiler: "inductor" (default) lowers the rewritten graph with Inductor; "eager" runs it as is,
-        like torch's "aot_eager" debug backend (quick to compile: for debugging and fast tests).
+    compiler: "inductor" (default) lowers the rewritten graph with Inductor; "eager" runs it as is, op by
+        op, like torch's "eager" debug backend (quick to compile: for the CPU demo, debugging, fast tests).
     mode: the Inductor mode (as torch.compile's ``mode=``, which torch.compile does not accept together
         with ``options=``): None, "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
     replace_in_place: budgeted policies whose decode scores need no rows (streaming, snapkv, asl) write the new
