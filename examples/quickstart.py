@@ -109,11 +109,20 @@ def answer(model, tokenizer, input_ids, max_new_tokens: int) -> dict:
     new = out.sequences[0, input_ids.shape[1] :]
     token_times = clock.times[1:]  # [0] is the prompt itself
     return {
+        "tokens": new.tolist(),
         "text": tokenizer.decode(new, skip_special_tokens=True),
         "prefill_s": token_times[0] - start,  # prompt in, first new token out
         "decode_tok_s": (len(token_times) - 1) / (token_times[-1] - token_times[0]) if len(token_times) > 1 else 0.0,
         "kv_bytes": cache_bytes(out.past_key_values),
     }
+
+
+def agreement(a: list[int], b: list[int]) -> str:
+    """How far two greedy answers agree, token by token."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if same == len(a) == len(b):
+        return f"the same {same} tokens"
+    return f"the same first {same} of {len(a)} tokens"
 
 
 def where_the_bytes_go(stats: dict) -> str:
@@ -134,8 +143,8 @@ def where_the_bytes_go(stats: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help='"smollm2" or a local Hugging Face model folder')
-    ap.add_argument("--tokens", type=int, default=1500, help="prompt length, roughly")
-    ap.add_argument("--max-new-tokens", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=4000, help="prompt length, roughly")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--options", default=json.dumps(DEFAULT_OPTIONS), help="kvpass options as JSON")
     args = ap.parse_args()
     options = json.loads(args.options)
@@ -170,9 +179,8 @@ def main() -> None:
         print(f"{name:7} {r['text'].strip()[:22]!r:24} {r['prefill_s']:9.2f} {r['decode_tok_s']:12.2f} "
               f"{r['kv_bytes'] / 2**20:16.2f} MiB")
     print(f"kvpass: {eager['kv_bytes'] / compiled['kv_bytes']:.1f}x smaller cache, decode "
-          f"{compiled['decode_tok_s'] / eager['decode_tok_s']:.2f}x eager's speed, same answer: "
-          f"{compiled['text'] == eager['text']}; pass key found: eager {key in eager['text']}, "
-          f"kvpass {key in compiled['text']}")
+          f"{compiled['decode_tok_s'] / eager['decode_tok_s']:.2f}x eager's speed; pass key found: eager "
+          f"{key in eager['text']}, kvpass {key in compiled['text']}; {agreement(eager['tokens'], compiled['tokens'])}")
     print(f"(options {options}; the first kvpass generate compiled its graphs in {compile_s:.0f} s)\n")
     print(where_the_bytes_go(kvpass.stats()) + "\n")
     print(kvpass.report().summary())

@@ -301,8 +301,8 @@ def main(argv=None) -> int:
     points = ([tuple(int(x) for x in p.split("x")) for p in args.points.split(",")] if args.points
               else [(1, 64), (2, 64)] if quick_cpu else QUICK_POINTS if args.quick else POINTS)
     methods = [m for m in METHODS if not args.methods or m.name in args.methods.split(",")]
-    rows = []
-    counter = RecordingCounter()
+    rows = Rows(args, RecordingCounter())
+    counter = rows.counter
     with counter.installed():
         if not args.no_check:
             for bits in (8, 4, "fp8"):
@@ -325,15 +325,32 @@ def main(argv=None) -> int:
                         rows.append(run_row(lambda m=method, b=batch, c=context, model=model:
                                             decode_loop(model, m, b, c, args, counter), base))
             del model
-    payload = {"environment": environment(), "args": vars(args), "recording_counter": counter.available,
-               "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=1, default=str))
+    rows.write()
     columns = ["shape", "method", "batch", "context", "ms_per_token", "recordings_timed", "compiles_timed",
                "sync_free", "kv_bytes", "peak_gb", "tokens_equal", "error"]
     print(format_table([{k: (str(v)[:60] if k == "error" else v) for k, v in r.items()} for r in rows], columns))
     print(f"wrote {args.out}")
     return 0
+
+
+class Rows(list):
+    """The result rows, written to ``args.out`` after each one: a run cut short by its time limit keeps what it
+    measured."""
+
+    def __init__(self, args, counter):
+        super().__init__()
+        self.args, self.counter = args, counter
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.write()
+        print(json.dumps(row, default=str), flush=True)
+
+    def write(self) -> None:
+        payload = {"environment": environment(), "args": vars(self.args), "recording_counter": self.counter.available,
+                   "rows": list(self)}
+        Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.out).write_text(json.dumps(payload, indent=1, default=str))
 
 
 def build_small_cpu_model():
