@@ -218,6 +218,8 @@ def write(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, ne
         launch.append(spec.scheme, None, 0, new_k, new_v, rows)
         _scatter(state, rows, positions, None, spec, n)
         return
+    if n == 1 and launch.int4_decode_write(spec.scheme, positions, new_k, new_v, state):
+        return  # CUDA: one launch (int4: the value row, the residual row, the key group once it fills)
     g = spec.group
     window_k, window_v, first = _window(state, positions, new_k, new_v, g)
     span = window_groups(n, g) * g

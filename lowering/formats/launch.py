@@ -11,7 +11,9 @@ never launch anything; the formats call the functions here instead of a scheme's
   (``lowering/attention/decode``), which dequantizes tiles in registers, or off CUDA (or for inputs the
   kernel refuses) by dequantizing this layer and calling SDPA; schemes with no kernel (int4's per-token
   rows) by the latter always;
-- ``decode_in_place``: a decode step appended into capacity sections and attended in two launches.
+- ``decode_in_place``: a decode step appended into capacity sections and attended in two launches;
+- ``int4_decode_write``: one decode token at a device position into int4 sections of a fixed capacity, one
+  launch on CUDA (``lowering/attention/append/int4_kernel.py``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from lowering.attention.compile_failure import KernelCompileError
 from lowering.core.operands import AppendOperands
 from lowering.core.reference import exact_attention
 from lowering.core.stats import calls
-from lowering.storage import State, StorageScheme
+from lowering.storage import State, StorageScheme, token_blocks
 from lowering.storage.full import FullPrecision
 from lowering.storage.int4 import Int4Kivi
 from lowering.storage.int8 import Int8
@@ -56,6 +58,20 @@ def append(scheme: StorageScheme, old: State | None, old_length: int, new_k, new
             _append_by_kernel(x, target, old_length)
         else:
             scheme.write_rows(name, x, out, old_length)
+
+
+def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
+    """Whether the fused kernel wrote the decode token new_k, new_v [B, Hkv, 1, D] at ``positions[0]`` into
+    int4 KIVI ``sections`` of a fixed capacity (CUDA, inputs it takes; False: nothing written, the caller's
+    torch path writes). Stores what that path stores at every position attention reads."""
+    if not (isinstance(scheme, Int4Kivi) and new_k.is_cuda) or launchers.missing() is not None:
+        return False
+    append = launchers.load().append
+    if append.int4_decode_unsupported_reason(new_k, sections) is not None:
+        return False
+    slots = token_blocks.slot_index(scheme.VALUE_SLOTS, new_k.device)
+    append.append_int4_decode(positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS)
+    return True
 
 
 def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask, scheme=None) -> str | None:
