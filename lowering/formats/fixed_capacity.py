@@ -214,6 +214,8 @@ def write(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, ne
     state = packed.views(buffer, spec.layout)
     n = new_k.shape[2]
     if spec.group is None:
+        if launch.append_at(spec.scheme, positions, new_k, new_v, state):
+            return  # CUDA, int8: quantized straight into the sections at the device positions, a launch per tensor
         rows = _fresh_sections(spec, n, buffer.device)
         launch.append(spec.scheme, None, 0, new_k, new_v, rows)
         _scatter(state, rows, positions, None, spec, n)

@@ -12,6 +12,8 @@ never launch anything; the formats call the functions here instead of a scheme's
   kernel refuses) by dequantizing this layer and calling SDPA; schemes with no kernel (int4's per-token
   rows) by the latter always;
 - ``decode_in_place``: a decode step appended into capacity sections and attended in two launches;
+- ``append_at``: int8's append kernel writing at device positions (a fixed-capacity cache), one launch per
+  tensor;
 - ``int4_decode_write``: one decode token at a device position into int4 sections of a fixed capacity, one
   launch on CUDA (``lowering/attention/append/int4_kernel.py``).
 """
@@ -41,7 +43,7 @@ def _append_kernel_takes(x: torch.Tensor, target: AppendOperands) -> bool:
     return launchers.load().append.unsupported_reason(x, target.codes) is None
 
 
-def _append_by_kernel(x: torch.Tensor, target: AppendOperands, start: int) -> None:
+def _append_by_kernel(x: torch.Tensor, target: AppendOperands, start: int | torch.Tensor) -> None:
     launchers.load().append.append_rows(x, target.codes, target.scales, start, target.qmax, target.rotated,
                                         target.blocked)
 
@@ -58,6 +60,20 @@ def append(scheme: StorageScheme, old: State | None, old_length: int, new_k, new
             _append_by_kernel(x, target, old_length)
         else:
             scheme.write_rows(name, x, out, old_length)
+
+
+def append_at(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
+    """Whether the fused quantize-on-append kernel wrote new_k, new_v [B, Hkv, n, D] at the device positions
+    ``positions`` (consecutive, int64 [n]) into per-token ``sections`` of a fixed capacity (int8 on CUDA, inputs it
+    takes; False: nothing written). One launch per tensor, the first position read on the device."""
+    if not (getattr(scheme, "fused_append", False) and new_k.is_cuda):
+        return False
+    targets = [(x, scheme.append_operands(name, x, sections)) for name, x in (("k", new_k), ("v", new_v))]
+    if not all(_append_kernel_takes(x, target) for x, target in targets):
+        return False
+    for x, target in targets:
+        _append_by_kernel(x, target, positions)
+    return True
 
 
 def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:

@@ -31,10 +31,11 @@ def unsupported_reason(x: torch.Tensor, codes: torch.Tensor) -> str | None:
     return None
 
 
-def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int, qmax: float,
+def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int | torch.Tensor, qmax: float,
                 rotated: bool = False, blocked: bool = False) -> None:
     """Quantize x [B, Hkv, n, D] row by row into ``codes[:, :, start:start + n]`` (int8) and
-    ``scales[:, :, start:start + n]`` (fp32), as ``lowering.storage.int8.quantize_rows`` does; ``rotated``
+    ``scales[:, :, start:start + n]`` (fp32), as ``lowering.storage.int8.quantize_rows`` does; ``start`` an int,
+    or an int64 tensor on x's device whose first element the kernel reads (no host value); ``rotated``
     (D a power of two): quantize ``lowering.core.rotation.store_rows(x)`` instead, rotated in the kernel;
     ``blocked``: codes [B, Hkv, blocks, D, T] in token blocks (``lowering/storage/token_blocks.py``)."""
     batch, heads, n, dim = x.shape
@@ -46,7 +47,7 @@ def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, star
         x, codes, scales, heads, n, start,
         xs[0], xs[1], xs[2], cs[0], cs[1], cs[2], ss[0], ss[1], ss[2],
         QMAX=float(qmax), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        ROW_BLOCK=codes.shape[-1] if blocked else 0,
+        ROW_BLOCK=codes.shape[-1] if blocked else 0, START_IN_MEMORY=isinstance(start, torch.Tensor),
         num_warps=1 if dim <= 128 else 2, **rotation,
     )
 
