@@ -329,5 +329,6 @@ def decode_operands(q, buffer, positions, attn_mask, spec: FixedCacheSpec):
     if attn_mask is None:
         attn_mask = positional_mask(q, positions, spec.capacity)
     if spec.group is not None:
-        attn_mask = kernel_mask(attn_mask, positions, spec)
+        built = launch.group_mask(attn_mask, positions, spec.group)  # CUDA: one launch
+        attn_mask = kernel_mask(attn_mask, positions, spec) if built is None else built
     return packed.views(buffer, spec.layout), spec.stored_length, attn_mask

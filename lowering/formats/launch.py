@@ -14,6 +14,7 @@ never launch anything; the formats call the functions here instead of a scheme's
 - ``decode_in_place``: a decode step appended into capacity sections and attended in two launches;
 - ``append_at``: int8's append kernel writing at device positions (a fixed-capacity cache), one launch per
   tensor;
+- ``group_mask``: int4's decode mask over a fixed capacity, one launch on CUDA;
 - ``int4_decode_write``: one decode token at a device position into int4 sections of a fixed capacity, one
   launch on CUDA (``lowering/attention/append/int4_kernel.py``).
 """
@@ -88,6 +89,14 @@ def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new
     slots = token_blocks.slot_index(scheme.VALUE_SLOTS, new_k.device)
     append.append_int4_decode(positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS)
     return True
+
+
+def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:
+    """A grouped scheme's decode mask over a fixed capacity (``fixed_capacity.kernel_mask``'s result) in one launch
+    on CUDA; None elsewhere (the caller's torch twin builds it)."""
+    if not mask.is_cuda or launchers.missing() is not None:
+        return None
+    return launchers.load().decode.group_mask(mask, positions, group)
 
 
 def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask, scheme=None) -> str | None:

@@ -78,6 +78,13 @@ CASES = {
         "lowering.attention.append.int4_kernel:int4_decode_append_kernel",
         {k: v.replace("bf16", "fp32") for k, v in INT4_APPEND_POINTERS.items()},
         dict(HEAD_DIM=64, HALF=32, BLOCK_H=32, GROUP=32, TOKENS=16, DTYPE="tl.float32", BITS="tl.uint32")),
+    # int4's decode mask over a fixed capacity: a bool mask (as bytes) and an additive bf16 one
+    "group mask, bool": (
+        "lowering.attention.decode.group_mask:group_mask_kernel", {"Mask": "*u8", "Out": "*u8", "Last": "*i64"},
+        dict(GROUP=32, BLOCK=1024)),
+    "group mask, additive bf16": (
+        "lowering.attention.decode.group_mask:group_mask_kernel",
+        {"Mask": "*bf16", "Out": "*bf16", "Last": "*i64", "masked": "fp32"}, dict(GROUP=32, BLOCK=1024)),
     "merge, rotated": (
         "lowering.attention.device.merge:merge_splits_kernel", {"Part": "*fp32", "Out": "*bf16"},
         dict(HEAD_DIM=128, BLOCK_D=128, SPLIT_BLOCK=16, ROTATE_STAGES=7, ROTATE_SHIFT=4)),

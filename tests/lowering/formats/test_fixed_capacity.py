@@ -186,3 +186,28 @@ def test_decode_kernel_over_the_capacity_equals_it_over_the_length_in_bf16(kvpas
     # the same tokens and kernel; only the split of the keys may differ (more of them over the capacity): at most
     # a bf16 rounding of the merged output apart (identical under the interpreter)
     torch.testing.assert_close(out, want, atol=2.0 ** -9, rtol=2.0 ** -7)
+
+
+@given(length=st.integers(1, CAPACITY), q_len=st.integers(1, 3), shape=st.sampled_from(["full", "broadcast"]),
+       dtype=st.sampled_from([torch.bool, torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+@example(length=32, q_len=1, shape="full", dtype=torch.bool, seed=0)  # a group just filled: no open rows
+@example(length=CAPACITY, q_len=2, shape="broadcast", dtype=torch.bfloat16, seed=1)
+@settings(max_examples=25, deadline=None)
+def test_group_mask_kernel_builds_kernel_mask(kvpass_device, length, q_len, shape, dtype, seed):
+    """The one-launch mask CUDA's int4 decode takes equals its torch twin ``kernel_mask`` element for element."""
+    if packed_kernel_unavailable(kvpass_device):
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1 on the CPU")
+    g = torch.Generator().manual_seed(seed)
+    dims = (2, 3, q_len, CAPACITY) if shape == "full" else (2, 1, q_len, CAPACITY)
+    mask = torch.rand(dims, generator=g) < 0.7
+    if dtype != torch.bool:
+        noise = (torch.rand(dims, generator=g) * 0.5).to(dtype)
+        mask = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype) + noise
+    mask = mask.to(kvpass_device)
+    if shape == "broadcast":
+        mask = mask.expand(2, 3, q_len, CAPACITY)
+    positions = torch.arange(length - q_len, length, device=kvpass_device).clamp(min=0)
+    want = fc.kernel_mask(mask, positions, spec_for(4))
+    got = decode_launcher.group_mask(mask, positions, 32)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want)
