@@ -33,6 +33,12 @@ code sections, and keeps the rows of the group now open as the residual. A group
 its last token is written; until then attention reads that group from the residual, so the codes written
 for partial groups are never read (the mask the kernel gets hides them).
 
+On CUDA a decode step takes fused launches where the torch path above would take tens of small kernels per layer
+(``lowering.formats.launch``): int8 quantizes the new rows straight into the sections at the device position
+(``append_at``); int4 writes a decode token in one kernel (``int4_decode_write``: the residual row, the value row,
+the key group once it fills; what the torch path stores at every position attention reads) and builds its
+decode mask in one (``group_mask``, the twin of ``kernel_mask``).
+
 Not on fixed buffers yet (design of the next step; the general path serves them meanwhile):
 
 - Budgeted policies (``policy``, ``budget``): the buffer laid out for ``budget`` slots per KV head plus a
