@@ -42,7 +42,7 @@ def quantize_rows_append_kernel(
     x = tl.load(X + b * stride_xb + h * stride_xh + t * stride_xn + d, mask=ok, other=0.0).to(tl.float32)
     if ROTATE_STAGES:  # the host's butterfly, stage for stage: the same bits as lowering.core.rotation.store_rows
         x = rotate_row(x, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
-    scale = reduce_max(tl.abs(x), 0) / QMAX
+    scale = tl.math.div_rn(reduce_max(tl.abs(x), 0), QMAX)  # IEEE, as the torch path (a plain / is approximate on CUDA)
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
     code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)
     if START_IN_MEMORY:
