@@ -21,12 +21,16 @@ windows are refused); beam search, ``crop`` and offloading are refused.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpass.options import parse_options
+from lowering.core import packed
 from lowering.formats.early_exit import resolve_tolerance
-from lowering.formats.fixed_capacity import CAPACITY_MULTIPLE, FixedCacheSpec, allocate
+from lowering.formats.fixed_budgeted import asl_store_layout
+from lowering.formats.fixed_capacity import CAPACITY_MULTIPLE, FixedCacheSpec, allocate, clear
 from lowering.storage import scheme_for
 
 
@@ -38,11 +42,12 @@ class PackedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False  # allocated at construction
 
-    def __init__(self, spec: FixedCacheSpec, device: torch.device | str):
+    def __init__(self, spec: FixedCacheSpec, device: torch.device | str, asl_store: torch.Tensor | None = None):
         super().__init__()
         self.spec, self.spec_json = spec, spec.to_json()
         self.max_cache_len = spec.capacity
         self.buffer = allocate(spec, device)
+        self.asl_store = asl_store  # ASL's per-forward store, the cache's (shared by its layers)
         self.device = self.buffer.device  # "cuda" -> "cuda:0", as the model's tensors say
         self.batch_size, self.num_heads = spec.batch, spec.kv_heads
         self.k_head_dim, self.v_head_dim = spec.k_dim, spec.v_dim
@@ -72,6 +77,9 @@ class PackedLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         positions = torch.arange(n, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(n)
+        if self.spec.budgeted:  # written by the attention, which chooses the kept tokens (fixed_budgeted.py)
+            return torch.ops.kvpass.fixed_budget_read(self.buffer, positions, key_states, value_states, self.spec_json,
+                                                      self.asl_store)
         torch.ops.kvpass.fixed_cache_write(self.buffer, positions, key_states, value_states, self.spec_json)
         return torch.ops.kvpass.fixed_cache_read(self.buffer, positions, key_states, value_states, self.spec_json)
 
@@ -89,7 +97,7 @@ class PackedLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same method's name in transformers releases before 5.25
 
     def reset(self) -> None:
-        self.buffer.zero_()
+        clear(self.buffer, self.spec)
         self.cumulative_length.zero_()
 
     def offload(self):
@@ -108,6 +116,17 @@ class PackedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         return self.buffer.untyped_storage().nbytes()
+
+
+def _checked_policy(policy: str, budget, kv_bits, early_exit, asl_layers):
+    """The options as the backend validates them (ValueError naming the key); early exit with a policy refused."""
+    opts = parse_options({"policy": policy, "budget": budget, "kv_bits": kv_bits, "early_exit": early_exit,
+                          "asl_layers": asl_layers})
+    if opts.policy != "full" and opts.early_exit is not None:
+        raise ValueError(f"PackedCache: early_exit with policy {opts.policy!r} is not on fixed buffers; use the "
+                         "general path (HF's DynamicCache compiled with kvpass and the options policy, budget and "
+                         "early_exit), or one of the two on a PackedCache")
+    return opts
 
 
 def _text_config(config_or_model):
@@ -139,11 +158,13 @@ class PackedCache(Cache):
 
     def __init__(self, config_or_model, batch_size: int, max_cache_len: int, kv_bits: int | str = 8,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 early_exit: bool | float | None = None):
+                 early_exit: bool | float | None = None, policy: str = "full", budget: int | None = None,
+                 asl_layers: tuple[int, int] | None = None):
         config = _text_config(config_or_model)
         _check_full_attention(config)
         scheme_for(kv_bits)  # NotImplementedError naming the schemes for a bad value
-        tolerance = resolve_tolerance(parse_options({"early_exit": early_exit}).early_exit)  # ValueError as the option
+        opts = _checked_policy(policy, budget, kv_bits, early_exit, asl_layers)  # ValueError as the options
+        tolerance = resolve_tolerance(opts.early_exit)
         model_dtype, model_device = _model_dtype_device(config_or_model)
         dtype = dtype or model_dtype or torch.float32
         device = device or model_device or "cpu"
@@ -154,9 +175,17 @@ class PackedCache(Cache):
             raise ValueError(f"batch_size and max_cache_len must be >= 1, got {batch_size}, {max_cache_len}")
         capacity = -(-max_cache_len // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         spec = FixedCacheSpec(kv_bits=kv_bits, batch=batch_size, kv_heads=kv_heads, capacity=capacity,
-                              k_dim=head_dim, v_dim=head_dim, dtype=str(dtype), early_exit=tolerance)
+                              k_dim=head_dim, v_dim=head_dim, dtype=str(dtype), early_exit=tolerance,
+                              policy=opts.policy, budget=opts.budget, asl_layers=opts.asl_layers)
         self.spec = spec
-        super().__init__(layers=[PackedLayer(spec, device) for _ in range(config.num_hidden_layers)])
+        self.asl_store = None
+        if spec.policy == "asl":  # ASL's cross-layer rule: a store shared by the layers, each its own index
+            self.asl_store = torch.zeros(packed.layout_nbytes(asl_store_layout(spec)), dtype=torch.uint8,
+                                         device=device)
+            torch._dynamo.mark_static_address(self.asl_store)
+        specs = [dataclasses.replace(spec, layer=i) if spec.policy == "asl" else spec
+                 for i in range(config.num_hidden_layers)]
+        super().__init__(layers=[PackedLayer(s, device, self.asl_store) for s in specs])
 
     @property
     def max_cache_len(self) -> int:
@@ -164,4 +193,6 @@ class PackedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes the cache holds: every layer's buffer (and ASL's store)."""
+        store = 0 if self.asl_store is None else self.asl_store.numel()
+        return sum(layer.nbytes for layer in self.layers) + store

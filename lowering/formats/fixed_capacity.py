@@ -62,6 +62,7 @@ from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
 from lowering.formats import launch
+from lowering.formats.budgeted import per_token
 from lowering.storage import State, StorageScheme, scheme_for, token_blocks
 
 CAPACITY_MULTIPLE = 64  # capacities are whole 16-token value blocks and 32-token key groups (int4)
@@ -80,8 +81,19 @@ class FixedCacheSpec:
     v_dim: int
     dtype: str  # the model's, "torch.bfloat16"
     early_exit: float | None = None  # tolerance; block summaries after the scheme's sections (fixed_early_exit.py)
+    policy: str = "full"  # a budgeted policy: ``budget`` slots per KV head instead (fixed_budgeted.py)
+    budget: int | None = None
+    asl_layers: tuple[int, int] | None = None  # policy "asl": (first_layer, span), None the paper's
+    layer: int = 0  # the layer's index in the model (ASL's cross-layer rule); 0 for every other policy
 
     def __post_init__(self):
+        if self.asl_layers is not None:  # JSON gives a list back
+            object.__setattr__(self, "asl_layers", tuple(self.asl_layers))
+        if (self.policy == "full") != (self.budget is None) or (self.budget is not None and self.budget < 1):
+            raise ValueError(f"policy {self.policy!r} with budget {self.budget!r}: a budget (>= 1) goes with a "
+                             "compressing policy, None with 'full'")
+        if self.budget is not None and self.early_exit is not None:
+            raise ValueError("early_exit with a budgeted policy is not on fixed buffers (use the general path)")
         if self.capacity <= 0 or self.capacity % CAPACITY_MULTIPLE:
             raise ValueError(f"capacity must be a positive multiple of {CAPACITY_MULTIPLE}, got {self.capacity}")
         if self.early_exit is not None and not 0 <= self.early_exit < 1:
@@ -101,9 +113,20 @@ class FixedCacheSpec:
         return scheme_for(self.kv_bits)
 
     @property
+    def budgeted(self) -> bool:
+        return self.budget is not None
+
+    @property
+    def slot_storage(self) -> StorageScheme:
+        """The scheme a budgeted cache's slots hold, one row per token: the scheme itself, or its per-token variant
+        (int4: ``int4_rows``), as the general path's budgeted formats choose it (``budgeted.per_token``)."""
+        scheme = self.scheme
+        return scheme if per_token(scheme) else scheme.per_token_variant
+
+    @property
     def group(self) -> int | None:
-        """Tokens per key group of a grouped scheme (int4), None for per-token schemes."""
-        return getattr(self.scheme, "group", None)
+        """Tokens per key group of a grouped scheme (int4), None for per-token schemes and budgeted caches."""
+        return None if self.budgeted else getattr(self.scheme, "group", None)
 
     @property
     def stored_length(self) -> int:
@@ -117,6 +140,8 @@ class FixedCacheSpec:
 
     @functools.cached_property  # each op call views the buffer by it: computed once per spec
     def layout(self) -> packed.Layout:
+        if self.budgeted:
+            return budget_layout(self)
         summaries = {} if self.early_exit is None else bound.summary_layout(
             self.batch, self.kv_heads, self.capacity, self.k_dim, self.torch_dtype)
         return {**self.layout_at(self.stored_length), **summaries}
@@ -133,8 +158,41 @@ def parse_spec(spec: str) -> FixedCacheSpec:
 
 def allocate(spec: FixedCacheSpec, device: torch.device | str) -> torch.Tensor:
     """The layer's buffer, zeroed: never-written rows and partial groups hold finite numbers, so a kernel
-    that multiplies a masked key's value by a zero weight never meets a NaN."""
-    return torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
+    that multiplies a masked key's value by a zero weight never meets a NaN. A budgeted cache's position
+    tables start empty (``clear``)."""
+    buffer = torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
+    clear(buffer, spec)
+    return buffer
+
+
+def clear(buffer: torch.Tensor, spec: FixedCacheSpec) -> None:
+    """Empty the layer's cache in place: zero bytes, and -1 (empty) in a budgeted cache's position tables."""
+    buffer.zero_()
+    if spec.budgeted:
+        for name, t in packed.views(buffer, spec.layout).items():
+            if name in POSITION_TABLES:
+                t.fill_(EMPTY)
+
+
+EMPTY = -1  # a budgeted cache's position table entry for a slot holding no token
+POSITION_TABLES = ("pos", "cold_pos")
+
+
+def budget_layout(spec: FixedCacheSpec) -> packed.Layout:
+    """A budgeted cache's sections: ``budget`` slots per (batch row, KV head) in ``slot_storage``'s form, their
+    positions ``pos`` int64 [B, Hkv, budget] (EMPTY: no token) and the policy's scores ``score`` fp32
+    [B, Hkv, budget]; ADORE adds its cold store laid out for the capacity, indexed by position: int8 keys and
+    values with fp32 row scales, ``cold_pos`` int64 (the position where the token is cold, else EMPTY) and
+    ``cold_score`` fp32 [B, Hkv, capacity]."""
+    b, h, n, c = spec.batch, spec.kv_heads, spec.budget, spec.capacity
+    layout = dict(spec.slot_storage.layout(b, h, n, spec.k_dim, spec.v_dim, spec.torch_dtype))
+    layout.update(pos=((b, h, n), torch.int64), score=((b, h, n), torch.float32))
+    if spec.policy == "adore":
+        rows = (b, h, c)
+        layout.update(cold_k=((*rows, spec.k_dim), torch.int8), cold_k_scale=(rows, torch.float32),
+                      cold_v=((*rows, spec.v_dim), torch.int8), cold_v_scale=(rows, torch.float32),
+                      cold_pos=(rows, torch.int64), cold_score=(rows, torch.float32))
+    return layout
 
 
 def window_groups(n: int, group: int) -> int:
