@@ -221,7 +221,8 @@ def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: floa
         k = torch.cat([fmt.storage.dequantize(slots, budget, q.dtype)[0], new_k], 2)
     old_score = state["score"]
     c = FixedCandidates(
-        q, k, None, {}, torch.cat([state["pos"], new_pos], 2), torch.cat([old_score, old_score.new_zeros(B, Hkv, 1)], 2),
+        q, k, None, {}, torch.cat([state["pos"], new_pos], 2),
+        torch.cat([old_score, old_score.new_zeros(B, Hkv, 1)], 2),
         torch.cat([held & (old_score > NEVER),
                    visible_tokens(mask, False, q.shape[2], spec.capacity, new_pos, q.shape[1])], 2),
         mask, False, scale, 1, spec.capacity, False, False, site, written=positions[-1] + 1,

@@ -181,14 +181,15 @@ POSITION_TABLES = ("pos", "cold_pos")
 def budget_layout(spec: FixedCacheSpec) -> packed.Layout:
     """A budgeted cache's sections: ``budget`` slots per (batch row, KV head) in ``slot_storage``'s form, their
     positions ``pos`` int64 [B, Hkv, budget] (EMPTY: no token) and the policy's scores ``score`` fp32
-    [B, Hkv, budget]; ADORE adds its cold store laid out for the capacity, indexed by position: int8 keys and
-    values with fp32 row scales, ``cold_pos`` int64 (the position where the token is cold, else EMPTY) and
-    ``cold_score`` fp32 [B, Hkv, capacity]."""
+    [B, Hkv, budget]; ADORE adds its cold store laid out for the capacity, indexed by position (one more row, a
+    scratch target for writes that do not happen, never a token): int8 keys and values with fp32 row scales,
+    ``cold_pos`` int64 (the position where the token is cold, else EMPTY) and ``cold_score`` fp32
+    [B, Hkv, capacity + 1]."""
     b, h, n, c = spec.batch, spec.kv_heads, spec.budget, spec.capacity
     layout = dict(spec.slot_storage.layout(b, h, n, spec.k_dim, spec.v_dim, spec.torch_dtype))
     layout.update(pos=((b, h, n), torch.int64), score=((b, h, n), torch.float32))
     if spec.policy == "adore":
-        rows = (b, h, c)
+        rows = (b, h, c + 1)
         layout.update(cold_k=((*rows, spec.k_dim), torch.int8), cold_k_scale=(rows, torch.float32),
                       cold_v=((*rows, spec.v_dim), torch.int8), cold_v_scale=(rows, torch.float32),
                       cold_pos=(rows, torch.int64), cold_score=(rows, torch.float32))
