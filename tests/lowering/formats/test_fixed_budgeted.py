@@ -72,7 +72,8 @@ def by_position(sections, pos_name="pos", names=None):
         for h in range(pos.shape[1]):
             for slot, p in enumerate(pos[b, h].tolist()):
                 if p >= 0:
-                    held[(b, h, p)] = [sections[n][b, h, slot:slot + 1].view(torch.uint8).flatten().tolist() for n in names]
+                    held[(b, h, p)] = [sections[n][b, h, slot:slot + 1].view(torch.uint8).flatten().tolist()
+                                       for n in names]
     return held
 
 
