@@ -14,6 +14,13 @@ with any model and without kvpass compiling (slowly: the whole capacity is dequa
 ``torch.compile(backend="kvpass")`` the backend finds that read feeding an attention and replaces both by
 ``fixed_cache_attention`` over the packed buffer (``kvpass/variants/fixed_capacity.py``).
 
+With ``policy`` and ``budget`` (the options' values: streaming, h2o, snapkv, asl, adore) each layer keeps
+``budget`` token slots per KV head instead (``lowering/formats/fixed_budgeted.py``): ``update`` leaves the new
+tokens to ``fixed_budget_read``, which the backend replaces with the attention that writes, selects and attends
+(``fixed_budget_attention``); the kept set needs the query, so such a cache works only inside a kvpass-compiled
+forward, prefill included (run uncompiled, the read raises and says so). ASL's cross-layer state is one store
+per cache (``asl_store``), each layer's spec carrying its index.
+
 It behaves as HF's StaticCache towards generate and the mask builders: compileable (generate compiles the
 decode step with ``generation_config.compile_config``), mask sizes of ``max_cache_len``, the length a
 device tensor. ``max_cache_len`` is rounded up to a multiple of 64. Full attention layers only (sliding
@@ -153,8 +160,10 @@ class PackedCache(Cache):
     16, 8, "fp8", 4, "aligned"). ``config_or_model``: the model (its dtype and device are the defaults) or its
     config; ``batch_size``: the batch it serves (exactly); ``max_cache_len``: prompt plus generated tokens,
     rounded up to a multiple of 64; ``early_exit``: as the option (None, True or a tolerance in [0, 1)): block
-    summaries in the buffer and bounded decode attention (``lowering/formats/fixed_early_exit.py``).
-    ``nbytes``: the bytes all layers hold."""
+    summaries in the buffer and bounded decode attention (``lowering/formats/fixed_early_exit.py``);
+    ``policy``, ``budget``, ``asl_layers``: as the options, ``budget`` token slots per layer and KV head kept by
+    the policy (``lowering/formats/fixed_budgeted.py``; not with ``early_exit``). ``nbytes``: the bytes all layers
+    (and ASL's store) hold."""
 
     def __init__(self, config_or_model, batch_size: int, max_cache_len: int, kv_bits: int | str = 8,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,

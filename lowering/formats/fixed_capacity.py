@@ -33,20 +33,21 @@ code sections, and keeps the rows of the group now open as the residual. A group
 its last token is written; until then attention reads that group from the residual, so the codes written
 for partial groups are never read (the mask the kernel gets hides them).
 
-Not on fixed buffers yet (design of the next step; the general path serves them meanwhile):
+Budgeted policies (``policy``, ``budget``; ``lowering/formats/fixed_budgeted.py``, ADORE
+``lowering/formats/fixed_adore.py``): the buffer is laid out for ``budget`` slots per KV head in the scheme's
+per-token form (int4 as ``int4_rows``) plus a position table int64 [B, Hkv, budget] (EMPTY = -1) and the policy's
+scores [B, Hkv, budget] (``budget_layout``); ADORE adds its cold int8 store laid out for the capacity, indexed by
+position. The selection needs the query, so write, selection and attention are one op,
+``fixed_budget_attention``. A one-token step picks the slot to free on the device (the first empty one, else the
+argmin of the policy's selection key) and scatters the new token there; the decode kernel reads the ``budget``
+slots under the model's mask gathered at their positions, whatever the length. A longer step (prefill) selects
+the top ``budget`` with fixed shapes for a given prompt length. ADORE rebuilds any number of cold tokens per step
+by rewriting its hot slots (O(budget)) and scores the whole cold store (O(capacity), as its rule reads every
+token). Early exit together with a policy is not on fixed buffers (refused: the general path serves it).
 
-- Budgeted policies (``policy``, ``budget``): the buffer laid out for ``budget`` slots per KV head plus a
-  position table int64 [B, Hkv, budget] (-1: empty) and the policy's scores [B, Hkv, budget] in the same
-  buffer. A decode write picks its slot on the device (an argmin over the policy's keep-priority: streaming the
-  oldest non-sink, H2O the smallest accumulated weight, SnapKV/ASL a ring over the newest half) and stores the
-  token there with ``index_copy_`` at that device index (int4 then stores keys per token, as ``int4_rows``
-  does); the kernel's mask is the model's mask gathered at the kept positions ([b, h, Lq, budget]), so the
-  decode kernel reads ``budget`` slots whatever the length. The prefill's selection (SnapKV's top-k of the
-  window's scores) is ``topk`` with k = budget: fixed shapes for a given prompt length. ADORE: its cold int8
-  store laid out for the capacity, and a fixed number r of rebuilt tokens per step (top-r of the cold scores).
-- Early exit: block summaries (per 64-key block key min/max and value norm) laid out for ``capacity / 64``
-  blocks; a write recomputes the summaries of the blocks it touches from their stored rows (fixed shape); blocks
-  past the length are empty under the mask.
+Early exit (``lowering/formats/fixed_early_exit.py``): block summaries (per 64-key block key min/max and value
+norm) laid out for ``capacity / 64`` blocks; a write recomputes the summaries of the blocks it touches from their
+stored rows (fixed shape); blocks past the length are empty under the mask.
 """
 from __future__ import annotations
 
