@@ -72,6 +72,8 @@ def rewrite_fixed_capacity(graph: fx.Graph, site: Site, options: KVPassOptions, 
         exit_note = f", policy {s.policy} keeping {s.budget} tokens per KV head"
     ignored = "" if options.is_exact or str(options.kv_bits) == str(s.kv_bits) else \
         f"; options kv_bits={options.kv_bits!r} ignored: the cache's storage is used"
+    if not options.is_exact and options.policy != s.policy:
+        ignored += f"; options policy={options.policy!r} ignored: the cache's policy is used"
     name = "fixed_budget_attention" if s.budgeted else "fixed_cache_attention"
     return (f"{name} ({s.kv_bits}-bit storage of PackedCache, capacity {s.capacity}{exit_note}; "
             f"CUDA-graph capturable{ignored})")

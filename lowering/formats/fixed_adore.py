@@ -34,7 +34,7 @@ from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
 from lowering.formats.budgeted import NEVER, BudgetedFormat, key_weights, take, visible_tokens
 from lowering.formats.fixed_budgeted import (
-    _LAST,
+    EMPTY_LAST,
     FixedCandidates,
     attend_slots,
     causal_first,
@@ -107,7 +107,7 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
     key = BudgetedFormat.selection_key(fmt, c, score if static_prefill else torch.maximum(score, w))
     kept = keep_order(key, torch.zeros_like(c.pos), c.real)[..., :budget]  # ties by candidate index
     kept_real = take(c.real, kept)
-    kept = kept.gather(-1, torch.where(kept_real, take(c.pos, kept), _LAST).argsort(dim=-1, stable=True))
+    kept = kept.gather(-1, torch.where(kept_real, take(c.pos, kept), EMPTY_LAST).argsort(dim=-1, stable=True))
     kept_real = take(c.real, kept)
     is_kept = torch.zeros_like(c.real).scatter_(-1, kept, kept_real)
 

@@ -63,7 +63,7 @@ from lowering.formats.slot_replacement import ReplacesInPlace, put, weakest
 from lowering.formats.snapkv import SnapKV
 from lowering.storage import State
 
-_LAST = torch.iinfo(torch.int64).max  # sort key of an empty slot: after every position
+EMPTY_LAST = torch.iinfo(torch.int64).max  # sort key of an empty slot: after every position (slots in position order)
 
 
 def general_format(spec: FixedCacheSpec) -> BudgetedFormat:
@@ -254,7 +254,7 @@ def rewrite(fmt, q, state: State, positions, new_k, new_v, mask, is_causal: bool
     held = state["pos"] >= 0
     pos = torch.cat([state["pos"], new_pos], 2)
     real = torch.cat([held, torch.ones_like(held[..., :1]).expand(B, Hkv, n)], 2)
-    order = torch.where(real, pos, _LAST).argsort(dim=-1, stable=True)  # position order, empty slots last
+    order = torch.where(real, pos, EMPTY_LAST).argsort(dim=-1, stable=True)  # position order, empty slots last
     visible = torch.cat([held & (state["score"] > NEVER),
                          visible_tokens(mask, False, Lq, capacity, new_pos, Hq)], 2)
     score_old = torch.cat([state["score"], state["score"].new_zeros(B, Hkv, n)], 2)
@@ -275,7 +275,7 @@ def rewrite(fmt, q, state: State, positions, new_k, new_v, mask, is_causal: bool
         score, key = torch.where(first, score, score_d), torch.where(first, key, key_d)
     kept = keep_order(key, c.pos, c.real)[..., :budget]
     kept_real = take(c.real, kept)
-    kept = kept.gather(-1, torch.where(kept_real, take(c.pos, kept), _LAST).argsort(dim=-1, stable=True))
+    kept = kept.gather(-1, torch.where(kept_real, take(c.pos, kept), EMPTY_LAST).argsort(dim=-1, stable=True))
     out = exact_attention(q, c.k, c.v, kept_mask(mask, torch.where(c.real, c.pos, EMPTY), Hq, Lq, capacity), False,
                           scale, Hq != Hkv)
     for name, t in c.stored.items():
