@@ -5,7 +5,7 @@
     python examples/quickstart.py --options '{"kv_bits": 8}'   # another kvpass configuration
 
 Loads the embedded default model (the first run converts its GGUF once, ~30 s, cached under
-~/.cache/kvpass), builds a completion-style pass-key prompt of ~1.5k tokens, answers it with
+~/.cache/kvpass), builds a completion-style pass-key prompt of ~4k tokens, answers it with
 ``model.generate`` eagerly, then compiles the model in place with ``kvpass.compile(model, **options)``
 and answers again. Prints a summary table first (answers, prefill time, decode tokens/s, KV-cache bytes
 measured from the returned cache's tensors), then where the packed cache's bytes go
@@ -15,14 +15,15 @@ The default configuration, and what to expect on a CPU: SnapKV (``"policy": "sna
 per layer and KV head, those the prompt's last queries attend to most (the question at the end points at
 the pass key), stored as fp8 (e4m3) codes with per-token scales, and decodes by writing each new token over
 the evicted one in place (``"replace_in_place": True``; the default does so on CUDA only). The cache is then
-about 40x smaller than eager's and decoding reads 128 tokens instead of 1.5k, so it nearly keeps up with
-eager on this CPU (0.93x its tokens/s idle, 1.07x in a run under load) although off the GPU there is no fused
-kernel: torch converts the codes to fp32 every step, plus about 0.8 ms of small host ops per layer and step.
+about 100x smaller than eager's and decoding reads 128 tokens instead of ~4k, so it decodes faster than eager
+on a 2-core CPU (1.08x its tokens/s, README's times) although off the GPU there is no fused kernel: torch
+converts the codes to fp32 every step, plus about 0.7 ms of small host ops per layer and step; at ~1.5k tokens
+eager's attention is cheap enough that the two are about even.
 SnapKV finds one pass key asked at the end; for several keys at long contexts it loses what ADORE keeps
 (bench/RESULTS.md, quality at 2048 tokens). Without a policy
 (``--options '{"kv_bits": "fp8", "compiler": "eager"}'``) the whole cache is kept, 3.7x smaller, and
-decode is slower than eager here (0.55-0.71x): every step converts all 1.5k cached rows (eager's cat +
-SDPA 0.3-0.7 ms per layer and token, kvpass's fp8 op 3-5 ms); int8 is slower still on the CPU, its rows
+decode is slower than eager here: every step converts every cached row to fp32 (at 1.5k tokens eager's cat +
+SDPA took 0.3-0.7 ms per layer and token, kvpass's fp8 op 3-5 ms); int8 is slower still on the CPU, its rows
 stored rotated by a Hadamard matrix and turned back every step. ``--options`` switches the configuration;
 ``"compiler": "eager"`` keeps the compile short (Inductor compiles the three graphs of a generate in
 minutes on 2 CPU cores).

@@ -33,6 +33,12 @@ code sections, and keeps the rows of the group now open as the residual. A group
 its last token is written; until then attention reads that group from the residual, so the codes written
 for partial groups are never read (the mask the kernel gets hides them).
 
+On CUDA a decode step takes fused launches where the torch path above would take tens of small kernels per layer
+(``lowering.formats.launch``): int8 quantizes the new rows straight into the sections at the device position
+(``append_at``); int4 writes a decode token in one kernel (``int4_decode_write``: the residual row, the value row,
+the key group once it fills; what the torch path stores at every position attention reads) and builds its
+decode mask in one (``group_mask``, the twin of ``kernel_mask``).
+
 Budgeted policies (``policy``, ``budget``; ``lowering/formats/fixed_budgeted.py``, ADORE
 ``lowering/formats/fixed_adore.py``): the buffer is laid out for ``budget`` slots per KV head in the scheme's
 per-token form (int4 as ``int4_rows``) plus a position table int64 [B, Hkv, budget] (EMPTY = -1) and the policy's
@@ -274,10 +280,14 @@ def write(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, ne
     state = packed.views(buffer, spec.layout)
     n = new_k.shape[2]
     if spec.group is None:
+        if launch.append_at(spec.scheme, positions, new_k, new_v, state):
+            return  # CUDA, int8: quantized straight into the sections at the device positions, a launch per tensor
         rows = _fresh_sections(spec, n, buffer.device)
         launch.append(spec.scheme, None, 0, new_k, new_v, rows)
         _scatter(state, rows, positions, None, spec, n)
         return
+    if n == 1 and launch.int4_decode_write(spec.scheme, positions, new_k, new_v, state):
+        return  # CUDA: one launch (int4: the value row, the residual row, the key group once it fills)
     g = spec.group
     window_k, window_v, first = _window(state, positions, new_k, new_v, g)
     span = window_groups(n, g) * g
@@ -385,5 +395,6 @@ def decode_operands(q, buffer, positions, attn_mask, spec: FixedCacheSpec):
     if attn_mask is None:
         attn_mask = positional_mask(q, positions, spec.capacity)
     if spec.group is not None:
-        attn_mask = kernel_mask(attn_mask, positions, spec)
+        built = launch.group_mask(attn_mask, positions, spec.group)  # CUDA: one launch
+        attn_mask = kernel_mask(attn_mask, positions, spec) if built is None else built
     return packed.views(buffer, spec.layout), spec.stored_length, attn_mask

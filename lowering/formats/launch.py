@@ -11,7 +11,12 @@ never launch anything; the formats call the functions here instead of a scheme's
   (``lowering/attention/decode``), which dequantizes tiles in registers, or off CUDA (or for inputs the
   kernel refuses) by dequantizing this layer and calling SDPA; schemes with no kernel (int4's per-token
   rows) by the latter always;
-- ``decode_in_place``: a decode step appended into capacity sections and attended in two launches.
+- ``decode_in_place``: a decode step appended into capacity sections and attended in two launches;
+- ``append_at``: int8's append kernel writing at device positions (a fixed-capacity cache), one launch per
+  tensor;
+- ``group_mask``: int4's decode mask over a fixed capacity, one launch on CUDA;
+- ``int4_decode_write``: one decode token at a device position into int4 sections of a fixed capacity, one
+  launch on CUDA (``lowering/attention/append/int4_kernel.py``).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from lowering.attention.compile_failure import KernelCompileError
 from lowering.core.operands import AppendOperands
 from lowering.core.reference import exact_attention
 from lowering.core.stats import calls
-from lowering.storage import State, StorageScheme
+from lowering.storage import State, StorageScheme, token_blocks
 from lowering.storage.full import FullPrecision
 from lowering.storage.int4 import Int4Kivi
 from lowering.storage.int8 import Int8
@@ -39,7 +44,7 @@ def _append_kernel_takes(x: torch.Tensor, target: AppendOperands) -> bool:
     return launchers.load().append.unsupported_reason(x, target.codes) is None
 
 
-def _append_by_kernel(x: torch.Tensor, target: AppendOperands, start: int) -> None:
+def _append_by_kernel(x: torch.Tensor, target: AppendOperands, start: int | torch.Tensor) -> None:
     launchers.load().append.append_rows(x, target.codes, target.scales, start, target.qmax, target.rotated,
                                         target.blocked)
 
@@ -56,6 +61,42 @@ def append(scheme: StorageScheme, old: State | None, old_length: int, new_k, new
             _append_by_kernel(x, target, old_length)
         else:
             scheme.write_rows(name, x, out, old_length)
+
+
+def append_at(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
+    """Whether the fused quantize-on-append kernel wrote new_k, new_v [B, Hkv, n, D] at the device positions
+    ``positions`` (consecutive, int64 [n]) into per-token ``sections`` of a fixed capacity (int8 on CUDA, inputs it
+    takes; False: nothing written). One launch per tensor, the first position read on the device."""
+    if not (getattr(scheme, "fused_append", False) and new_k.is_cuda):
+        return False
+    targets = [(x, scheme.append_operands(name, x, sections)) for name, x in (("k", new_k), ("v", new_v))]
+    if not all(_append_kernel_takes(x, target) for x, target in targets):
+        return False
+    for x, target in targets:
+        _append_by_kernel(x, target, positions)
+    return True
+
+
+def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
+    """Whether the fused kernel wrote the decode token new_k, new_v [B, Hkv, 1, D] at ``positions[0]`` into
+    int4 KIVI ``sections`` of a fixed capacity (CUDA, inputs it takes; False: nothing written, the caller's
+    torch path writes). Stores what that path stores at every position attention reads."""
+    if not (isinstance(scheme, Int4Kivi) and new_k.is_cuda) or launchers.missing() is not None:
+        return False
+    append = launchers.load().append
+    if append.int4_decode_unsupported_reason(new_k, sections) is not None:
+        return False
+    slots = token_blocks.slot_index(scheme.VALUE_SLOTS, new_k.device)
+    append.append_int4_decode(positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS)
+    return True
+
+
+def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:
+    """A grouped scheme's decode mask over a fixed capacity (``fixed_capacity.kernel_mask``'s result) in one launch
+    on CUDA; None elsewhere (the caller's torch twin builds it)."""
+    if not mask.is_cuda or launchers.missing() is not None:
+        return None
+    return launchers.load().decode.group_mask(mask, positions, group)
 
 
 def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask, scheme=None) -> str | None:

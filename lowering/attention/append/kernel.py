@@ -30,6 +30,7 @@ def quantize_rows_append_kernel(
     ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated: x H 2^-shift first (lowering/core/rotation.py); 0: none
     ROTATE_SHIFT: tl.constexpr = 0,
     ROW_BLOCK: tl.constexpr = 0,  # codes in blocks of this many tokens, token-minor (stride_cn: a block's); 0: rows
+    START_IN_MEMORY: tl.constexpr = False,  # ``start`` points to an int64 on the device (a fixed-capacity cache)
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = pid % new_rows
@@ -44,7 +45,10 @@ def quantize_rows_append_kernel(
     scale = reduce_max(tl.abs(x), 0) / QMAX
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
     code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)
-    row = start + t
+    if START_IN_MEMORY:
+        row = tl.load(start).to(tl.int64) + t
+    else:
+        row = start + t
     if ROW_BLOCK:
         c_off = (row // ROW_BLOCK) * stride_cn + row % ROW_BLOCK + d * ROW_BLOCK
     else:

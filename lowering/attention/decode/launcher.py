@@ -29,6 +29,7 @@ from triton.runtime.errors import OutOfResources
 from lowering.attention import grid
 from lowering.attention.compile_failure import KernelCompileError, is_compile_failure, summary
 from lowering.attention.decode import kernel as kernels
+from lowering.attention.decode.group_mask import group_mask_kernel
 from lowering.attention.device import merge
 from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
@@ -396,3 +397,22 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 num_warps=config.merge_num_warps, **rotation,
             )
     return out
+
+
+GROUP_MASK_BLOCK = 1024
+
+
+def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor:
+    """``lowering.formats.fixed_capacity.kernel_mask`` in one launch (``group_mask.py``): mask [b, h, Lq, capacity]
+    (bool or additive, dims broadcast or not), positions int64 [n] (the last one the last written) -> [b, h, Lq,
+    capacity + 2 group - 1], contiguous."""
+    b, h, q_len, capacity = mask.shape
+    raw = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    masked = 0 if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
+    width = capacity + 2 * group - 1
+    out = torch.empty((b, h, q_len, width), dtype=raw.dtype, device=mask.device)
+    st = [raw.stride(i) if raw.shape[i] > 1 else 0 for i in range(4)]
+    group_mask_kernel[(b * h * q_len, cdiv(width, GROUP_MASK_BLOCK))](
+        raw, out, positions[-1:], h, q_len, *st, capacity, masked, GROUP=group, BLOCK=GROUP_MASK_BLOCK,
+        num_warps=4)
+    return out.view(torch.bool) if mask.dtype == torch.bool else out

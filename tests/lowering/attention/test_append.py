@@ -98,3 +98,23 @@ def test_decode_in_place_equals_the_general_path(kv_bits, old_length, heads, mas
         return
     assert got is not None and torch.equal(got, want)
     assert torch.equal(other, buffer)
+
+
+@settings(max_examples=15, deadline=None)
+@given(new=st.integers(1, 5), start=st.integers(0, 40), blocked=st.booleans(), rotated=st.booleans(),
+       seed=st.integers(0, 99))
+def test_append_rows_at_a_device_start_writes_what_an_int_start_writes(new, start, blocked, rotated, seed,
+                                                                       kvpass_device):
+    """A fixed-capacity cache passes its write position as a device tensor: the kernel reads it there."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, new, 16, generator=g).to(torch.bfloat16).to(kvpass_device)
+    shape = (2, 3, 48 // 16, 16, 16) if blocked else (2, 3, 48, 16)
+    results = []
+    for at in (start, torch.tensor([start, start + 99], device=kvpass_device)):
+        codes = torch.full(shape, -128, dtype=torch.int8, device=kvpass_device)
+        scales = torch.full((2, 3, 48), float("nan"), device=kvpass_device)
+        append_rows(x, codes, scales, at, QMAX, rotated, blocked)
+        results.append((codes, scales))
+    (want_codes, want_scales), (codes, scales) = results
+    assert torch.equal(codes, want_codes) and torch.equal(scales.nan_to_num(-1.0), want_scales.nan_to_num(-1.0))
+    assert (want_codes != -128).any()

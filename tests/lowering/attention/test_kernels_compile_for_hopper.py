@@ -20,13 +20,16 @@ INT4_FP16_POINTERS = {**INT4_POINTERS, "Q": "*fp16", "Out": "*fp16", "KS": "*fp1
                       "VZ": "*fp16", "KR": "*fp16", "VR": "*fp16", "Mask": "*fp16"}
 INT4_CONSTANTS = dict(KV_FORMAT=2, BLOCK_N=32, MASK_KIND=2, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=True,
                       FOLD_ROWS=4, VALUE_BLOCK=16, SPLIT_OUTPUT=True)  # keys by the folded query's int8 split
+INT4_APPEND_POINTERS = {"Positions": "*i64", "NewK": "*bf16", "NewV": "*bf16", "KCodes": "*u8", "KScale": "*bf16",
+                        "KMin": "*bf16", "VCodes": "*u8", "VScale": "*bf16", "VMin": "*bf16", "KRes": "*bf16",
+                        "VRes": "*bf16", "SLOTS": "*i64"}
 # (kernel, pointer types, constexprs): the launches int8 makes at D=128 bf16, int4's, and the merge. The split
 # kernel's cases give only what differs from SPLIT_POINTERS / SPLIT_CONSTANTS.
 CASES = {
     "quantize rows, rotated": (
         "lowering.attention.append.kernel:quantize_rows_append_kernel",
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
-        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3)),
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, START_IN_MEMORY=False)),
     "decode split, rotated, one split": (
         "lowering.attention.decode.kernel:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=False)),
@@ -56,7 +59,32 @@ CASES = {
     "quantize rows into token blocks": (
         "lowering.attention.append.kernel:quantize_rows_append_kernel",
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
-        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16)),
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16,
+             START_IN_MEMORY=False)),
+    "quantize rows into token blocks at a device position": (
+        "lowering.attention.append.kernel:quantize_rows_append_kernel",
+        {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32", "start": "*i64"},
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16,
+             START_IN_MEMORY=True)),
+    # one decode token into an int4 cache of fixed capacity (constexpr dtypes as "tl.<name>")
+    "int4 decode append, bf16": (
+        "lowering.attention.append.int4_kernel:int4_decode_append_kernel", dict(INT4_APPEND_POINTERS),
+        dict(HEAD_DIM=128, HALF=64, BLOCK_H=64, GROUP=32, TOKENS=16, DTYPE="tl.bfloat16", BITS="tl.uint16")),
+    "int4 decode append, fp16, odd head dim": (
+        "lowering.attention.append.int4_kernel:int4_decode_append_kernel",
+        {k: v.replace("bf16", "fp16") for k, v in INT4_APPEND_POINTERS.items()},
+        dict(HEAD_DIM=33, HALF=17, BLOCK_H=32, GROUP=32, TOKENS=16, DTYPE="tl.float16", BITS="tl.uint16")),
+    "int4 decode append, fp32": (
+        "lowering.attention.append.int4_kernel:int4_decode_append_kernel",
+        {k: v.replace("bf16", "fp32") for k, v in INT4_APPEND_POINTERS.items()},
+        dict(HEAD_DIM=64, HALF=32, BLOCK_H=32, GROUP=32, TOKENS=16, DTYPE="tl.float32", BITS="tl.uint32")),
+    # int4's decode mask over a fixed capacity: a bool mask (as bytes) and an additive bf16 one
+    "group mask, bool": (
+        "lowering.attention.decode.group_mask:group_mask_kernel", {"Mask": "*u8", "Out": "*u8", "Last": "*i64"},
+        dict(GROUP=32, BLOCK=1024)),
+    "group mask, additive bf16": (
+        "lowering.attention.decode.group_mask:group_mask_kernel",
+        {"Mask": "*bf16", "Out": "*bf16", "Last": "*i64", "masked": "fp32"}, dict(GROUP=32, BLOCK=1024)),
     "merge, rotated": (
         "lowering.attention.device.merge:merge_splits_kernel", {"Part": "*fp32", "Out": "*bf16"},
         dict(HEAD_DIM=128, BLOCK_D=128, SPLIT_BLOCK=16, ROTATE_STAGES=7, ROTATE_SHIFT=4)),
@@ -78,6 +106,7 @@ def compile_kernel(name: str, pointers=None, constants=None, options=None, divis
     import importlib
 
     import triton
+    import triton.language  # noqa: F401  (constexpr dtypes)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -92,6 +121,8 @@ def compile_kernel(name: str, pointers=None, constants=None, options=None, divis
             launch_options = dict(num_warps=2, num_stages=3)
     pointers = {**case_pointers, **(pointers or {})}
     constants = {**case_constants, **(constants or {})}
+    constants = {k: getattr(triton.language, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+                 for k, v in constants.items()}
     signature = {arg: pointers.get(arg, "constexpr" if arg in constants else "fp32" if arg in FLOAT_ARGS else "i32")
                  for arg in kernel.arg_names}
     attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}

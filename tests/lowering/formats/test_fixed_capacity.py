@@ -39,7 +39,7 @@ def write_chunks(spec, k, v, chunks):
     buffer = fc.allocate(spec, k.device)
     start = 0
     for n in chunks:
-        positions = torch.arange(start, start + n)
+        positions = torch.arange(start, start + n, device=k.device)
         ops.fixed_cache_write(buffer, positions, k[:, :, start:start + n], v[:, :, start:start + n], spec.to_json())
         start += n
     return buffer, positions
@@ -47,8 +47,8 @@ def write_chunks(spec, k, v, chunks):
 
 def stored(spec, buffer, length):
     """The cache's first ``length`` positions as a decode step reads them (no prefill overlay)."""
-    one = torch.zeros(spec.batch, spec.kv_heads, 1, spec.k_dim, dtype=spec.torch_dtype)
-    k, v = ops.fixed_cache_read(buffer, torch.tensor([length - 1]), one, one, spec.to_json())
+    one = torch.zeros(spec.batch, spec.kv_heads, 1, spec.k_dim, dtype=spec.torch_dtype, device=buffer.device)
+    k, v = ops.fixed_cache_read(buffer, torch.tensor([length - 1], device=buffer.device), one, one, spec.to_json())
     return k[:, :, :length], v[:, :, :length]
 
 
@@ -62,17 +62,17 @@ chunk_lists = st.lists(st.integers(1, 40), min_size=1, max_size=6).filter(lambda
 @example(chunks=[32, 32, 33], batch=2, dim=16, dtype=torch.bfloat16, seed=1)  # group-aligned prefills, then one over
 @example(chunks=[1] * 6, batch=1, dim=8, dtype=torch.float32, seed=2)
 @settings(max_examples=15, deadline=None)
-def test_write_stores_what_the_general_path_stores(kv_bits, chunks, batch, dim, dtype, seed):
+def test_write_stores_what_the_general_path_stores(kvpass_device, kv_bits, chunks, batch, dim, dtype, seed):
     if kv_bits == "aligned" and dim % 2:
         dim += 1
     spec = spec_for(kv_bits, batch=batch, dim=dim, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     length = sum(chunks)
-    k, v = (torch.randn(batch, 2, length, dim, generator=g).to(dtype) for _ in range(2))
-    buffer = fc.allocate(spec, "cpu")
+    k, v = (torch.randn(batch, 2, length, dim, generator=g).to(dtype).to(kvpass_device) for _ in range(2))
+    buffer = fc.allocate(spec, kvpass_device)
     start = 0
     for n in chunks:  # after every write, the stored prefix equals the general path's of the same tokens
-        positions = torch.arange(start, start + n)
+        positions = torch.arange(start, start + n, device=kvpass_device)
         ops.fixed_cache_write(buffer, positions, k[:, :, start:start + n], v[:, :, start:start + n], spec.to_json())
         start += n
         got_k, got_v = stored(spec, buffer, start)
@@ -95,10 +95,11 @@ def test_prefill_read_gives_the_written_tokens_at_full_precision(kv_bits):
     assert torch.equal(got_k[:, :, :5], want_k) and torch.equal(got_v[:, :, :5], want_v)
 
 
-def decode_problem(kv_bits, q_len, kv_len, batch, seed, dtype=torch.float32):
+def decode_problem(kv_bits, q_len, kv_len, batch, seed, dtype=torch.float32, device="cpu"):
     problem = kt.make_problem(batch=batch, q_heads=4, kv_heads=2, q_len=q_len, kv_len=kv_len, head_dim=16,
                               dtype=dtype, mask="bool", mask_causal=True,
-                              left_pad=tuple(min(3 * b, kv_len - q_len) for b in range(batch)), seed=seed)
+                              left_pad=tuple(min(3 * b, kv_len - q_len) for b in range(batch)), seed=seed,
+                              device=device)
     spec = spec_for(kv_bits, batch=batch, dtype=dtype)
     prefix = kv_len - q_len
     buffer, positions = write_chunks(spec, problem.k, problem.v, [n for n in (prefix, q_len) if n])
@@ -114,8 +115,9 @@ def decode_problem(kv_bits, q_len, kv_len, batch, seed, dtype=torch.float32):
 @example(q_len=1, kv_len=33, batch=3, seed=0)  # a one-token residual
 @example(q_len=1, kv_len=CAPACITY, batch=1, seed=0)  # the cache full
 @settings(max_examples=10, deadline=None)
-def test_decode_attention_matches_the_float64_oracle(kv_bits, q_len, kv_len, batch, seed):
-    problem, spec, buffer, positions, mask, as_stored = decode_problem(kv_bits, q_len, kv_len, batch, seed)
+def test_decode_attention_matches_the_float64_oracle(kvpass_device, kv_bits, q_len, kv_len, batch, seed):
+    problem, spec, buffer, positions, mask, as_stored = decode_problem(kv_bits, q_len, kv_len, batch, seed,
+                                                                       device=kvpass_device)
     out = ops.fixed_cache_attention(problem.q, buffer, positions, problem.k[:, :, -q_len:], problem.v[:, :, -q_len:],
                                    mask, False, None, spec.to_json())
     kt.assert_attention_close(out, kt.reference_attention(as_stored), kt.tolerance_for(as_stored),
@@ -124,20 +126,21 @@ def test_decode_attention_matches_the_float64_oracle(kv_bits, q_len, kv_len, bat
 
 @pytest.mark.parametrize("kv_bits", [8, "fp8", 4, "aligned"], ids=str)
 @pytest.mark.parametrize("kv_len", [1, 31, 33, 100])
-def test_decode_kernel_over_the_capacity_matches_the_float64_oracle(kv_bits, kv_len):
+def test_decode_kernel_over_the_capacity_matches_the_float64_oracle(kvpass_device, kv_bits, kv_len):
     """The Triton kernel (CUDA's path; here under the interpreter) over the capacity's sections and the mask
     ``decode_operands`` builds (int4: open group's codes and the scratch group hidden, the residual rows after)."""
-    if packed_kernel_unavailable():
-        pytest.skip("the kernel needs TRITON_INTERPRET=1 on the CPU")
-    problem, spec, buffer, positions, mask, as_stored = decode_problem(kv_bits, 1, kv_len, 2, seed=kv_len)
+    if packed_kernel_unavailable(kvpass_device):
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1 on the CPU")
+    problem, spec, buffer, positions, mask, as_stored = decode_problem(kv_bits, 1, kv_len, 2, seed=kv_len,
+                                                                       device=kvpass_device)
     state, length, kernel_mask = fc.decode_operands(problem.q, buffer, positions, mask, spec)
     out = kernel_decode_attention(spec.scheme, problem.q, state, length, kernel_mask)
     kt.assert_attention_close(out, kt.reference_attention(as_stored), kt.tolerance_for(as_stored),
                               context=f"kv_bits={kv_bits} {problem!r}")
 
 
-def packed_kernel_unavailable() -> bool:
-    return not decode_launcher.INTERPRETED
+def packed_kernel_unavailable(device: str) -> bool:
+    return not (str(device).startswith("cuda") or decode_launcher.INTERPRETED)
 
 
 def test_int4_kernel_mask_hides_the_open_group_and_scratch():
@@ -164,21 +167,47 @@ def test_buffer_bytes_are_the_layout_bytes(kv_bits):
 
 @pytest.mark.parametrize("kv_bits", [8, "fp8", 4, "aligned"], ids=str)
 @pytest.mark.parametrize("kv_len", [40, 100])
-def test_decode_kernel_over_the_capacity_equals_it_over_the_length_in_bf16(kv_bits, kv_len):
+def test_decode_kernel_over_the_capacity_equals_it_over_the_length_in_bf16(kvpass_device, kv_bits, kv_len):
     """bf16, D=64 (int8 / int4 score keys by their query splits there): the kernel over the capacity under the
     mask ``decode_operands`` builds gives what it gives over the general path's sections of the same tokens."""
-    if packed_kernel_unavailable():
-        pytest.skip("the kernel needs TRITON_INTERPRET=1 on the CPU")
+    if packed_kernel_unavailable(kvpass_device):
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1 on the CPU")
     problem = kt.make_problem(batch=2, q_heads=8, kv_heads=2, q_len=1, kv_len=kv_len, head_dim=64,
-                              dtype=torch.bfloat16, mask="bool", mask_causal=True, left_pad=(0, 5), seed=kv_len)
+                              dtype=torch.bfloat16, mask="bool", mask_causal=True, left_pad=(0, 5), seed=kv_len,
+                              device=kvpass_device)
     spec = spec_for(kv_bits, batch=2, dim=64, dtype=torch.bfloat16)
     buffer, positions = write_chunks(spec, problem.k, problem.v, [kv_len - 1, 1])
     mask = torch.nn.functional.pad(problem.attn_mask, (0, CAPACITY - kv_len), value=False)
     state, length, kernel_mask = fc.decode_operands(problem.q, buffer, positions, mask, spec)
     out = kernel_decode_attention(spec.scheme, problem.q, state, length, kernel_mask)
-    general = packed.allocate(spec.layout_at(kv_len), "cpu")[1]
+    general = packed.allocate(spec.layout_at(kv_len), kvpass_device)[1]
     spec.scheme.append(None, 0, problem.k, problem.v, general)
     want = kernel_decode_attention(spec.scheme, problem.q, general, kv_len, problem.attn_mask)
     # the same tokens and kernel; only the split of the keys may differ (more of them over the capacity): at most
     # a bf16 rounding of the merged output apart (identical under the interpreter)
     torch.testing.assert_close(out, want, atol=2.0 ** -9, rtol=2.0 ** -7)
+
+
+@given(length=st.integers(1, CAPACITY), q_len=st.integers(1, 3), shape=st.sampled_from(["full", "broadcast"]),
+       dtype=st.sampled_from([torch.bool, torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+@example(length=32, q_len=1, shape="full", dtype=torch.bool, seed=0)  # a group just filled: no open rows
+@example(length=CAPACITY, q_len=2, shape="broadcast", dtype=torch.bfloat16, seed=1)
+@settings(max_examples=25, deadline=None)
+def test_group_mask_kernel_builds_kernel_mask(kvpass_device, length, q_len, shape, dtype, seed):
+    """The one-launch mask CUDA's int4 decode takes equals its torch twin ``kernel_mask`` element for element."""
+    if packed_kernel_unavailable(kvpass_device):
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1 on the CPU")
+    g = torch.Generator().manual_seed(seed)
+    dims = (2, 3, q_len, CAPACITY) if shape == "full" else (2, 1, q_len, CAPACITY)
+    mask = torch.rand(dims, generator=g) < 0.7
+    if dtype != torch.bool:
+        noise = (torch.rand(dims, generator=g) * 0.5).to(dtype)
+        mask = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype) + noise
+    mask = mask.to(kvpass_device)
+    if shape == "broadcast":
+        mask = mask.expand(2, 3, q_len, CAPACITY)
+    positions = torch.arange(length - q_len, length, device=kvpass_device).clamp(min=0)
+    want = fc.kernel_mask(mask, positions, spec_for(4))
+    got = decode_launcher.group_mask(mask, positions, 32)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want)
