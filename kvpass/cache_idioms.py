@@ -106,14 +106,16 @@ def buffer_index_put(kv: fx.Node) -> CacheUpdate | None:
     return None
 
 
-# torch.ops.kvpass.fixed_cache_read as Dynamo records it (the op packet) or as built by hand (its overload).
-READ_OPS = ("fixed_cache_read", "fixed_cache_read.default")
+# torch.ops.kvpass.fixed_cache_read (fixed_budget_read: a budgeted cache's) as Dynamo records it (the op packet)
+# or as built by hand (its overload).
+READ_OPS = ("fixed_cache_read", "fixed_cache_read.default", "fixed_budget_read", "fixed_budget_read.default")
 
 
 @register_cache_idiom("kvpass_packed_cache")
 def kvpass_packed_cache(kv: fx.Node) -> CacheUpdate | None:
     """PackedCache (``kvpass/packed_cache.py``): ``keys, values = fixed_cache_read(buffer, positions,
-    new_k, new_v, spec)`` after ``fixed_cache_write`` stored the new tokens in the layer's fixed buffer."""
+    new_k, new_v, spec)`` after ``fixed_cache_write`` stored the new tokens in the layer's fixed buffer, or a
+    budgeted cache's ``fixed_budget_read(buffer, positions, new_k, new_v, spec, asl_store)`` (no write before it)."""
     if op_name(kv) != "getitem" or op_name(kv.args[0]) not in READ_OPS:
         return None
     read = kv.args[0]

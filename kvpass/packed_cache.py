@@ -14,6 +14,13 @@ with any model and without kvpass compiling (slowly: the whole capacity is dequa
 ``torch.compile(backend="kvpass")`` the backend finds that read feeding an attention and replaces both by
 ``fixed_cache_attention`` over the packed buffer (``kvpass/variants/fixed_capacity.py``).
 
+With ``policy`` and ``budget`` (the options' values: streaming, h2o, snapkv, asl, adore) each layer keeps
+``budget`` token slots per KV head instead (``lowering/formats/fixed_budgeted.py``): ``update`` leaves the new
+tokens to ``fixed_budget_read``, which the backend replaces with the attention that writes, selects and attends
+(``fixed_budget_attention``); the kept set needs the query, so such a cache works only inside a kvpass-compiled
+forward, prefill included (run uncompiled, the read raises and says so). ASL's cross-layer state is one store
+per cache (``asl_store``), each layer's spec carrying its index.
+
 It behaves as HF's StaticCache towards generate and the mask builders: compileable (generate compiles the
 decode step with ``generation_config.compile_config``), mask sizes of ``max_cache_len``, the length a
 device tensor. ``max_cache_len`` is rounded up to a multiple of 64. Full attention layers only (sliding
@@ -21,12 +28,16 @@ windows are refused); beam search, ``crop`` and offloading are refused.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpass.options import parse_options
+from lowering.core import packed
 from lowering.formats.early_exit import resolve_tolerance
-from lowering.formats.fixed_capacity import CAPACITY_MULTIPLE, FixedCacheSpec, allocate
+from lowering.formats.fixed_budgeted import asl_store_layout
+from lowering.formats.fixed_capacity import CAPACITY_MULTIPLE, FixedCacheSpec, allocate, clear
 from lowering.storage import scheme_for
 
 
@@ -38,11 +49,12 @@ class PackedLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False  # allocated at construction
 
-    def __init__(self, spec: FixedCacheSpec, device: torch.device | str):
+    def __init__(self, spec: FixedCacheSpec, device: torch.device | str, asl_store: torch.Tensor | None = None):
         super().__init__()
         self.spec, self.spec_json = spec, spec.to_json()
         self.max_cache_len = spec.capacity
         self.buffer = allocate(spec, device)
+        self.asl_store = asl_store  # ASL's per-forward store, the cache's (shared by its layers)
         self.device = self.buffer.device  # "cuda" -> "cuda:0", as the model's tensors say
         self.batch_size, self.num_heads = spec.batch, spec.kv_heads
         self.k_head_dim, self.v_head_dim = spec.k_dim, spec.v_dim
@@ -72,6 +84,9 @@ class PackedLayer(CacheLayerMixin):
         n = key_states.shape[-2]
         positions = torch.arange(n, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(n)
+        if self.spec.budgeted:  # written by the attention, which chooses the kept tokens (fixed_budgeted.py)
+            return torch.ops.kvpass.fixed_budget_read(self.buffer, positions, key_states, value_states, self.spec_json,
+                                                      self.asl_store)
         torch.ops.kvpass.fixed_cache_write(self.buffer, positions, key_states, value_states, self.spec_json)
         return torch.ops.kvpass.fixed_cache_read(self.buffer, positions, key_states, value_states, self.spec_json)
 
@@ -89,7 +104,7 @@ class PackedLayer(CacheLayerMixin):
     get_max_cache_shape = get_max_length  # the same method's name in transformers releases before 5.25
 
     def reset(self) -> None:
-        self.buffer.zero_()
+        clear(self.buffer, self.spec)
         self.cumulative_length.zero_()
 
     def offload(self):
@@ -108,6 +123,17 @@ class PackedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         return self.buffer.untyped_storage().nbytes()
+
+
+def _checked_policy(policy: str, budget, kv_bits, early_exit, asl_layers):
+    """The options as the backend validates them (ValueError naming the key); early exit with a policy refused."""
+    opts = parse_options({"policy": policy, "budget": budget, "kv_bits": kv_bits, "early_exit": early_exit,
+                          "asl_layers": asl_layers})
+    if opts.policy != "full" and opts.early_exit is not None:
+        raise ValueError(f"PackedCache: early_exit with policy {opts.policy!r} is not on fixed buffers; use the "
+                         "general path (HF's DynamicCache compiled with kvpass and the options policy, budget and "
+                         "early_exit), or one of the two on a PackedCache")
+    return opts
 
 
 def _text_config(config_or_model):
@@ -134,16 +160,20 @@ class PackedCache(Cache):
     16, 8, "fp8", 4, "aligned"). ``config_or_model``: the model (its dtype and device are the defaults) or its
     config; ``batch_size``: the batch it serves (exactly); ``max_cache_len``: prompt plus generated tokens,
     rounded up to a multiple of 64; ``early_exit``: as the option (None, True or a tolerance in [0, 1)): block
-    summaries in the buffer and bounded decode attention (``lowering/formats/fixed_early_exit.py``).
-    ``nbytes``: the bytes all layers hold."""
+    summaries in the buffer and bounded decode attention (``lowering/formats/fixed_early_exit.py``);
+    ``policy``, ``budget``, ``asl_layers``: as the options, ``budget`` token slots per layer and KV head kept by
+    the policy (``lowering/formats/fixed_budgeted.py``; not with ``early_exit``). ``nbytes``: the bytes all layers
+    (and ASL's store) hold."""
 
     def __init__(self, config_or_model, batch_size: int, max_cache_len: int, kv_bits: int | str = 8,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 early_exit: bool | float | None = None):
+                 early_exit: bool | float | None = None, policy: str = "full", budget: int | None = None,
+                 asl_layers: tuple[int, int] | None = None):
         config = _text_config(config_or_model)
         _check_full_attention(config)
         scheme_for(kv_bits)  # NotImplementedError naming the schemes for a bad value
-        tolerance = resolve_tolerance(parse_options({"early_exit": early_exit}).early_exit)  # ValueError as the option
+        opts = _checked_policy(policy, budget, kv_bits, early_exit, asl_layers)  # ValueError as the options
+        tolerance = resolve_tolerance(opts.early_exit)
         model_dtype, model_device = _model_dtype_device(config_or_model)
         dtype = dtype or model_dtype or torch.float32
         device = device or model_device or "cpu"
@@ -154,9 +184,17 @@ class PackedCache(Cache):
             raise ValueError(f"batch_size and max_cache_len must be >= 1, got {batch_size}, {max_cache_len}")
         capacity = -(-max_cache_len // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         spec = FixedCacheSpec(kv_bits=kv_bits, batch=batch_size, kv_heads=kv_heads, capacity=capacity,
-                              k_dim=head_dim, v_dim=head_dim, dtype=str(dtype), early_exit=tolerance)
+                              k_dim=head_dim, v_dim=head_dim, dtype=str(dtype), early_exit=tolerance,
+                              policy=opts.policy, budget=opts.budget, asl_layers=opts.asl_layers)
         self.spec = spec
-        super().__init__(layers=[PackedLayer(spec, device) for _ in range(config.num_hidden_layers)])
+        self.asl_store = None
+        if spec.policy == "asl":  # ASL's cross-layer rule: a store shared by the layers, each its own index
+            self.asl_store = torch.zeros(packed.layout_nbytes(asl_store_layout(spec)), dtype=torch.uint8,
+                                         device=device)
+            torch._dynamo.mark_static_address(self.asl_store)
+        specs = [dataclasses.replace(spec, layer=i) if spec.policy == "asl" else spec
+                 for i in range(config.num_hidden_layers)]
+        super().__init__(layers=[PackedLayer(s, device, self.asl_store) for s in specs])
 
     @property
     def max_cache_len(self) -> int:
@@ -164,4 +202,6 @@ class PackedCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes the cache holds: every layer's buffer (and ASL's store)."""
+        store = 0 if self.asl_store is None else self.asl_store.numel()
+        return sum(layer.nbytes for layer in self.layers) + store

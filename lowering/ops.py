@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowering.attention import exact
-from lowering.formats import cache_step, fixed_capacity, fixed_early_exit
+from lowering.formats import cache_step, fixed_adore, fixed_budgeted, fixed_capacity, fixed_early_exit
 
 
 @torch.library.custom_op("kvpass::attention", mutates_args=())
@@ -103,4 +103,39 @@ def fixed_cache_early_exit_attention(q: torch.Tensor, buffer: torch.Tensor, posi
 @fixed_cache_early_exit_attention.register_fake
 def _fixed_cache_early_exit_attention_fake(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec,
                                            site):
+    return q.new_empty((*q.shape[:-1], fixed_capacity.parse_spec(spec).v_dim))
+
+
+@torch.library.custom_op("kvpass::fixed_budget_read", mutates_args=())
+def fixed_budget_read(buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                      spec: str, asl_store: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a budgeted PackedCache's ``update`` returns: its place in the graph, where the backend replaces it and
+    the attention by ``fixed_budget_attention``. Run (the model not compiled by kvpass) it raises: the kept set is
+    chosen with the query and the model's mask, which an ``update`` does not see (``fixed_budgeted.read``)."""
+    return fixed_budgeted.read(fixed_capacity.parse_spec(spec))
+
+
+@fixed_budget_read.register_fake
+def _fixed_budget_read_fake(buffer, positions, new_k, new_v, spec, asl_store):
+    s = fixed_capacity.parse_spec(spec)
+    return (new_k.new_empty((s.batch, s.kv_heads, s.capacity, s.k_dim)),
+            new_v.new_empty((s.batch, s.kv_heads, s.capacity, s.v_dim)))
+
+
+@torch.library.custom_op("kvpass::fixed_budget_attention", mutates_args=("buffer", "asl_store"))
+def fixed_budget_attention(q: torch.Tensor, buffer: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor,
+                           new_v: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+                           spec: str, site: str, asl_store: torch.Tensor | None) -> torch.Tensor:
+    """A budgeted fixed-capacity cache's step: new_k, new_v [B, Hkv, n, D] at ``positions`` (int64 [n]) into the
+    ``budget`` slots by the spec's policy, then q [B, Hq, Lq, D]'s attention over the kept tokens -> [B, Hq, Lq, Dv]
+    (``lowering.formats.fixed_budgeted``; ADORE: ``lowering.formats.fixed_adore``); mutates ``buffer`` (and
+    ``asl_store``, policy "asl")."""
+    s = fixed_capacity.parse_spec(spec)
+    step = fixed_adore.attention if s.policy == "adore" else fixed_budgeted.attention
+    return step(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, s, site, asl_store)
+
+
+@fixed_budget_attention.register_fake
+def _fixed_budget_attention_fake(q, buffer, positions, new_k, new_v, attn_mask, is_causal, scale, spec, site,
+                                 asl_store):
     return q.new_empty((*q.shape[:-1], fixed_capacity.parse_spec(spec).v_dim))

@@ -72,19 +72,22 @@ class ForwardState:
     chosen: torch.Tensor | None = None  # [B, L] scores of the selection layer (rows where settled)
 
 
-def _ranks(score: torch.Tensor) -> torch.Tensor:
+def token_ranks(score: torch.Tensor) -> torch.Tensor:
     """[B, L] -> rank of each token, 0 = highest score (stable on ties)."""
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices
     ranks = torch.arange(score.shape[-1], device=score.device).expand_as(order)
     return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
-def rank_spread(ranks: list[torch.Tensor], top: int) -> torch.Tensor:
+def rank_spread(ranks: list[torch.Tensor], top: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over U of the variance across layers of the ranks, U the union of each layer's top ``top``.
 
-    ranks: list of [B, L] (one per layer) -> [B] float32."""
+    ranks: list of [B, L] (one per layer) -> [B] float32; ``tokens``: bool [B, L], the entries that are tokens
+    (None: all; a fixed-capacity cache ranks empty slots too, last)."""
     r = torch.stack(ranks).float()  # [S, B, L]
     union = (r < top).any(0)
+    if tokens is not None:
+        union = union & tokens
     var = r.var(0, unbiased=False) if r.shape[0] > 1 else torch.zeros_like(r[0])
     return (var * union).sum(-1) / union.sum(-1).clamp_min(1)
 
@@ -128,7 +131,7 @@ class ASL(SnapKV):
         layer_score = layer_score.masked_fill(~c.visible.any(1), -torch.inf)
         fw = self._forward(c)
         layer = len(fw.sites) - 1
-        fw.ranks = (fw.ranks + [_ranks(layer_score)])[-self.span:]
+        fw.ranks = (fw.ranks + [token_ranks(layer_score)])[-self.span:]
         if layer >= self.first_layer:
             spread = rank_spread(fw.ranks, max(self.budget - w, 1))
             if fw.base is None:

@@ -39,20 +39,21 @@ On CUDA a decode step takes fused launches where the torch path above would take
 the key group once it fills; what the torch path stores at every position attention reads) and builds its
 decode mask in one (``group_mask``, the twin of ``kernel_mask``).
 
-Not on fixed buffers yet (design of the next step; the general path serves them meanwhile):
+Budgeted policies (``policy``, ``budget``; ``lowering/formats/fixed_budgeted.py``, ADORE
+``lowering/formats/fixed_adore.py``): the buffer is laid out for ``budget`` slots per KV head in the scheme's
+per-token form (int4 as ``int4_rows``) plus a position table int64 [B, Hkv, budget] (EMPTY = -1) and the policy's
+scores [B, Hkv, budget] (``budget_layout``); ADORE adds its cold int8 store laid out for the capacity, indexed by
+position. The selection needs the query, so write, selection and attention are one op,
+``fixed_budget_attention``. A one-token step picks the slot to free on the device (the first empty one, else the
+argmin of the policy's selection key) and scatters the new token there; the decode kernel reads the ``budget``
+slots under the model's mask gathered at their positions, whatever the length. A longer step (prefill) selects
+the top ``budget`` with fixed shapes for a given prompt length. ADORE rebuilds any number of cold tokens per step
+by rewriting its hot slots (O(budget)) and scores the whole cold store (O(capacity), as its rule reads every
+token). Early exit together with a policy is not on fixed buffers (refused: the general path serves it).
 
-- Budgeted policies (``policy``, ``budget``): the buffer laid out for ``budget`` slots per KV head plus a
-  position table int64 [B, Hkv, budget] (-1: empty) and the policy's scores [B, Hkv, budget] in the same
-  buffer. A decode write picks its slot on the device (an argmin over the policy's keep-priority: streaming the
-  oldest non-sink, H2O the smallest accumulated weight, SnapKV/ASL a ring over the newest half) and stores the
-  token there with ``index_copy_`` at that device index (int4 then stores keys per token, as ``int4_rows``
-  does); the kernel's mask is the model's mask gathered at the kept positions ([b, h, Lq, budget]), so the
-  decode kernel reads ``budget`` slots whatever the length. The prefill's selection (SnapKV's top-k of the
-  window's scores) is ``topk`` with k = budget: fixed shapes for a given prompt length. ADORE: its cold int8
-  store laid out for the capacity, and a fixed number r of rebuilt tokens per step (top-r of the cold scores).
-- Early exit: block summaries (per 64-key block key min/max and value norm) laid out for ``capacity / 64``
-  blocks; a write recomputes the summaries of the blocks it touches from their stored rows (fixed shape); blocks
-  past the length are empty under the mask.
+Early exit (``lowering/formats/fixed_early_exit.py``): block summaries (per 64-key block key min/max and value
+norm) laid out for ``capacity / 64`` blocks; a write recomputes the summaries of the blocks it touches from their
+stored rows (fixed shape); blocks past the length are empty under the mask.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
 from lowering.formats import launch
+from lowering.formats.budgeted import per_token
 from lowering.storage import State, StorageScheme, scheme_for, token_blocks
 
 CAPACITY_MULTIPLE = 64  # capacities are whole 16-token value blocks and 32-token key groups (int4)
@@ -86,8 +88,19 @@ class FixedCacheSpec:
     v_dim: int
     dtype: str  # the model's, "torch.bfloat16"
     early_exit: float | None = None  # tolerance; block summaries after the scheme's sections (fixed_early_exit.py)
+    policy: str = "full"  # a budgeted policy: ``budget`` slots per KV head instead (fixed_budgeted.py)
+    budget: int | None = None
+    asl_layers: tuple[int, int] | None = None  # policy "asl": (first_layer, span), None the paper's
+    layer: int = 0  # the layer's index in the model (ASL's cross-layer rule); 0 for every other policy
 
     def __post_init__(self):
+        if self.asl_layers is not None:  # JSON gives a list back
+            object.__setattr__(self, "asl_layers", tuple(self.asl_layers))
+        if (self.policy == "full") != (self.budget is None) or (self.budget is not None and self.budget < 1):
+            raise ValueError(f"policy {self.policy!r} with budget {self.budget!r}: a budget (>= 1) goes with a "
+                             "compressing policy, None with 'full'")
+        if self.budget is not None and self.early_exit is not None:
+            raise ValueError("early_exit with a budgeted policy is not on fixed buffers (use the general path)")
         if self.capacity <= 0 or self.capacity % CAPACITY_MULTIPLE:
             raise ValueError(f"capacity must be a positive multiple of {CAPACITY_MULTIPLE}, got {self.capacity}")
         if self.early_exit is not None and not 0 <= self.early_exit < 1:
@@ -107,9 +120,20 @@ class FixedCacheSpec:
         return scheme_for(self.kv_bits)
 
     @property
+    def budgeted(self) -> bool:
+        return self.budget is not None
+
+    @property
+    def slot_storage(self) -> StorageScheme:
+        """The scheme a budgeted cache's slots hold, one row per token: the scheme itself, or its per-token variant
+        (int4: ``int4_rows``), as the general path's budgeted formats choose it (``budgeted.per_token``)."""
+        scheme = self.scheme
+        return scheme if per_token(scheme) else scheme.per_token_variant
+
+    @property
     def group(self) -> int | None:
-        """Tokens per key group of a grouped scheme (int4), None for per-token schemes."""
-        return getattr(self.scheme, "group", None)
+        """Tokens per key group of a grouped scheme (int4), None for per-token schemes and budgeted caches."""
+        return None if self.budgeted else getattr(self.scheme, "group", None)
 
     @property
     def stored_length(self) -> int:
@@ -123,6 +147,8 @@ class FixedCacheSpec:
 
     @functools.cached_property  # each op call views the buffer by it: computed once per spec
     def layout(self) -> packed.Layout:
+        if self.budgeted:
+            return budget_layout(self)
         summaries = {} if self.early_exit is None else bound.summary_layout(
             self.batch, self.kv_heads, self.capacity, self.k_dim, self.torch_dtype)
         return {**self.layout_at(self.stored_length), **summaries}
@@ -139,8 +165,42 @@ def parse_spec(spec: str) -> FixedCacheSpec:
 
 def allocate(spec: FixedCacheSpec, device: torch.device | str) -> torch.Tensor:
     """The layer's buffer, zeroed: never-written rows and partial groups hold finite numbers, so a kernel
-    that multiplies a masked key's value by a zero weight never meets a NaN."""
-    return torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
+    that multiplies a masked key's value by a zero weight never meets a NaN. A budgeted cache's position
+    tables start empty (``clear``)."""
+    buffer = torch.zeros(spec.nbytes, dtype=torch.uint8, device=device)
+    clear(buffer, spec)
+    return buffer
+
+
+def clear(buffer: torch.Tensor, spec: FixedCacheSpec) -> None:
+    """Empty the layer's cache in place: zero bytes, and -1 (empty) in a budgeted cache's position tables."""
+    buffer.zero_()
+    if spec.budgeted:
+        for name, t in packed.views(buffer, spec.layout).items():
+            if name in POSITION_TABLES:
+                t.fill_(EMPTY)
+
+
+EMPTY = -1  # a budgeted cache's position table entry for a slot holding no token
+POSITION_TABLES = ("pos", "cold_pos")
+
+
+def budget_layout(spec: FixedCacheSpec) -> packed.Layout:
+    """A budgeted cache's sections: ``budget`` slots per (batch row, KV head) in ``slot_storage``'s form, their
+    positions ``pos`` int64 [B, Hkv, budget] (EMPTY: no token) and the policy's scores ``score`` fp32
+    [B, Hkv, budget]; ADORE adds its cold store laid out for the capacity, indexed by position (one more row, a
+    scratch target for writes that do not happen, never a token): int8 keys and values with fp32 row scales,
+    ``cold_pos`` int64 (the position where the token is cold, else EMPTY) and ``cold_score`` fp32
+    [B, Hkv, capacity + 1]."""
+    b, h, n, c = spec.batch, spec.kv_heads, spec.budget, spec.capacity
+    layout = dict(spec.slot_storage.layout(b, h, n, spec.k_dim, spec.v_dim, spec.torch_dtype))
+    layout.update(pos=((b, h, n), torch.int64), score=((b, h, n), torch.float32))
+    if spec.policy == "adore":
+        rows = (b, h, c + 1)
+        layout.update(cold_k=((*rows, spec.k_dim), torch.int8), cold_k_scale=(rows, torch.float32),
+                      cold_v=((*rows, spec.v_dim), torch.int8), cold_v_scale=(rows, torch.float32),
+                      cold_pos=(rows, torch.int64), cold_score=(rows, torch.float32))
+    return layout
 
 
 def window_groups(n: int, group: int) -> int:

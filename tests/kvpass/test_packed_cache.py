@@ -33,10 +33,11 @@ def generate(model, ids, mask, cache=None, new_tokens=NEW_TOKENS, **kwargs):
                               past_key_values=cache, **kwargs)
 
 
-def general_path(name, kv_bits, ids, mask, new_tokens=NEW_TOKENS):
+def general_path(name, kv_bits, ids, mask, new_tokens=NEW_TOKENS, **options):
+    """Greedy tokens of the general packed path: HF's DynamicCache rewritten by the backend with these options."""
     model = zoo.build(name)
-    model.forward = torch.compile(model.forward, backend="kvpass", options={**EAGER, "kv_bits": kv_bits})
-    out = generate(model, ids, mask, new_tokens=new_tokens)
+    model.forward = torch.compile(model.forward, backend="kvpass", options={**EAGER, "kv_bits": kv_bits, **options})
+    out = generate(model, ids, mask, new_tokens=new_tokens, min_new_tokens=new_tokens)
     torch._dynamo.reset()
     return out
 
