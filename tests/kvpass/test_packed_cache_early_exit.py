@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_packed_cache import generate, live_tensors_of_length, recording_backend
+from test_packed_cache import assert_decode_graph_fixed, generate, live_tensors_of_length
 from transformers import CompileConfig
 
 import kvpass
 import zoo
-from kvpass import _compat
 from kvpass.packed_cache import PackedCache
 from lowering.attention.early_exit import bound
 from lowering.core import packed
@@ -95,21 +94,7 @@ def test_hf_compile_config_path():
 def test_decode_graph_keeps_its_shapes_and_compiles_once(kv_bits):
     """Across N decode steps the decode graph's input shapes do not change, and the graphs compiled are the same
     for 3 and 70 new tokens (prefill + one decode graph), the latter past a summary block's boundary."""
-    ids, mask = zoo.prompt(1)
-    counts = []
-    for new_tokens in (3, 70):
-        torch._dynamo.reset()
-        calls = []
-        model = zoo.build("llama")
-        cache = packed_cache(model, ids, kv_bits, new_tokens)
-        model.forward = torch.compile(model.forward, backend=recording_backend(calls), fullgraph=True)
-        before = _compat.dynamo_compile_count()
-        generate(model, ids, mask, cache, new_tokens=new_tokens)
-        counts.append(_compat.dynamo_compile_count() - before)
-        assert len(calls) == 2, [len(c) for c in calls]
-        decode = calls[1]
-        assert len(decode) == new_tokens - 1 and len(set(decode)) == 1, set(decode)
-    assert counts[0] == counts[1] == 2, counts
+    assert_decode_graph_fixed(lambda model, ids, n: packed_cache(model, ids, kv_bits, n), (3, 70))
 
 
 @pytest.mark.parametrize("kv_bits", [16, 8, 4], ids=str)

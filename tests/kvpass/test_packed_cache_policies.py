@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_packed_cache import general_path, generate, live_tensors_of_length, recording_backend
+from test_packed_cache import assert_decode_graph_fixed, general_path, generate, live_tensors_of_length
 
 import kvpass
 import zoo
-from kvpass import _compat
 from kvpass.packed_cache import PackedCache
 from lowering.core import packed
 from lowering.formats import FORMATS
@@ -70,21 +69,7 @@ def test_compiled_generate_equals_the_general_path(policy, kv_bits, batch, lengt
 def test_decode_graph_keeps_its_shapes_and_compiles_once(policy):
     """Across N decode steps the decode graph's input shapes do not change, and the graphs compiled are the same
     for 3 and 24 new tokens (prefill + one decode graph), the latter evicting on every step past the budget."""
-    ids, mask = zoo.prompt(1)
-    counts = []
-    for new_tokens in (3, 24):
-        torch._dynamo.reset()
-        calls = []
-        model = zoo.build("llama")
-        cache = packed_cache(model, ids, 8, policy, 12, new_tokens)
-        model.forward = torch.compile(model.forward, backend=recording_backend(calls), fullgraph=True)
-        before = _compat.dynamo_compile_count()
-        generate(model, ids, mask, cache, new_tokens=new_tokens)
-        counts.append(_compat.dynamo_compile_count() - before)
-        assert len(calls) == 2, [len(c) for c in calls]
-        decode = calls[1]
-        assert len(decode) == new_tokens - 1 and len(set(decode)) == 1, set(decode)
-    assert counts[0] == counts[1] == 2, counts
+    assert_decode_graph_fixed(lambda model, ids, n: packed_cache(model, ids, 8, policy, 12, n))
 
 
 @pytest.mark.parametrize("policy", POLICIES)
