@@ -10,6 +10,9 @@ point (batch x context):
 - ``exact-static-ro``: HF StaticCache, ``torch.compile(model.forward, backend="kvpass",
   options={"mode": "reduce-overhead"})`` (kvpass exact under CUDA graphs, the README's fast exact path);
 - ``packed-<bits>-ro``: ``PackedCache(kv_bits=<bits>)`` with the same compile (int8, int4, fp8);
+- ``packed-<policy><budget>-ro``: ``PackedCache(kv_bits=16, policy=..., budget=...)`` (snapkv, adore at 2048; 32
+  with ``--quick``), its prefill through ``torch.compile(model.forward, backend="kvpass")`` (the kept set needs
+  the queries), the decode steps as above;
 - ``generate-<bits>``: ``model.generate(past_key_values=PackedCache, compile_config=CompileConfig(backend="kvpass",
   options={"mode": "reduce-overhead"}))``, HF's own compiled decode step: seconds of T + 1 tokens minus 1, over T.
 
@@ -55,11 +58,16 @@ class Method:
     name: str
     kv_bits: int | str | None  # None: HF StaticCache (kvpass exact)
     via: str = "loop"  # "loop": a plain decode loop; "generate": HF generate with CompileConfig
+    policy: str = "full"  # a budgeted policy: the prefill runs through kvpass too (default mode, no CUDA graphs)
+    budget: int | None = None  # tokens per layer and KV head (--quick: at most QUICK_BUDGET)
 
 
 METHODS = [Method("exact-static-ro", None), Method("packed-8-ro", 8), Method("packed-4-ro", 4),
            Method("packed-fp8-ro", "fp8"), Method("generate-8", 8, "generate"), Method("generate-4", 4, "generate"),
-           Method("generate-fp8", "fp8", "generate")]
+           Method("generate-fp8", "fp8", "generate"),
+           Method("packed-snapkv2048-ro", 16, policy="snapkv", budget=2048),
+           Method("packed-adore2048-ro", 16, policy="adore", budget=2048)]
+QUICK_BUDGET = 32
 POINTS = [(1, 4096), (1, 32768), (8, 4096)]
 QUICK_POINTS = [(1, 1024), (4, 1024)]
 
@@ -79,12 +87,16 @@ def build_model(shape: str, device: str, layers: int | None = None):
     return model
 
 
-def make_cache(model, method: Method, batch: int, max_len: int):
+def make_cache(model, method: Method, batch: int, max_len: int, quick: bool = False):
     if method.kv_bits is None:
         from transformers import StaticCache
 
         return StaticCache(config=model.config, max_cache_len=max_len)
-    return PackedCache(model, batch_size=batch, max_cache_len=max_len, kv_bits=method.kv_bits)
+    if method.policy == "full":
+        return PackedCache(model, batch_size=batch, max_cache_len=max_len, kv_bits=method.kv_bits)
+    budget = min(method.budget, QUICK_BUDGET) if quick else method.budget
+    return PackedCache(model, batch_size=batch, max_cache_len=max_len, kv_bits=method.kv_bits, policy=method.policy,
+                       budget=budget)
 
 
 def cache_bytes(cache) -> int:
@@ -151,20 +163,21 @@ def sync_debug(device: str):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def prefill(model, cache, ids, mask, chunk: int):
-    """The prompt through the uncompiled model, ``chunk`` tokens at a time; the last logits."""
+def prefill(forward, cache, ids, mask, chunk: int):
+    """The prompt through ``forward`` (the uncompiled model; kvpass's compiled forward for a budgeted policy, whose
+    kept set needs the queries), ``chunk`` tokens at a time; the last logits."""
     out = None
     for start in range(0, ids.shape[1], chunk):
         end = min(ids.shape[1], start + chunk)
-        out = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = forward(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache,
+                      use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:]
 
 
 def decode_loop(model, method, batch, context, args, counter) -> dict:
     device, vocab = args.device, model.config.vocab_size
     max_len = context + args.warmup + 2 + args.steps + 1
-    cache = make_cache(model, method, batch, max_len)
+    cache = make_cache(model, method, batch, max_len, args.quick)
     width = getattr(cache, "max_cache_len", max_len)
     ids = torch.randint(2, vocab, (batch, context), device=device)
     mask = torch.zeros(batch, width, dtype=torch.long, device=device)  # generate's static-cache mask: full width
@@ -181,7 +194,10 @@ def decode_loop(model, method, batch, context, args, counter) -> dict:
         tok = out.logits[:, -1:].argmax(-1)
 
     with torch.no_grad():
-        tok = prefill(model, cache, ids, mask, args.prefill_chunk).argmax(-1)
+        # a policy's prefill through kvpass in the default mode: one compiled function for both prefill and
+        # decode under reduce-overhead failed in torch 2.11's CUDA graph trees (README, limitations)
+        prefill_forward = model if method.policy == "full" else torch.compile(model.forward, backend="kvpass")
+        tok = prefill(prefill_forward, cache, ids, mask, args.prefill_chunk).argmax(-1)
         sync(device)
         t0 = time.perf_counter()
         for i in range(args.warmup):  # compile, CUDA-graph warm-up and recording
