@@ -35,7 +35,7 @@ class Fp8(Int8):
     name = "fp8 e4m3, per-token per-head scales"
     code_dtype = torch.float8_e4m3fn
     quantize = staticmethod(quantize_rows_fp8)
-    fused_append = False  # Triton's interpreter converts to e4m3 wrongly: see lowering/attention/append/kernel.py
+    code_max = E4M3_MAX  # the append kernel's e4m3 path (lowering/attention/append/kernel.py: FP8)
     # e4m3's error is relative to each element, not to the row's largest: a rotation would not shrink it.
     rotation = False
     # Row-major values: the token-blocked kernel reads the unwritten tail of a last block, and e4m3 bytes can be NaN.

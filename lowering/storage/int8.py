@@ -172,6 +172,7 @@ class Int8:
     # Whether CUDA appends go through the fused quantize-on-append kernel (``lowering/attention/append``, launched
     # by ``lowering.formats.launch.append``; the torch path below is its reference).
     fused_append = True
+    code_max = QMAX  # the largest |code| (the append kernel's QMAX)
 
     def _blocked(self, name: str) -> bool:
         return name == "v" and self.blocked_values
@@ -193,7 +194,8 @@ class Int8:
 
     def append_operands(self, name: str, x: torch.Tensor, out: State) -> AppendOperands:
         """What the quantize-on-append kernel writes for rows ``x`` of ``name``: ``write_rows`` in one launch."""
-        return AppendOperands(out[name], out[name + "_scale"], QMAX, self.rotates(x.shape[-1]), self._blocked(name))
+        return AppendOperands(out[name], out[name + "_scale"], self.code_max, self.rotates(x.shape[-1]),
+                              self._blocked(name))
 
     def append(self, old: State | None, old_length: int, new_k, new_v, out: State) -> None:
         self.copy_old(old, old_length, out)

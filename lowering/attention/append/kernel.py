@@ -4,15 +4,16 @@ One program per new token row of one KV head: it reads the row [D] once, takes i
 fp32 scale amax / QMAX and the codes x / scale, rounded half to even and clamped to +-QMAX, straight into
 the cache's sections at row ``start + t``; int8's rotated rows are rotated in registers first. This replaces
 the ~12 torch ops per tensor of ``lowering.storage.int8.quantize_rows`` plus the two copies into the
-sections: a decode step appends one token per layer, and every op is host time. (fp8 keeps its torch path:
-Triton's CPU interpreter converts fp32 to e4m3 wrongly for some values, e.g. -126.06 to -64, so a fused
-fp8 path could not be tested here.)
+sections: a decode step appends one token per layer, and every op is host time. fp8 (``FP8``): the same
+per-token scale with QMAX 448 and e4m3 codes, encoded by integer operations (``e4m3_bits``: Triton's CPU
+interpreter converts fp32 to e4m3 wrongly for some values, e.g. -126.06 to -64), so the interpreter tests the
+bits the GPU stores.
 """
 
 import triton
 import triton.language as tl
 
-from lowering.attention.device.fixed_point import ROUND_MAGIC
+from lowering.attention.device.fixed_point import ROUND_MAGIC, e4m3_bits
 from lowering.attention.device.reductions import reduce_max
 from lowering.attention.device.rotation import rotate_row
 
@@ -31,6 +32,7 @@ def quantize_rows_append_kernel(
     ROTATE_SHIFT: tl.constexpr = 0,
     ROW_BLOCK: tl.constexpr = 0,  # codes in blocks of this many tokens, token-minor (stride_cn: a block's); 0: rows
     START_IN_MEMORY: tl.constexpr = False,  # ``start`` points to an int64 on the device (a fixed-capacity cache)
+    FP8: tl.constexpr = False,  # float8 e4m3 codes (Codes: their bytes as int8): x / scale clamped to +-QMAX (448)
 ):
     pid = tl.program_id(0).to(tl.int64)
     t = pid % new_rows
@@ -44,7 +46,10 @@ def quantize_rows_append_kernel(
         x = rotate_row(x, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
     scale = tl.math.div_rn(reduce_max(tl.abs(x), 0), QMAX)  # IEEE, as the torch path (a plain / is approximate on CUDA)
     y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
-    code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)
+    if FP8:
+        code = e4m3_bits(tl.minimum(tl.maximum(y, -QMAX), QMAX)).to(tl.int8)
+    else:
+        code = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -QMAX), QMAX).to(tl.int8)
     if START_IN_MEMORY:
         row = tl.load(start).to(tl.int64) + t
     else:

@@ -33,7 +33,8 @@ def unsupported_reason(x: torch.Tensor, codes: torch.Tensor) -> str | None:
 
 def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, start: int | torch.Tensor, qmax: float,
                 rotated: bool = False, blocked: bool = False) -> None:
-    """Quantize x [B, Hkv, n, D] row by row into ``codes[:, :, start:start + n]`` (int8) and
+    """Quantize x [B, Hkv, n, D] row by row into ``codes[:, :, start:start + n]`` (int8, or float8 e4m3 with
+    ``qmax`` 448: ``lowering.storage.fp8.quantize_rows_fp8``) and
     ``scales[:, :, start:start + n]`` (fp32), as ``lowering.storage.int8.quantize_rows`` does; ``start`` an int,
     or an int64 tensor on x's device whose first element the kernel reads (no host value); ``rotated``
     (D a power of two): quantize ``lowering.core.rotation.store_rows(x)`` instead, rotated in the kernel;
@@ -43,11 +44,14 @@ def append_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, star
         return
     xs, cs, ss = x.stride(), codes.stride(), scales.stride()
     rotation = kernel_constants(dim, shifts(dim)[0]) if rotated else {}
+    fp8 = codes.dtype == torch.float8_e4m3fn
+    if fp8:
+        codes = codes.view(torch.int8)  # the kernel stores e4m3 bytes
     quantize_rows_append_kernel[(batch * heads * n,)](
         x, codes, scales, heads, n, start,
         xs[0], xs[1], xs[2], cs[0], cs[1], cs[2], ss[0], ss[1], ss[2],
         QMAX=float(qmax), HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        ROW_BLOCK=codes.shape[-1] if blocked else 0, START_IN_MEMORY=isinstance(start, torch.Tensor),
+        ROW_BLOCK=codes.shape[-1] if blocked else 0, START_IN_MEMORY=isinstance(start, torch.Tensor), FP8=fp8,
         num_warps=1 if dim <= 128 else 2, **rotation,
     )
 

@@ -20,3 +20,20 @@ def split_query(q):
     fixed = ((q_f / step[:, None] + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
     hi = (fixed + 128) >> 8
     return hi.to(tl.int8), (fixed - hi * 256).to(tl.int8), step
+
+
+@triton.jit
+def e4m3_bits(y):
+    """fp32 y (|y| <= 448, not NaN) -> its float8 e4m3fn encoding as int32 0..255, rounded to nearest, ties to
+    even, as torch's conversion: by integer operations, because Triton's interpreter converts to e4m3 wrongly (a
+    significand that rounds up to the next power of two keeps its exponent: 125.8 -> 64)."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a_bits = bits & 0x7FFFFFFF
+    # normal codes: the fp32 significand rounded to 3 bits (ties to even), a carry moving into the exponent,
+    # which is then rebiased from 127 to 7
+    normal = ((a_bits + 0x7FFFF + ((a_bits >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+    # below 2^-6 (e4m3's smallest normal): multiples of 2^-9 (a * 512 is exact), ties to even; 8 = 2^-6's code
+    a = a_bits.to(tl.float32, bitcast=True)
+    subnormal = ((a * 512.0 + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
+    return tl.where(a < 0.015625, subnormal, normal) | sign

@@ -16,6 +16,7 @@ from lowering.core import packed
 from lowering.core.rotation import rotates, store_rows
 from lowering.formats import launch
 from lowering.storage import SCHEMES
+from lowering.storage.fp8 import E4M3_MAX, quantize_rows_fp8
 from lowering.storage.int8 import QMAX, quantize_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -62,7 +63,7 @@ def test_append_rows_matches_quantize_rows_exactly(batch, heads, new, dim, start
 @settings(max_examples=12, deadline=None)
 @given(old_length=st.integers(1, 70), heads=st.sampled_from([(4, 2), (2, 2), (8, 1)]), masked=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
-@pytest.mark.parametrize("kv_bits", ["8", "4"])
+@pytest.mark.parametrize("kv_bits", ["8", "fp8", "4"])
 def test_decode_in_place_equals_the_general_path(kv_bits, old_length, heads, masked, dtype, seed, kvpass_device):
     """The schemes' decode step on capacity sections (the op's CUDA fast path: int8's fused append, int4's
     residual rows) against the general path (append into trimmed views, then the same kernel): the same
@@ -118,3 +119,45 @@ def test_append_rows_at_a_device_start_writes_what_an_int_start_writes(new, star
     (want_codes, want_scales), (codes, scales) = results
     assert torch.equal(codes, want_codes) and torch.equal(scales.nan_to_num(-1.0), want_scales.nan_to_num(-1.0))
     assert (want_codes != -128).any()
+
+
+def _fp8_data(kind: str, shape, dtype, g):
+    """Rows for the e4m3 path: with their largest |x| at 448 (scale 1), ``midpoints`` puts elements halfway
+    between neighbouring e4m3 values (ties, also across a power of two) and ``subnormal`` below 2^-6."""
+    x = torch.randn(shape, generator=g) * 3
+    if kind in ("midpoints", "subnormal"):
+        codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        finite = codes[codes.isfinite() & (codes.abs() <= 448)].sort().values
+        mids = (finite[1:] + finite[:-1]) / 2
+        pool = mids if kind == "midpoints" else mids[mids.abs() < 2.0 ** -6]
+        x = pool[torch.randint(len(pool), shape, generator=g)]
+        x[..., 0] = 448.0  # scale 1: x / scale = x, the midpoints stay midpoints
+    elif kind == "zero_rows":
+        x[..., ::2, :] = 0
+    elif kind == "negative_zero":
+        x[..., 1::2] = -0.0
+    return x.to(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), new=st.integers(1, 5), dim=st.sampled_from([8, 24, 64, 128]),
+       start=st.integers(0, 9), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       kind=st.sampled_from(["normal", "midpoints", "subnormal", "zero_rows", "negative_zero"]),
+       seed=st.integers(0, 99), device_start=st.booleans())
+def test_append_rows_fp8_matches_quantize_rows_fp8_exactly(batch, heads, new, dim, start, dtype, kind, seed,
+                                                           device_start, kvpass_device):
+    """e4m3 codes bit for bit as torch's conversion (ties to even, subnormals, -0), scales as its fp32 division."""
+    assume(not (kind in ("midpoints", "subnormal") and dtype != torch.float32))  # midpoints need fp32's bits
+    g = torch.Generator().manual_seed(seed)
+    x = _fp8_data(kind, (batch, new, heads, dim), dtype, g).transpose(1, 2)
+    rows = start + new + 2
+    codes = torch.full((batch, heads, rows, dim), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)  # NaN poison
+    scales = torch.full((batch, heads, rows), float("nan"))
+    x_dev, codes_dev, scales_dev = (t.to(kvpass_device) for t in (x, codes, scales))
+    at = torch.tensor([start], device=kvpass_device) if device_start else start
+    append_rows(x_dev, codes_dev, scales_dev, at, E4M3_MAX)
+    codes, scales = codes_dev.cpu().view(torch.uint8), scales_dev.cpu()
+    want_codes, want_scales = quantize_rows_fp8(x)
+    assert torch.equal(codes[:, :, start:start + new], want_codes.view(torch.uint8))
+    assert torch.equal(scales[:, :, start:start + new], want_scales)
+    assert (codes[:, :, :start] == 0x7F).all() and (codes[:, :, start + new:] == 0x7F).all()

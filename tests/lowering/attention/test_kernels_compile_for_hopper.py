@@ -29,7 +29,7 @@ CASES = {
     "quantize rows, rotated": (
         "lowering.attention.append.kernel:quantize_rows_append_kernel",
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
-        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, START_IN_MEMORY=False)),
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, START_IN_MEMORY=False, FP8=False)),
     "decode split, rotated, one split": (
         "lowering.attention.decode.kernel:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=False)),
@@ -60,12 +60,17 @@ CASES = {
         "lowering.attention.append.kernel:quantize_rows_append_kernel",
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16,
-             START_IN_MEMORY=False)),
+             START_IN_MEMORY=False, FP8=False)),
+    "quantize rows, fp8 e4m3, at a device position": (
+        "lowering.attention.append.kernel:quantize_rows_append_kernel",
+        {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32", "start": "*i64"},
+        dict(QMAX=448.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=0, ROTATE_SHIFT=0, ROW_BLOCK=0,
+             START_IN_MEMORY=True, FP8=True)),
     "quantize rows into token blocks at a device position": (
         "lowering.attention.append.kernel:quantize_rows_append_kernel",
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32", "start": "*i64"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16,
-             START_IN_MEMORY=True)),
+             START_IN_MEMORY=True, FP8=False)),
     # one decode token into an int4 cache of fixed capacity (constexpr dtypes as "tl.<name>")
     "int4 decode append, bf16": (
         "lowering.attention.append.int4_kernel:int4_decode_append_kernel", dict(INT4_APPEND_POINTERS),
