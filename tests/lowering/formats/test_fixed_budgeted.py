@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_policies import POLICIES, decode_sequence, fmt_for, run_sequence, run_step
+from test_policies import POLICIES, asl_settling_problem, decode_sequence, fmt_for, run_sequence, run_step
 
 import kvpass.testing as kt
 from lowering import ops
@@ -185,11 +185,7 @@ def test_asl_settles_on_the_general_paths_layer_with_its_state_in_the_cache():
     3, whose selection every later layer keeps on every head, as the general path's ASL; the forward's state is
     the cache's store (settled for every row), not the format object's."""
     B, Hkv, G, D, L, budget = 2, 2, 2, 16, 40, 20
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, Hkv * G, L, D, generator=g)
-    v = torch.randn(B, Hkv, L, D, generator=g)
-    settled_k = torch.randn(B, Hkv, L, D, generator=g)
-    mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+    q, v, settled_k, mask, g = asl_settling_problem(B, Hkv, G, D, L)
     general = fmt_for("asl", budget, asl_layers=(1, 2))
     spec = spec_for("asl", budget, asl_layers=(1, 2))
     store = asl_store(spec)

@@ -347,17 +347,23 @@ def test_snapkv_decoding_keeps_half_the_budget_recent(budget):
     assert 1 <= recent <= budget
 
 
+def asl_settling_problem(B, Hkv, G, D, L):
+    """Queries, values, the keys layers 2+ share, a causal mask and the generator (layers 0-1 draw their own
+    keys from it): over a span of 2 layers ASL's rank spread drops to 0 at layer 3."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hkv * G, L, D, generator=g)
+    v = torch.randn(B, Hkv, L, D, generator=g)
+    settled_k = torch.randn(B, Hkv, L, D, generator=g)
+    return q, v, settled_k, torch.ones(L, L, dtype=torch.bool).tril()[None, None], g
+
+
 def test_asl_settled_ranks_give_one_selection_for_every_head_and_later_layer():
     """Layers 0-1 see different keys, layers 2+ the same: over a span of 2 layers the rank variance
     drops to 0 (<= 0.3 x its value at layer 1) at layer 3, the selection is taken there and every later
     layer keeps that set on every head: the top (budget - window) of the selection layer's pooled
     scores plus the window."""
     B, Hkv, G, D, L, budget = 2, 2, 2, 16, 80, 40
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, Hkv * G, L, D, generator=g)
-    v = torch.randn(B, Hkv, L, D, generator=g)
-    settled_k = torch.randn(B, Hkv, L, D, generator=g)
-    mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None]
+    q, v, settled_k, mask, g = asl_settling_problem(B, Hkv, G, D, L)
     fmt = fmt_for("asl", budget, asl_layers=(1, 2))
     default = fmt_for("asl", budget)
     assert (fmt.first_layer, fmt.span) == (1, 2) and (default.first_layer, default.span) == (asl_mod.FIRST_LAYER,
