@@ -26,7 +26,7 @@ import math
 import torch
 
 from lowering.attention import exact, launchers
-from lowering.attention.compile_failure import KernelCompileError
+from lowering.attention.compile_failure import KernelCompileError, is_compile_failure, summary
 from lowering.core.operands import AppendOperands
 from lowering.core.reference import exact_attention
 from lowering.core.stats import calls
@@ -63,40 +63,57 @@ def append(scheme: StorageScheme, old: State | None, old_length: int, new_k, new
             scheme.write_rows(name, x, out, old_length)
 
 
+def compiled_or_none(what: str, launch_kernel):
+    """``launch_kernel()``'s result, or None where its kernel failed to compile for these constants (counted in
+    ``lowering.core.stats.calls`` under ``what``): the caller then takes its torch path. Other errors propagate."""
+    try:
+        return launch_kernel()
+    except Exception as error:
+        if not is_compile_failure(error):
+            raise
+        calls[f"{what}: kernel failed to compile ({summary(error)}); torch path"] += 1
+        log.warning("%s: kernel failed to compile (%s); torch path", what, summary(error))
+        return None
+
+
 def append_at(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
     """Whether the fused quantize-on-append kernel wrote new_k, new_v [B, Hkv, n, D] at the device positions
     ``positions`` (consecutive, int64 [n]) into per-token ``sections`` of a fixed capacity (int8 on CUDA, inputs it
-    takes; False: nothing written). One launch per tensor, the first position read on the device."""
+    takes; False: nothing written, or the kernel failed to compile). One launch per tensor, the first position
+    read on the device."""
     if not (getattr(scheme, "fused_append", False) and new_k.is_cuda):
         return False
     targets = [(x, scheme.append_operands(name, x, sections)) for name, x in (("k", new_k), ("v", new_v))]
     if not all(_append_kernel_takes(x, target) for x, target in targets):
         return False
-    for x, target in targets:
-        _append_by_kernel(x, target, positions)
-    return True
+    def both():  # a failure after k was written is harmless: the torch path writes both again
+        for x, target in targets:
+            _append_by_kernel(x, target, positions)
+        return True
+
+    return compiled_or_none("append at device positions", both) is not None
 
 
 def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
     """Whether the fused kernel wrote the decode token new_k, new_v [B, Hkv, 1, D] at ``positions[0]`` into
-    int4 KIVI ``sections`` of a fixed capacity (CUDA, inputs it takes; False: nothing written, the caller's
-    torch path writes). Stores what that path stores at every position attention reads."""
+    int4 KIVI ``sections`` of a fixed capacity (CUDA, inputs it takes; False: nothing written or the kernel failed
+    to compile, the caller's torch path writes). Stores what that path stores at every position attention reads."""
     if not (isinstance(scheme, Int4Kivi) and new_k.is_cuda) or launchers.missing() is not None:
         return False
     append = launchers.load().append
     if append.int4_decode_unsupported_reason(new_k, sections) is not None:
         return False
     slots = token_blocks.slot_index(scheme.VALUE_SLOTS, new_k.device)
-    append.append_int4_decode(positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS)
-    return True
+    return compiled_or_none("int4 decode write", lambda: append.append_int4_decode(
+        positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS) or True) is not None
 
 
 def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:
     """A grouped scheme's decode mask over a fixed capacity (``fixed_capacity.kernel_mask``'s result) in one launch
-    on CUDA; None elsewhere (the caller's torch twin builds it)."""
+    on CUDA; None elsewhere or where the kernel fails to compile (the caller's torch twin builds it)."""
     if not mask.is_cuda or launchers.missing() is not None:
         return None
-    return launchers.load().decode.group_mask(mask, positions, group)
+    return compiled_or_none("int4 decode mask", lambda: launchers.load().decode.group_mask(mask, positions, group))
 
 
 def kernel_unsupported_reason(q: torch.Tensor, state: dict, length: int, attn_mask, scheme=None) -> str | None:

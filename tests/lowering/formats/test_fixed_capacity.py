@@ -14,7 +14,9 @@ import kvpass.testing as kt
 from lowering import ops
 from lowering.attention.decode import launcher as decode_launcher
 from lowering.core import packed
+from lowering.core.stats import calls
 from lowering.formats import fixed_capacity as fc
+from lowering.formats import launch
 from lowering.formats.launch import kernel_decode_attention
 
 KV_BITS = (16, 8, "fp8", 4, "aligned")
@@ -211,3 +213,24 @@ def test_group_mask_kernel_builds_kernel_mask(kvpass_device, length, q_len, shap
     got = decode_launcher.group_mask(mask, positions, 32)
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.equal(got, want)
+
+
+def test_a_fused_write_or_mask_kernel_that_fails_to_compile_leaves_it_to_the_torch_path():
+    """``launch.compiled_or_none`` (around the fixed-capacity cache's CUDA kernels): a compile failure gives None,
+    counted for the report, and the caller's torch path runs; any other error propagates."""
+    class FakeCompileError(RuntimeError):
+        pass
+
+    FakeCompileError.__module__ = "triton.compiler.errors"  # what is_compile_failure recognises
+
+    def fails_to_compile():
+        raise FakeCompileError("PassManager::run failed")
+
+    def fails_otherwise():
+        raise ValueError("a bug, not a compile failure")
+
+    assert launch.compiled_or_none("int4 decode write", fails_to_compile) is None
+    assert any(key.startswith("int4 decode write: kernel failed to compile") for key in calls)
+    assert launch.compiled_or_none("int4 decode write", lambda: True) is True
+    with pytest.raises(ValueError, match="a bug"):
+        launch.compiled_or_none("int4 decode write", fails_otherwise)
