@@ -1,7 +1,8 @@
 """The fused int4 decode write (``lowering/attention/append/int4_kernel.py``; Triton, the interpreter on the CPU)
 stores, at every position attention reads, what the fixed-capacity torch path (``fixed_capacity.write``) stores:
 bit for bit, since both compute the same float64 operations (min, max, (max - min) / 15 rounded up to the dtype,
-IEEE division, round half to even, clamp)."""
+IEEE division, round half to even, clamp); and what attention reads back lies within the scheme's error bound of
+the float64 tokens."""
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,8 @@ def _data(kind: str, shape, dtype, g):
         x = torch.randint(-30, 30, shape, generator=g).float() / 2
     elif kind == "outlier_channel":
         x[..., 3 % shape[-1]] *= 1000
-    elif kind == "huge":
-        x = x * (6e3 if dtype == torch.float16 else 1e30)
+    elif kind == "huge":  # near the dtype's largest finite values (fp16: 65504), none past them
+        x = (x * (6e3 if dtype == torch.float16 else 1e30)).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
     return x.to(dtype)
 
 
@@ -74,3 +75,14 @@ def test_kernel_writes_what_the_torch_path_writes(batch, heads, dim, prompt, ste
         for name in want:
             assert torch.equal(got[name].view(torch.uint8), want[name].view(torch.uint8)), \
                 f"{name} after token {t} ({kind}, {dtype}, D={dim})"
+    # and against float64: what attention reads of the kernel's cache lies within the scheme's stated error of
+    # the tokens written (the open group's rows exact)
+    length = prompt + steps
+    one = k[:, :, -1:]
+    read_k, read_v = fc.read(kernel_path, torch.tensor([length - 1], device=kvpass_device), one, one, spec)
+    general = packed.allocate(spec.layout_at(length), kvpass_device)[1]
+    spec.scheme.append(None, 0, k, v, general)
+    bound_k, bound_v = spec.scheme.error_bound(general, length, dtype)
+    for name, x, read, bound in (("keys", k, read_k, bound_k), ("values", v, read_v, bound_v)):
+        error = (read[:, :, :length].double() - x.double()).abs()
+        assert (error <= bound).all(), f"{name}: {(error - bound).max().item()} over the bound ({kind}, {dtype})"
