@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from lowering.core import packed, stats
-from lowering.core.limits import MASKED_BELOW, MAX_DECODE_QUERY_LEN
+from lowering.core.limits import MASKED_BELOW, MAX_DECODE_QUERY_LEN, masked_value
 from lowering.core.packed import Layout
 from lowering.core.reference import exact_attention
 from lowering.formats import FormatSpec, asl, build_format, launch
@@ -168,7 +168,7 @@ def kept_mask(mask: torch.Tensor, pos: torch.Tensor, q_heads: int, q_len: int, c
     """The model's mask (dtype kept) at the positions ``pos`` [B, Hkv, K], [B, Hq, Lq, K], EMPTY slots hidden."""
     m = gather_model_mask(mask, pos.clamp(min=0), q_heads, q_len, capacity)
     held = (pos >= 0).repeat_interleave(q_heads // pos.shape[1], 1)[:, :, None]
-    return torch.where(held, m, False if m.dtype == torch.bool else torch.finfo(m.dtype).min)
+    return torch.where(held, m, masked_value(m.dtype))
 
 
 def attend_slots(storage, q, slots: State, pos, mask, scale: float, spec: FixedCacheSpec) -> torch.Tensor:

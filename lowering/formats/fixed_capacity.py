@@ -65,7 +65,7 @@ import torch
 
 from lowering.attention.early_exit import bound
 from lowering.core import packed
-from lowering.core.limits import MAX_DECODE_QUERY_LEN
+from lowering.core.limits import MAX_DECODE_QUERY_LEN, masked_value
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
 from lowering.formats import launch
@@ -354,10 +354,6 @@ def _own(t: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _masked_value(mask: torch.Tensor):
-    return False if mask.dtype == torch.bool else torch.finfo(mask.dtype).min
-
-
 def positional_mask(q: torch.Tensor, positions: torch.Tensor, capacity: int) -> torch.Tensor:
     """Bool [1, 1, Lq, capacity]: query i (at position positions[i]) sees positions <= its own."""
     at = torch.arange(capacity, device=q.device)
@@ -372,7 +368,7 @@ def kernel_mask(mask: torch.Tensor, positions: torch.Tensor, spec: FixedCacheSpe
     length = positions[-1] + 1
     opened = length // g
     at = torch.arange(c, device=mask.device)
-    masked = _masked_value(mask)
+    masked = masked_value(mask.dtype)
     codes = torch.where(at // g == opened, masked, mask)
     rows = opened * g + torch.arange(g - 1, device=mask.device)
     residual = torch.where(rows < length, mask.index_select(-1, rows.clamp(max=c - 1)), masked)

@@ -76,22 +76,30 @@ def compiled_or_none(what: str, launch_kernel):
         return None
 
 
+def _append_targets(scheme: StorageScheme, new_k, new_v, sections: State):
+    """[(rows, AppendOperands)] of keys and values where the fused append kernel takes both (a scheme with
+    ``fused_append``), else None."""
+    if not getattr(scheme, "fused_append", False):
+        return None
+    targets = [(x, scheme.append_operands(name, x, sections)) for name, x in (("k", new_k), ("v", new_v))]
+    return targets if all(_append_kernel_takes(x, target) for x, target in targets) else None
+
+
+def _append_both(targets, start: int | torch.Tensor) -> bool:
+    for x, target in targets:
+        _append_by_kernel(x, target, start)
+    return True
+
+
 def append_at(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
     """Whether the fused quantize-on-append kernel wrote new_k, new_v [B, Hkv, n, D] at the device positions
-    ``positions`` (consecutive, int64 [n]) into per-token ``sections`` of a fixed capacity (int8 on CUDA, inputs it
-    takes; False: nothing written, or the kernel failed to compile). One launch per tensor, the first position
-    read on the device."""
-    if not (getattr(scheme, "fused_append", False) and new_k.is_cuda):
-        return False
-    targets = [(x, scheme.append_operands(name, x, sections)) for name, x in (("k", new_k), ("v", new_v))]
-    if not all(_append_kernel_takes(x, target) for x, target in targets):
-        return False
-    def both():  # a failure after k was written is harmless: the torch path writes both again
-        for x, target in targets:
-            _append_by_kernel(x, target, positions)
-        return True
-
-    return compiled_or_none("append at device positions", both) is not None
+    ``positions`` (consecutive, int64 [n]) into per-token ``sections`` of a fixed capacity (int8 and fp8 on CUDA,
+    inputs it takes; False: nothing written, or the kernel failed to compile: a failure after the keys were
+    written is harmless, the caller's torch path writes both). One launch per tensor, the first position read on
+    the device."""
+    targets = _append_targets(scheme, new_k, new_v, sections) if new_k.is_cuda else None
+    return targets is not None and compiled_or_none("append at device positions",
+                                                    lambda: _append_both(targets, positions)) is not None
 
 
 def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new_v, sections: State) -> bool:
@@ -104,8 +112,12 @@ def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new
     if append.int4_decode_unsupported_reason(new_k, sections) is not None:
         return False
     slots = token_blocks.slot_index(scheme.VALUE_SLOTS, new_k.device)
-    return compiled_or_none("int4 decode write", lambda: append.append_int4_decode(
-        positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS) or True) is not None
+
+    def write() -> bool:
+        append.append_int4_decode(positions, new_k, new_v, sections, slots, scheme.group, token_blocks.TOKENS)
+        return True
+
+    return compiled_or_none("int4 decode write", write) is not None
 
 
 def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:
@@ -224,14 +236,10 @@ def decode_in_place(scheme: StorageScheme, q, sections: State, old_length: int, 
     into the residual window, unless they complete a key group (quantizing it is the general path's)."""
     length = old_length + new_k.shape[2]
     if isinstance(scheme, Int8):
-        if not scheme.fused_append:
+        targets = _append_targets(scheme, new_k, new_v, sections)
+        if targets is None or kernel_unsupported_reason(q, sections, length, attn_mask, scheme):
             return None
-        targets = {name: scheme.append_operands(name, x, sections) for name, x in (("k", new_k), ("v", new_v))}
-        if (not _append_kernel_takes(new_k, targets["k"]) or not _append_kernel_takes(new_v, targets["v"])
-                or kernel_unsupported_reason(q, sections, length, attn_mask, scheme)):
-            return None
-        for name, x in (("k", new_k), ("v", new_v)):
-            _append_by_kernel(x, targets[name], old_length)
+        _append_both(targets, old_length)
         return _launch_or_none(q, scheme.kernel_operands(q, sections, length), attn_mask, scale)
     if isinstance(scheme, Int4Kivi):
         if (not scheme.appends_to_residual(old_length, new_k.shape[2])

@@ -22,8 +22,8 @@ j holds channel j (low nibble) and j + HALF (high nibble). This replaces the tor
 import triton
 import triton.language as tl
 
-# y + 1.5 * 2^52 - 1.5 * 2^52 rounds float64 |y| < 2^51 to the nearest integer (ties to even).
-ROUND_MAGIC_F64 = tl.constexpr(6755399441055744.0)
+from lowering.attention.device.fixed_point import ROUND_MAGIC_F64
+
 LEVELS = tl.constexpr(15.0)
 
 

@@ -7,6 +7,8 @@ from lowering.attention.device.reductions import reduce_max
 
 # y + 1.5 * 2^23 - 1.5 * 2^23 rounds fp32 |y| < 2^22 to the nearest integer (ties to even), no libdevice call.
 ROUND_MAGIC = tl.constexpr(12582912.0)
+# y + 1.5 * 2^52 - 1.5 * 2^52 rounds float64 |y| < 2^51 to the nearest integer (ties to even).
+ROUND_MAGIC_F64 = tl.constexpr(6755399441055744.0)
 SPLIT_QUERY_MAX = tl.constexpr(32512.0)  # |Q| <= 32512 + 1: hi = (Q + 128) >> 8 stays within int8
 
 
