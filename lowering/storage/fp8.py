@@ -22,9 +22,10 @@ E4M3_MAX = 448.0
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (float8_e4m3fn codes [..., D], float32 scale [...]) with x ~= code * scale."""
+    """x [..., D] -> (float8_e4m3fn codes [..., D], float32 scale [...]) with x ~= code * scale; the scale
+    as ``lowering.storage.int8.quantize_rows`` takes it (largest |x| times fp32(1 / 448))."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1) / E4M3_MAX
+    scale = x32.abs().amax(dim=-1) * (1.0 / E4M3_MAX)
     # The clamp only catches x / scale landing a rounding above 448 (e4m3fn has no inf: it would be NaN).
     y = (x32 / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
     return y.to(torch.float8_e4m3fn), scale

@@ -54,9 +54,13 @@ def rounding_slack(x_hat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def quantize_rows(x: torch.Tensor, qmax: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (integer codes [..., D] as float32, float32 scale [...]) with x ~= code * scale,
-    |code| <= qmax (round to nearest: |x - code * scale| <= scale / 2 up to fp32 rounding)."""
+    |code| <= qmax (round to nearest: |x - code * scale| <= scale / 2 up to fp32 rounding).
+
+    The scale is the row's largest |x| times fp32(1 / qmax), on every device and in the append kernel: CUDA
+    torch divides by a host scalar as a multiply by its reciprocal, so ``amax / qmax`` would give other bits
+    there than on the CPU. ``x / scale`` is an IEEE division everywhere (both operands are tensors)."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1) / qmax
+    scale = x32.abs().amax(dim=-1) * (1.0 / qmax)
     q = torch.round(x32 / torch.where(scale > 0, scale, 1.0).unsqueeze(-1)).clamp(-qmax, qmax)
     return q, scale
 

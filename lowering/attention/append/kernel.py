@@ -1,8 +1,9 @@
 """Quantize-on-append for the int8 cache (per-token scales): device code only.
 
 One program per new token row of one KV head: it reads the row [D] once, takes its largest |x|, writes the
-fp32 scale amax / QMAX and the codes x / scale, rounded half to even and clamped to +-QMAX, straight into
-the cache's sections at row ``start + t``; int8's rotated rows are rotated in registers first. This replaces
+fp32 scale amax * fp32(1 / QMAX) (``lowering.storage.int8.quantize_rows``' rule) and the codes x / scale (an
+IEEE division), rounded half to even and clamped to +-QMAX, straight into the cache's sections at row
+``start + t``; int8's rotated rows are rotated in registers first. This replaces
 the ~12 torch ops per tensor of ``lowering.storage.int8.quantize_rows`` plus the two copies into the
 sections: a decode step appends one token per layer, and every op is host time. fp8 (``FP8``): the same
 per-token scale with QMAX 448 and e4m3 codes, encoded by integer operations (``e4m3_bits``: Triton's CPU
@@ -44,8 +45,8 @@ def quantize_rows_append_kernel(
     x = tl.load(X + b * stride_xb + h * stride_xh + t * stride_xn + d, mask=ok, other=0.0).to(tl.float32)
     if ROTATE_STAGES:  # the host's butterfly, stage for stage: the same bits as lowering.core.rotation.store_rows
         x = rotate_row(x, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT)
-    scale = tl.math.div_rn(reduce_max(tl.abs(x), 0), QMAX)  # IEEE, as the torch path (a plain / is approximate on CUDA)
-    y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))
+    scale = reduce_max(tl.abs(x), 0) * (1.0 / QMAX)
+    y = tl.math.div_rn(x, tl.where(scale > 0.0, scale, 1.0))  # a plain / is approximate on CUDA
     if FP8:
         code = e4m3_bits(tl.minimum(tl.maximum(y, -QMAX), QMAX)).to(tl.int8)
     else:

@@ -1,6 +1,6 @@
 """The fused int8 quantize-on-append kernel and the in-place decode step it serves (Triton, interpreter on CPU).
 
-Exact equality is owed: the kernel computes the same fp32 operations (amax / 127, an IEEE division,
+Exact equality is owed: the kernel computes the same fp32 operations (amax times fp32(1/127), an IEEE division,
 round half to even, clamp), so codes and scales must match bit for bit; rows outside the written range
 keep their poison (NaN scales, code -128, which quantize_rows never produces).
 """
