@@ -25,6 +25,12 @@ steps, the first two run under ``torch.cuda.set_sync_debug_mode("error")`` (a ho
 compare the greedy tokens of the compiled RO cache with the eager cache (``tokens_equal``: the fraction of equal
 tokens; the kernel and the eager reference round differently, so near ties may part).
 
+``--fit-context L`` (``--fit-batches``, ``--fit-tries``): per loop method, instead of the timed points, the largest
+batch at context L whose chunked prefill, warm-up (CUDA-graph recording) and decode steps fit in the GPU's memory,
+measured by trying batches (``bench/e2e/e2e_fit.py``'s search from two small ones; rows ``fit_probe``, ``fits``,
+``peak_GiB``). A fixed-capacity cache holds its whole capacity from the start, so the prefill's chunk, not the
+context, sets the transient memory on top of it.
+
 Each row is run in its own try/except: a failure is recorded in its ``error`` and the next row runs. One JSON
 (environment, rows) goes to ``--out``; a table is printed.
 """
@@ -47,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import kvpass
 from bench.common import MODEL_SHAPES, environment, format_table
+from bench.e2e.e2e_fit import largest_fit
 from kvpass.packed_cache import PackedCache
 
 SHAPES = {name: MODEL_SHAPES[name] for name in ("llama3.2-1b", "llama3-8b")}
@@ -285,6 +292,23 @@ def token_check(kv_bits, args) -> dict:
             "sites_fixed": sum(s.lowering.startswith("fixed_cache_attention") for s in sites), "sites": len(sites)}
 
 
+def fit_rows(model, method, shape, args, counter, rows: list) -> None:
+    """The largest batch of ``method`` at ``args.fit_context`` that fits (module docstring): appends one row per
+    batch tried to ``rows`` as it ends, ``fits`` False with the error where it did not."""
+    fit_args = argparse.Namespace(**{**vars(args), "warmup": 2, "steps": 1})
+
+    def attempt(batch: int) -> dict:
+        base = {"shape": shape, "layers": model.config.num_hidden_layers, "method": method.name, "batch": batch,
+                "context": args.fit_context, "fit_probe": True, "prefill_chunk": args.prefill_chunk}
+        row = run_row(lambda: decode_loop(model, method, batch, args.fit_context, fit_args, counter), base)
+        row["fits"] = "error" not in row
+        row["peak_GiB"] = row.get("peak_gb")
+        rows.append(row)
+        return row
+
+    largest_fit(attempt, args.fit_batches, torch.cuda.get_device_properties(0).total_memory / 2**30, args.fit_tries)
+
+
 def run_row(fn, base: dict) -> dict:
     row = dict(base)
     torch._dynamo.reset()
@@ -318,6 +342,11 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--no-check", action="store_true", help="skip the check-<bits> token rows")
+    parser.add_argument("--fit-context", type=int, default=0,
+                        help="instead of the points: the largest batch at this context, per loop method (GPU)")
+    parser.add_argument("--fit-batches", type=lambda s: [int(b) for b in s.split(",")], default=[2, 4],
+                        help="the two small batches the search starts from")
+    parser.add_argument("--fit-tries", type=int, default=2)
     args = parser.parse_args(argv)
     quick_cpu = args.quick and args.device == "cpu"
     if args.quick:
@@ -341,7 +370,11 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001
                 rows.append({"shape": shape, "error": f"model: {type(e).__name__}: {e}"})
                 continue
-            for batch, context in points:
+            if args.fit_context:
+                for method in methods:
+                    if method.via == "loop":
+                        fit_rows(model, method, shape, args, counter, rows)
+            for batch, context in [] if args.fit_context else points:
                 for method in methods:
                     base = {"shape": shape, "layers": model.config.num_hidden_layers, "method": method.name,
                             "batch": batch, "context": context}
@@ -353,7 +386,7 @@ def main(argv=None) -> int:
                                             decode_loop(model, m, b, c, args, counter), base))
             del model
     rows.write()
-    columns = ["shape", "method", "batch", "context", "ms_per_token", "recordings_timed", "compiles_timed",
+    columns = ["shape", "method", "batch", "context", "fits", "ms_per_token", "recordings_timed", "compiles_timed",
                "sync_free", "kv_bytes", "peak_gb", "tokens_equal", "first_divergence", "logits_rel_err", "error"]
     print(format_table([{k: (str(v)[:60] if k == "error" else v) for k, v in r.items()} for r in rows], columns))
     print(f"wrote {args.out}")
