@@ -1,4 +1,5 @@
-"""Plots of end-to-end decode runs (``bench/e2e/e2e_decode.py`` JSON): tokens/s and memory vs context length.
+"""Plots of end-to-end decode runs (``bench/e2e/e2e_decode.py`` or ``fixed_capacity.py`` JSON, or their bench.run
+records): tokens/s and memory vs context length.
 
     python bench/e2e/plot_e2e.py bench/results/e2e_decode/h200/2026-12-01_1b-matrix-2-warmups.json [more.json ...] \
         --out bench/results/e2e_decode/h200
@@ -22,14 +23,24 @@ from bench.paths import RESULTS_DIR  # noqa: E402
 
 
 def load_rows(paths: list[str]) -> list[dict]:
+    """The timed rows of e2e_decode.py or fixed_capacity.py JSONs, or of bench.run records holding them
+    (``result``); fixed_capacity's rows get e2e_decode's fields (tokens/s, KV and peak GiB)."""
     rows = []
     for path in paths:
         data = json.loads(Path(path).read_text())
-        gpu = data.get("environment", {}).get("gpu", "?")
+        data = data.get("result", data)
+        environment = data.get("environment", {})
+        gpu = environment.get("gpu") or environment.get("device_name", "?")
         for row in data["rows"]:
             if row.get("fit_probe") or row.get("error") or "ms_per_token" not in row:
                 continue
-            rows.append({**row, "gpu": gpu})
+            row = {**row, "gpu": gpu}
+            row.setdefault("tokens_per_s", row["batch"] * 1e3 / row["ms_per_token"])
+            if "kv_bytes" in row:
+                row.setdefault("kv_GiB", row["kv_bytes"] / 2**30)
+            if "peak_gb" in row:
+                row.setdefault("peak_GiB", row["peak_gb"])
+            rows.append(row)
     return rows
 
 
