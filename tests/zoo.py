@@ -99,3 +99,32 @@ def prompt(batch: int, length: int = 9, left_padding: bool = False, seed: int = 
             ids[row, :pad] = 0
             mask[row, :pad] = 0
     return ids.to(DEVICE), mask.to(DEVICE)
+
+
+class SyncChecked:
+    """``forward`` with each decode call (one new token) after the first ``warm`` (compilation, warm-up) run
+    under ``torch.cuda.set_sync_debug_mode("error")`` when the tests run on CUDA: a host synchronisation in a
+    compiled decode step raises (issue #24: a decode step is device work only; generate's own loop, which
+    synchronises to stop, stays outside). ``checked`` counts the steps run so; on the CPU it stays 0."""
+
+    def __init__(self, forward, warm: int = 2):
+        self.__wrapped__ = forward  # inspect.signature (generate reads forward's) follows it
+        self.warm, self.decode_calls, self.checked = warm, 0, 0
+
+    def __call__(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if DEVICE != "cuda" or ids is None or ids.shape[-1] != 1:
+            return self.__wrapped__(*args, **kwargs)
+        self.decode_calls += 1
+        if self.decode_calls <= self.warm:
+            return self.__wrapped__(*args, **kwargs)
+        self.checked += 1
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def assert_checked(self) -> None:
+        """On CUDA, that decode steps did run under the check."""
+        assert DEVICE != "cuda" or self.checked > 0, (self.decode_calls, self.checked)

@@ -78,9 +78,11 @@ def test_compiled_generate_attends_over_the_packed_buffer(kv_bits, batch, length
                             buffer, positions, new_k, *a))
     model = zoo.build("llama")
     cache = packed_cache(model, ids, kv_bits)
-    model.forward = torch.compile(model.forward, backend="kvpass", options=EAGER, fullgraph=True)
+    model.forward = checked = zoo.SyncChecked(torch.compile(model.forward, backend="kvpass", options=EAGER,
+                                                              fullgraph=True))
     out = generate(model, ids, mask, cache)
     assert torch.equal(out, want)
+    checked.assert_checked()
     # only a prefill-length step (> 16 tokens) reads the cache dequantized: the reference path of prefill
     assert reads == ([length] * len(cache.layers) if length > MAX_DECODE_QUERY_LEN
                      else []), reads

@@ -58,9 +58,11 @@ def test_compiled_generate_equals_the_general_path(kv_bits, batch, length, new_t
     kvpass.reset()
     model = zoo.build("llama")
     cache = packed_cache(model, ids, kv_bits, new_tokens)
-    model.forward = torch.compile(model.forward, backend="kvpass", options=EAGER, fullgraph=True)
+    model.forward = checked = zoo.SyncChecked(torch.compile(model.forward, backend="kvpass", options=EAGER,
+                                                              fullgraph=True))
     out = generate(model, ids, mask, cache, new_tokens=new_tokens, min_new_tokens=new_tokens)
     assert out.shape[1] == length + new_tokens and torch.equal(out, want)
+    checked.assert_checked()
     sites = kvpass.report().sites
     assert sites and all(s.lowering.startswith("fixed_cache_attention") and "early exit at tolerance 0.001"
                          in s.lowering and s.cuda_graphs == "yes" for s in sites), str(kvpass.report())

@@ -55,9 +55,11 @@ def test_compiled_generate_equals_the_general_path(policy, kv_bits, batch, lengt
     kvpass.reset()
     model = zoo.build("llama")
     cache = packed_cache(model, ids, kv_bits, policy, budget)
-    model.forward = torch.compile(model.forward, backend="kvpass", options=EAGER, fullgraph=True)
+    model.forward = checked = zoo.SyncChecked(torch.compile(model.forward, backend="kvpass", options=EAGER,
+                                                              fullgraph=True))
     out = generate(model, ids, mask, cache, new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     assert out.shape[1] == length + NEW_TOKENS and torch.equal(out, want)
+    checked.assert_checked()
     sites = kvpass.report().sites
     assert sites and all(s.lowering.startswith("fixed_budget_attention") and f"policy {policy}" in s.lowering
                          and s.cuda_graphs == "yes" for s in sites), str(kvpass.report())
