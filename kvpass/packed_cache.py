@@ -3,6 +3,9 @@
     cache = PackedCache(model, batch_size=1, max_cache_len=4096, kv_bits=4)
     model.generate(ids, past_key_values=cache, max_new_tokens=256,
                    compile_config=CompileConfig(backend="kvpass", options={"mode": "reduce-overhead"}, mode=None))
+    # or the forward compiled by kvpass (a budgeted policy needs this: its prefill too), generate's compile off:
+    model.forward = torch.compile(model.forward, backend="kvpass", options={"mode": "reduce-overhead"})
+    model.generate(ids, past_key_values=cache, max_new_tokens=256, disable_compile=True)
 
 Each layer owns one flat ``uint8`` buffer laid out once for ``max_cache_len`` tokens by the ``kv_bits``
 storage scheme (``lowering/formats/fixed_capacity.py``), allocated zeroed at construction and marked as a static
@@ -22,8 +25,9 @@ forward, prefill included (run uncompiled, the read raises and says so). ASL's c
 per cache (``asl_store``), each layer's spec carrying its index.
 
 It behaves as HF's StaticCache towards generate and the mask builders: compileable (generate compiles the
-decode step with ``generation_config.compile_config``), mask sizes of ``max_cache_len``, the length a
-device tensor. ``max_cache_len`` is rounded up to a multiple of 64. Full attention layers only (sliding
+decode step with ``generation_config.compile_config``; on CUDA, without ``disable_compile=True``, with Inductor
+around a forward the user compiled, which then does not run kvpass's rewrite), mask sizes of ``max_cache_len``,
+the length a device tensor. ``max_cache_len`` is rounded up to a multiple of 64. Full attention layers only (sliding
 windows are refused); beam search, ``crop`` and offloading are refused.
 """
 from __future__ import annotations

@@ -28,6 +28,11 @@ EAGER_NEW_TOKENS = 24  # 9-token prompts: past the boundary too
 
 
 def generate(model, ids, mask, cache=None, new_tokens=NEW_TOKENS, **kwargs):
+    """Greedy generation; without a compile_config, generate's own compilation is off: on CUDA it compiles the
+    decode step of a compileable cache with Inductor around the forward the test compiled, so the rewrite under
+    test would not be what ran."""
+    if "compile_config" not in kwargs:
+        kwargs["disable_compile"] = True
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                               past_key_values=cache, **kwargs)
