@@ -29,7 +29,8 @@ def test_fit_probe_files_a_row_per_batch_tried_and_finds_the_largest(monkeypatch
     model = types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=2))
     args = fc.argparse.Namespace(fit_context=64, fit_batches=[2, 4], fit_tries=4, prefill_chunk=32, warmup=8, steps=64)
     rows = []
-    fc.fit_rows(model, fc.METHODS[2], "smoke", args, None, rows)
+    method = next(m for m in fc.METHODS if m.name == "packed-4-ro")
+    fc.fit_rows(model, method, "smoke", args, None, rows)
     assert [r["batch"] for r in rows[:2]] == [2, 4]
     assert all(r["fit_probe"] and r["context"] == 64 and r["method"] == "packed-4-ro" for r in rows)
     for r in rows:  # each row says whether its batch fit, and a failure names its error
