@@ -133,7 +133,7 @@ def assert_decode_graph_fixed(make_cache, token_counts=(3, 24)) -> None:
     assert set(counts) == {2}, counts
 
 
-@pytest.mark.parametrize("kv_bits", [8, 4], ids=str)
+@pytest.mark.parametrize("kv_bits", KV_BITS, ids=str)
 def test_decode_graph_keeps_its_shapes_and_compiles_once(kv_bits):
     """Across N decode steps the decode graph's input shapes do not change, and the number of graphs
     compiled is the same for 3 and 24 new tokens (prefill + one decode graph)."""
