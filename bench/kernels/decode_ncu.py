@@ -118,8 +118,10 @@ def profile_point(scheme_key: str, batch: int, kv_len: int, out_dir: Path, timeo
     (out_dir / name).write_text(done.stdout + ("\n# stderr\n" + done.stderr if done.stderr else ""))
     row["csv"] = name
     row["kernels"] = parse_raw_csv(done.stdout)
-    if done.returncode != 0 or not row["kernels"]:
-        row["error"] = f"ncu rc={done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}"
+    if done.returncode != 0 or not row["kernels"]:  # the output's ends go into the JSON: the CSV stays on the GPU
+        row["error"] = f"ncu rc={done.returncode}"
+        row["stdout_head"], row["stdout_tail"] = done.stdout[:1500], done.stdout[-1500:]
+        row["stderr_tail"] = done.stderr[-1500:]
     return row
 
 
