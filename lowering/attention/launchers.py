@@ -21,6 +21,7 @@ class Launchers:
     scored: ModuleType  # lowering.attention.scored.launcher
     early_exit: ModuleType  # lowering.attention.early_exit.launcher
     append: ModuleType  # lowering.attention.append.launcher
+    slots: ModuleType  # lowering.attention.slots.launcher
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,9 +31,10 @@ def _import() -> Launchers | ImportError:
         from lowering.attention.decode import launcher as decode
         from lowering.attention.early_exit import launcher as early_exit
         from lowering.attention.scored import launcher as scored
+        from lowering.attention.slots import launcher as slots
     except ImportError as e:  # triton missing
         return e
-    return Launchers(decode=decode, scored=scored, early_exit=early_exit, append=append)
+    return Launchers(decode=decode, scored=scored, early_exit=early_exit, append=append, slots=slots)
 
 
 def missing() -> str | None:

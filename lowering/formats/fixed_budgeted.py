@@ -15,7 +15,8 @@ model's mask, which a cache's ``update`` does not see):
   ``slot_replacement.weakest``. The new token is scattered into that slot (``slot_replacement.put``: one row per
   (batch row, KV head) and section, at a device index), or nowhere when it is the one dropped; then the
   scheme's decode attention over the ``budget`` slots under the model's mask gathered at their positions
-  (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it.
+  (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it. SnapKV's and ASL's choice and writes
+  (metadata only) are one kernel on CUDA (``lowering/attention/slots``), the same bytes as the torch path.
 - a longer step (prefill, or a short prompt): the candidates in position order with the empty slots last (the
   order the general path's window pooling reads neighbours in), the policy's scores, the top ``budget`` by
   selection key (``keep_order``: ``budgeted.select``'s order, empty slots last) written back in position order.
@@ -60,7 +61,7 @@ from lowering.formats.budgeted import (
 )
 from lowering.formats.fixed_capacity import EMPTY, FixedCacheSpec, positional_mask
 from lowering.formats.slot_replacement import ReplacesInPlace, put, weakest
-from lowering.formats.snapkv import SnapKV
+from lowering.formats.snapkv import SnapKV, decode_recent
 from lowering.storage import State
 
 EMPTY_LAST = torch.iinfo(torch.int64).max  # sort key of an empty slot: after every position (slots in position order)
@@ -209,10 +210,25 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
 
 def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: float, spec: FixedCacheSpec,
                 site: str) -> torch.Tensor:
-    """A one-token step: the new token into the slot the policy frees (module docstring)."""
+    """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's (and ASL's)
+    in one kernel on CUDA (``launch.snapkv_replace``), the torch path (``choose_and_write``) otherwise."""
+    rows = new_rows(fmt.storage, new_k, new_v)
+    fused = isinstance(fmt, SnapKV) and launch.snapkv_replace(state, rows, positions, mask,
+                                                              decode_recent(spec.budget), q.shape[1], q.shape[2],
+                                                              NEVER)
+    if not fused:
+        choose_and_write(fmt, q, state, positions, new_k, rows, mask, scale, spec, site)
+    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        stats.set_last(site, "kept", spec.budget)
+    return attend_slots(fmt.storage, q, {name: state[name] for name in rows}, state["pos"], mask, scale, spec)
+
+
+def choose_and_write(fmt, q, state: State, positions, new_k, rows: State, mask, scale: float, spec: FixedCacheSpec,
+                     site: str) -> None:
+    """The policy's scores over the slots and the new token, the dropped candidate, and the new token's ``rows``
+    (its sections), position and score written over it, in place; nothing of the token where it is dropped."""
     B, Hkv = new_k.shape[:2]
     budget = spec.budget
-    rows = new_rows(fmt.storage, new_k, new_v)
     slots = {name: state[name] for name in rows}
     new_pos = positions.view(1, 1, 1).expand(B, Hkv, 1)
     held = state["pos"] >= 0
@@ -236,9 +252,6 @@ def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: floa
     old_score.copy_(score[..., :budget])  # the kept old tokens' scores as the policy updated them
     for name, t in {**rows, "pos": new_pos, "score": score[..., budget:]}.items():
         put(state[name], slot, t, keeps_new)
-    if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        stats.set_last(site, "kept", budget)
-    return attend_slots(fmt.storage, q, slots, state["pos"], mask, scale, spec)
 
 
 def rewrite(fmt, q, state: State, positions, new_k, new_v, mask, is_causal: bool, scale, fscale: float,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ from test_policies import POLICIES, asl_settling_problem, decode_sequence, fmt_f
 
 import kvpass.testing as kt
 from lowering import ops
+from lowering.attention.launchers import load
 from lowering.core import packed
 from lowering.formats import fixed_capacity as fc
+from lowering.formats import launch
 from lowering.formats.budgeted import gather_model_mask
 from lowering.formats.fixed_budgeted import asl_store_layout
 
@@ -233,3 +236,32 @@ def test_a_spec_refuses_early_exit_with_a_policy_and_a_budget_without_one():
         spec_for("full", 8)
     with pytest.raises(ValueError, match="budget"):
         spec_for("h2o", None)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8, "fp8"], ids=str)
+@pytest.mark.parametrize("policy", ["snapkv", "asl"])
+def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits, monkeypatch):
+    """SnapKV's (and ASL's) decode step by the slots kernel (CUDA's path, forced here under the interpreter) inside
+    the op: every step's buffer bytes and output equal the torch path's, through eviction."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("forces the kernel on CPU tensors: needs the interpreter (on a GPU the op takes it itself)")
+    q, k, v, calls = decode_sequence(group=2, seed=3, pads=(0, 3), prompt=12, steps=8)
+    spec = spec_for(policy, 6, kv_bits)
+    want_outs, want_states = fixed_sequence(spec, q, k, v, calls)
+    taken = []
+    kernels = load().slots
+
+    def forced(state, rows, positions, mask, recent, q_heads, q_len, never):
+        slots = {name: state[name] for name in rows}
+        assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
+        kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows, recent, q_heads, q_len,
+                               never)
+        taken.append(recent)
+        return True
+
+    monkeypatch.setattr(launch, "snapkv_replace", forced)
+    outs, states = fixed_sequence(spec, q, k, v, calls)
+    assert len(taken) == len(calls) - 1  # every decode step
+    for out, want_out, s, want in zip(outs, want_outs, states, want_states):
+        assert torch.equal(out, want_out)
+        assert all(torch.equal(s[name], want[name]) for name in s)

@@ -1,0 +1,1 @@
+"""Kernels of the budgeted policies' slots on fixed-capacity buffers (``lowering/formats/fixed_budgeted.py``)."""

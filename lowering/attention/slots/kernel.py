@@ -1,0 +1,90 @@
+"""One decode step of SnapKV (and ASL, whose decode rule is SnapKV's) on a fixed-capacity cache's ``budget``
+slots, in one program per (batch row, KV head): device code only.
+
+The rule is ``lowering.formats.fixed_budgeted.replace_one``'s for a ``ReplacesInPlace`` policy with SnapKV's
+decode scores, decided from the slots' metadata alone:
+
+- an old slot is visible when it holds a token (pos >= 0) and its stored score is above NEVER; its score
+  becomes NEVER otherwise (``score.masked_fill(~visible, NEVER)``, written back for every slot);
+- the new token (position p, the step's only one) is visible when some query row of some query head of the KV
+  head may attend column p of the mask (bool: True; additive: >= MASKED_BELOW); its score is 0, or NEVER;
+- selection keys: +inf for the protected newest ``recent`` positions (pos >= p + 1 - recent; the new token is
+  always one), the score otherwise, -inf for an invisible candidate;
+- the dropped candidate: the first empty slot while there is one, else the smallest key, of equal ones the
+  highest position (``slot_replacement.weakest``; the new token has the highest position of all);
+- where an old slot is dropped, the new token's position, score and rows (up to four sections, each row
+  ``ROW_BYTES_i`` contiguous bytes) go into it; where the new token is dropped, nothing is written but the scores.
+
+This is one launch where the torch path (``fixed_budgeted.choose_and_write``) launches several dozen small kernels
+per layer and step (candidates, scores, keys, the reductions, four masked scatters), each a node of the decode
+step's CUDA graph; the torch path stays for the other policies and inputs (``launcher.unsupported_reason``).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _copy_row(Dst, Src, slot, keep, ROW_BYTES: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Dst[slot] = Src (ROW_BYTES bytes) where ``keep``; Dst and Src already at this (batch row, KV head)."""
+    if ROW_BYTES > 0:
+        r = tl.arange(0, BLOCK_R)
+        # keep broadcast by hand: the CPU interpreter's loads refuse a scalar bool and-ed into a mask
+        ok = (r < ROW_BYTES) & (tl.zeros([BLOCK_R], tl.int32) + keep.to(tl.int32) > 0)
+        tl.store(Dst + slot * ROW_BYTES + r, tl.load(Src + r, mask=ok, other=0), mask=ok)
+
+
+@triton.jit
+def snapkv_replace_kernel(
+    Pos, Score, Position, Mask,  #
+    D0, S0, D1, S1, D2, S2, D3, S3,  # row sections: destination [B, Hkv, budget, row] and new rows [B, Hkv, row]
+    kv_heads, budget, recent, group, q_len, never, masked_below,  #
+    stride_pb, stride_ph,  # pos and score [B, Hkv, budget], slots contiguous
+    stride_mb, stride_mh, stride_mq, stride_mc,  # the mask [B|1, Hq|1, Lq, capacity] (0: broadcast)
+    stride_db0, stride_dh0, stride_db1, stride_dh1, stride_db2, stride_dh2, stride_db3, stride_dh3,  # bytes
+    stride_sb0, stride_sh0, stride_sb1, stride_sh1, stride_sb2, stride_sh2, stride_sb3, stride_sh3,  # bytes
+    ROW0: tl.constexpr, ROW1: tl.constexpr, ROW2: tl.constexpr, ROW3: tl.constexpr,  # row bytes, 0: unused
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    MASK_BOOL: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // kv_heads
+    h = pid % kv_heads
+    k = tl.arange(0, BLOCK_K)
+    ok = k < budget
+    meta = b * stride_pb + h * stride_ph + k
+    pos = tl.load(Pos + meta, mask=ok, other=-1)
+    score = tl.load(Score + meta, mask=ok, other=never)
+    p = tl.load(Position)
+    # the new token's visibility: some row of some query head of this KV head may attend column p
+    r = tl.arange(0, BLOCK_Q)
+    rows_ok = r < group * q_len
+    m_off = b * stride_mb + (h * group + r // q_len) * stride_mh + (r % q_len) * stride_mq + p * stride_mc
+    if MASK_BOOL:
+        seen = tl.load(Mask + m_off, mask=rows_ok, other=0) != 0
+    else:
+        seen = tl.load(Mask + m_off, mask=rows_ok, other=float("-inf")).to(tl.float32) >= masked_below
+    vis_new = tl.max(seen.to(tl.int32), 0) > 0
+    held = ok & (pos >= 0)
+    vis_old = held & (score > never)
+    inf = float("inf")
+    key = tl.where(vis_old, tl.where(pos >= p + 1 - recent, inf, score), -inf)
+    key_new = tl.where(vis_new, inf, -inf)
+    empty = ok & ~held
+    first_empty = tl.min(tl.where(empty, k, BLOCK_K), 0)
+    low = tl.minimum(tl.min(tl.where(ok, key, inf), 0), key_new)
+    at_low = tl.where(ok & (key == low), pos, -1)
+    highest = tl.max(at_low, 0)
+    weakest_old = tl.min(tl.where(ok & (key == low) & (at_low == highest), k, BLOCK_K), 0)
+    dropped = tl.where(first_empty < BLOCK_K, first_empty, tl.where(key_new == low, budget, weakest_old))
+    keep = dropped < budget
+    slot = tl.minimum(dropped, budget - 1).to(tl.int64)
+    here = k == dropped  # nowhere where the new token is dropped
+    tl.store(Score + meta, tl.where(here, tl.where(vis_new, 0.0, never), tl.where(vis_old, score, never)), mask=ok)
+    tl.store(Pos + meta, tl.where(here, p, pos), mask=ok)
+    _copy_row(D0 + b * stride_db0 + h * stride_dh0, S0 + b * stride_sb0 + h * stride_sh0, slot, keep, ROW0, BLOCK_R)
+    _copy_row(D1 + b * stride_db1 + h * stride_dh1, S1 + b * stride_sb1 + h * stride_sh1, slot, keep, ROW1, BLOCK_R)
+    _copy_row(D2 + b * stride_db2 + h * stride_dh2, S2 + b * stride_sb2 + h * stride_sh2, slot, keep, ROW2, BLOCK_R)
+    _copy_row(D3 + b * stride_db3 + h * stride_dh3, S3 + b * stride_sb3 + h * stride_sh3, slot, keep, ROW3, BLOCK_R)
