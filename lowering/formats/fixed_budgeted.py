@@ -172,9 +172,11 @@ def kept_mask(mask: torch.Tensor, pos: torch.Tensor, q_heads: int, q_len: int, c
     return torch.where(held, m, masked_value(m.dtype))
 
 
-def attend_slots(storage, q, slots: State, pos, mask, scale: float, spec: FixedCacheSpec) -> torch.Tensor:
-    """The scheme's decode attention over the ``budget`` slots under the model's mask at their positions."""
-    m = kept_mask(mask, pos, q.shape[1], q.shape[2], spec.capacity)
+def attend_slots(storage, q, slots: State, pos, mask, scale: float, spec: FixedCacheSpec,
+                 kept: torch.Tensor | None = None) -> torch.Tensor:
+    """The scheme's decode attention over the ``budget`` slots under the model's mask at their positions (``kept``:
+    that mask, [B, Hq, Lq, budget], where the caller has it already)."""
+    m = kept_mask(mask, pos, q.shape[1], q.shape[2], spec.capacity) if kept is None else kept
     return launch.decode_attention(storage, q, slots, spec.budget, m, scale).contiguous()
 
 
@@ -213,14 +215,15 @@ def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: floa
     """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's (and ASL's)
     in one kernel on CUDA (``launch.snapkv_replace``), the torch path (``choose_and_write``) otherwise."""
     rows = new_rows(fmt.storage, new_k, new_v)
-    fused = isinstance(fmt, SnapKV) and launch.snapkv_replace(state, rows, positions, mask,
-                                                              decode_recent(spec.budget), q.shape[1], q.shape[2],
-                                                              NEVER)
-    if not fused:
+    kept = None
+    if isinstance(fmt, SnapKV):
+        kept = launch.snapkv_replace(state, rows, positions, mask, decode_recent(spec.budget), q.shape[1],
+                                     q.shape[2], NEVER)
+    if kept is None:
         choose_and_write(fmt, q, state, positions, new_k, rows, mask, scale, spec, site)
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         stats.set_last(site, "kept", spec.budget)
-    return attend_slots(fmt.storage, q, {name: state[name] for name in rows}, state["pos"], mask, scale, spec)
+    return attend_slots(fmt.storage, q, {name: state[name] for name in rows}, state["pos"], mask, scale, spec, kept)
 
 
 def choose_and_write(fmt, q, state: State, positions, new_k, rows: State, mask, scale: float, spec: FixedCacheSpec,

@@ -121,24 +121,20 @@ def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new
 
 
 def snapkv_replace(state: State, rows: State, positions: torch.Tensor, mask: torch.Tensor, recent: int,
-                   q_heads: int, q_len: int, never: float) -> bool:
-    """Whether the fused kernel took SnapKV's one-token decode step on a fixed cache's budget slots (CUDA, inputs
-    it takes; ``lowering/attention/slots``): scores, the dropped slot, the new token's rows, position and score
-    written in place as ``fixed_budgeted.replace_one``'s torch path writes them. False: nothing written, the
-    torch path runs (a compile failure counted as the others are)."""
+                   q_heads: int, q_len: int, never: float) -> torch.Tensor | None:
+    """SnapKV's one-token decode step on a fixed cache's budget slots by the fused kernel (CUDA, inputs it takes;
+    ``lowering/attention/slots``): scores, the dropped slot, the new token's rows, position and score written in
+    place as ``fixed_budgeted.choose_and_write`` writes them; returns the mask over the slots after the step
+    (``fixed_budgeted.kept_mask``'s). None: nothing written, the torch path runs (a compile failure counted as the
+    others are)."""
     if not mask.is_cuda or launchers.missing() is not None:
-        return False
+        return None
     kernels = launchers.load().slots
     slots = {name: state[name] for name in rows}
     if kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is not None:
-        return False
-
-    def step() -> bool:
-        kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows, recent, q_heads, q_len,
-                               never)
-        return True
-
-    return compiled_or_none("snapkv decode step", step) is not None
+        return None
+    return compiled_or_none("snapkv decode step", lambda: kernels.snapkv_replace(
+        state["pos"], state["score"], positions, mask, slots, rows, recent, q_heads, q_len, never))
 
 
 def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:

@@ -13,7 +13,10 @@ decode scores, decided from the slots' metadata alone:
 - the dropped candidate: the first empty slot while there is one, else the smallest key, of equal ones the
   highest position (``slot_replacement.weakest``; the new token has the highest position of all);
 - where an old slot is dropped, the new token's position, score and rows (up to four sections, each row
-  ``ROW_BYTES_i`` contiguous bytes) go into it; where the new token is dropped, nothing is written but the scores.
+  ``ROW_BYTES_i`` contiguous bytes) go into it; where the new token is dropped, nothing is written but the scores;
+- ``Kept`` [B, Hq, Lq, budget] gets the mask the attention over the slots takes (``fixed_budgeted.kept_mask``): the
+  model's mask at each slot's position after the step, ``masked`` (False, or the additive mask's masked value)
+  at an empty slot.
 
 This is one launch where the torch path (``fixed_budgeted.choose_and_write``) launches several dozen small kernels
 per layer and step (candidates, scores, keys, the reductions, four masked scatters), each a node of the decode
@@ -36,11 +39,12 @@ def _copy_row(Dst, Src, slot, keep, ROW_BYTES: tl.constexpr, BLOCK_R: tl.constex
 
 @triton.jit
 def snapkv_replace_kernel(
-    Pos, Score, Position, Mask,  #
+    Pos, Score, Position, Mask, Kept,  #
     D0, S0, D1, S1, D2, S2, D3, S3,  # row sections: destination [B, Hkv, budget, row] and new rows [B, Hkv, row]
-    kv_heads, budget, recent, group, q_len, never, masked_below,  #
+    kv_heads, budget, recent, group, q_len, never, masked_below, masked,  #
     stride_pb, stride_ph,  # pos and score [B, Hkv, budget], slots contiguous
-    stride_mb, stride_mh, stride_mq, stride_mc,  # the mask [B|1, Hq|1, Lq, capacity] (0: broadcast)
+    stride_mb, stride_mh, stride_mq, stride_mc,  # the mask [B|1, Hq|1, Lq|1, capacity] (0: broadcast)
+    stride_kb, stride_kh, stride_kq,  # Kept [B, Hq, Lq, budget], slots contiguous
     stride_db0, stride_dh0, stride_db1, stride_dh1, stride_db2, stride_dh2, stride_db3, stride_dh3,  # bytes
     stride_sb0, stride_sh0, stride_sb1, stride_sh1, stride_sb2, stride_sh2, stride_sb3, stride_sh3,  # bytes
     ROW0: tl.constexpr, ROW1: tl.constexpr, ROW2: tl.constexpr, ROW3: tl.constexpr,  # row bytes, 0: unused
@@ -83,7 +87,17 @@ def snapkv_replace_kernel(
     slot = tl.minimum(dropped, budget - 1).to(tl.int64)
     here = k == dropped  # nowhere where the new token is dropped
     tl.store(Score + meta, tl.where(here, tl.where(vis_new, 0.0, never), tl.where(vis_old, score, never)), mask=ok)
-    tl.store(Pos + meta, tl.where(here, p, pos), mask=ok)
+    new_pos = tl.where(here, p, pos)
+    tl.store(Pos + meta, new_pos, mask=ok)
+    filled = ok & (new_pos >= 0)
+    for j in range(0, group * q_len):  # the mask at the slots' positions, for every query head and row
+        hq = h * group + j // q_len
+        at = Mask + b * stride_mb + hq * stride_mh + (j % q_len) * stride_mq + tl.maximum(new_pos, 0) * stride_mc
+        if MASK_BOOL:
+            m = tl.load(at, mask=filled, other=0)
+        else:
+            m = tl.where(filled, tl.load(at, mask=filled, other=0.0), masked)
+        tl.store(Kept + b * stride_kb + hq * stride_kh + (j % q_len) * stride_kq + k, m, mask=ok)
     _copy_row(D0 + b * stride_db0 + h * stride_dh0, S0 + b * stride_sb0 + h * stride_sh0, slot, keep, ROW0, BLOCK_R)
     _copy_row(D1 + b * stride_db1 + h * stride_dh1, S1 + b * stride_sb1 + h * stride_sh1, slot, keep, ROW1, BLOCK_R)
     _copy_row(D2 + b * stride_db2 + h * stride_dh2, S2 + b * stride_sb2 + h * stride_sh2, slot, keep, ROW2, BLOCK_R)

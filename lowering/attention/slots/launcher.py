@@ -7,7 +7,7 @@ import torch
 import triton
 
 from lowering.attention.slots.kernel import snapkv_replace_kernel
-from lowering.core.limits import MASKED_BELOW
+from lowering.core.limits import MASKED_BELOW, masked_value
 
 MAX_SECTIONS = 4
 MAX_ROW_BYTES = 1024  # 256 fp32 elements: head dims up to 256 in 32-bit, 512 in 16-bit
@@ -45,13 +45,17 @@ def unsupported_reason(slots: dict, rows: dict, pos: torch.Tensor, score: torch.
 
 
 def snapkv_replace(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
-                   slots: dict, rows: dict, recent: int, q_heads: int, q_len: int, never: float) -> None:
+                   slots: dict, rows: dict, recent: int, q_heads: int, q_len: int, never: float) -> torch.Tensor:
     """SnapKV's decode step on the slots, in place (``kernel.py``): pos int64 / score fp32 [B, Hkv, budget]
-    (contiguous slots), position int64 [1] (the new token's, on the device), mask [B|1, Hq|1, Lq, capacity]
+    (contiguous slots), position int64 [1] (the new token's, on the device), mask [B|1, Hq|1, Lq|1, capacity]
     (bool or additive), ``slots`` the row sections [B, Hkv, budget, ...] and ``rows`` the new token's
-    [B, Hkv, 1, ...] by name; ``unsupported_reason`` must be None."""
+    [B, Hkv, 1, ...] by name; ``unsupported_reason`` must be None. Returns the mask over the slots after the
+    step, [B, Hq, Lq, budget] in the mask's dtype (``fixed_budgeted.kept_mask``'s)."""
     batch, kv_heads, budget = pos.shape
     raw = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    kept = torch.empty((batch, q_heads, q_len, budget), dtype=mask.dtype, device=mask.device)
+    kept_raw = kept.view(torch.uint8) if mask.dtype == torch.bool else kept
+    masked = 0.0 if mask.dtype == torch.bool else float(masked_value(mask.dtype))
     ms = [raw.stride(i) if raw.shape[i] > 1 else 0 for i in range(4)]
     args, strides_d, strides_s, widths = [], [], [], []
     for name in list(slots)[:MAX_SECTIONS]:
@@ -68,9 +72,9 @@ def snapkv_replace(pos: torch.Tensor, score: torch.Tensor, position: torch.Tenso
         strides_s += [0, 0]
         widths.append(0)
     snapkv_replace_kernel[(batch * kv_heads,)](
-        pos, score, position, raw, *args,
-        kv_heads, budget, recent, q_heads // kv_heads, q_len, never, MASKED_BELOW,
-        pos.stride(0), pos.stride(1), *ms, *strides_d, *strides_s,
+        pos, score, position, raw, kept_raw, *args,
+        kv_heads, budget, recent, q_heads // kv_heads, q_len, never, MASKED_BELOW, masked,
+        pos.stride(0), pos.stride(1), *ms, kept.stride(0), kept.stride(1), kept.stride(2), *strides_d, *strides_s,
         ROW0=widths[0], ROW1=widths[1], ROW2=widths[2], ROW3=widths[3],
         BLOCK_R=max(16, triton.next_power_of_2(max(widths))),
         BLOCK_K=max(16, triton.next_power_of_2(budget)),
@@ -78,3 +82,4 @@ def snapkv_replace(pos: torch.Tensor, score: torch.Tensor, position: torch.Tenso
         MASK_BOOL=mask.dtype == torch.bool,
         num_warps=4 if budget >= 1024 else 1,
     )
+    return kept

@@ -15,7 +15,7 @@ from lowering.core import packed
 from lowering.core.limits import masked_value
 from lowering.formats import fixed_capacity as fc
 from lowering.formats.budgeted import NEVER
-from lowering.formats.fixed_budgeted import choose_and_write, general_format, new_rows
+from lowering.formats.fixed_budgeted import choose_and_write, general_format, kept_mask, new_rows
 from lowering.formats.snapkv import decode_recent
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -75,9 +75,10 @@ def test_kernel_writes_what_the_torch_path_writes(pr, kvpass_device):
     slots = {name: state[name] for name in rows}
     kernels = load().slots
     assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
-    kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows, decode_recent(spec.budget),
-                           q.shape[1], q.shape[2], NEVER)
+    kept = kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows,
+                                  decode_recent(spec.budget), q.shape[1], q.shape[2], NEVER)
     assert torch.equal(buffer, want)
+    assert torch.equal(kept, kept_mask(mask, state["pos"], q.shape[1], q.shape[2], CAPACITY))
 
 
 def test_a_step_the_kernel_does_not_take_is_named():

@@ -254,10 +254,9 @@ def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits,
     def forced(state, rows, positions, mask, recent, q_heads, q_len, never):
         slots = {name: state[name] for name in rows}
         assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
-        kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows, recent, q_heads, q_len,
-                               never)
         taken.append(recent)
-        return True
+        return kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows, recent, q_heads,
+                                      q_len, never)
 
     monkeypatch.setattr(launch, "snapkv_replace", forced)
     outs, states = fixed_sequence(spec, q, k, v, calls)
