@@ -16,7 +16,7 @@ per layer and KV head, those the prompt's last queries attend to most (the quest
 the pass key), stored as fp8 (e4m3) codes with per-token scales, and decodes by writing each new token over
 the evicted one in place (``"replace_in_place": True``; the default does so on CUDA only). The cache is then
 about 100x smaller than eager's and decoding reads 128 tokens instead of ~4k, so it decodes faster than eager
-on a 2-core CPU (1.08x its tokens/s, README's times) although off the GPU there is no fused kernel: torch
+on a 2-core CPU once warm (1.14-1.17x its tokens/s, README's times) although off the GPU there is no fused kernel: torch
 converts the codes to fp32 every step, plus about 0.7 ms of small host ops per layer and step; at ~1.5k tokens
 eager's attention is cheap enough that the two are about even.
 SnapKV finds one pass key asked at the end; for several keys at long contexts it loses what ADORE keeps
