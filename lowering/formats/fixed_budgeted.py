@@ -15,8 +15,8 @@ model's mask, which a cache's ``update`` does not see):
   ``slot_replacement.weakest``. The new token is scattered into that slot (``slot_replacement.put``: one row per
   (batch row, KV head) and section, at a device index), or nowhere when it is the one dropped; then the
   scheme's decode attention over the ``budget`` slots under the model's mask gathered at their positions
-  (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it. SnapKV's and ASL's choice and writes
-  (metadata only) are one kernel on CUDA (``lowering/attention/slots``), the same bytes as the torch path.
+  (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it. SnapKV's, ASL's and streaming's choice
+  and writes (metadata only) are one kernel on CUDA (``lowering/attention/slots``), the same bytes as the torch path.
 - a longer step (prefill, or a short prompt): the candidates in position order with the empty slots last (the
   order the general path's window pooling reads neighbours in), the policy's scores, the top ``budget`` by
   selection key (``keep_order``: ``budgeted.select``'s order, empty slots last) written back in position order.
@@ -62,6 +62,7 @@ from lowering.formats.budgeted import (
 from lowering.formats.fixed_capacity import EMPTY, FixedCacheSpec, positional_mask
 from lowering.formats.slot_replacement import ReplacesInPlace, put, weakest
 from lowering.formats.snapkv import SnapKV, decode_recent
+from lowering.formats.streaming import SINK, Streaming
 from lowering.storage import State
 
 EMPTY_LAST = torch.iinfo(torch.int64).max  # sort key of an empty slot: after every position (slots in position order)
@@ -212,18 +213,26 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
 
 def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: float, spec: FixedCacheSpec,
                 site: str) -> torch.Tensor:
-    """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's (and ASL's)
-    in one kernel on CUDA (``launch.snapkv_replace``), the torch path (``choose_and_write``) otherwise."""
+    """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's, ASL's and
+    streaming's in one kernel on CUDA (``launch.slot_replace``), the torch path (``choose_and_write``) otherwise."""
     rows = new_rows(fmt.storage, new_k, new_v)
-    kept = None
-    if isinstance(fmt, SnapKV):
-        kept = launch.snapkv_replace(state, rows, positions, mask, decode_recent(spec.budget), q.shape[1],
-                                     q.shape[2], NEVER)
+    rule = slot_rule(fmt)
+    kept = None if rule is None else launch.slot_replace(state, rows, positions, mask, q.shape[1], q.shape[2], NEVER,
+                                                         **rule)
     if kept is None:
         choose_and_write(fmt, q, state, positions, new_k, rows, mask, scale, spec, site)
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         stats.set_last(site, "kept", spec.budget)
     return attend_slots(fmt.storage, q, {name: state[name] for name in rows}, state["pos"], mask, scale, spec, kept)
+
+
+def slot_rule(fmt) -> dict | None:
+    """The slots kernel's rule for ``fmt``'s decode step (``launch.slot_replace``), or None where it has none."""
+    if isinstance(fmt, SnapKV):  # ASL's decode step is SnapKV's
+        return {"recent": decode_recent(fmt.budget)}
+    if isinstance(fmt, Streaming):
+        return {"sink": SINK, "n_sink": fmt.n_sink}
+    return None
 
 
 def choose_and_write(fmt, q, state: State, positions, new_k, rows: State, mask, scale: float, spec: FixedCacheSpec,

@@ -1,15 +1,18 @@
-"""One decode step of SnapKV (and ASL, whose decode rule is SnapKV's) on a fixed-capacity cache's ``budget``
-slots, in one program per (batch row, KV head): device code only.
+"""One decode step of SnapKV (and ASL, whose decode rule is SnapKV's) or of streaming on a fixed-capacity
+cache's ``budget`` slots, in one program per (batch row, KV head): device code only.
 
-The rule is ``lowering.formats.fixed_budgeted.replace_one``'s for a ``ReplacesInPlace`` policy with SnapKV's
-decode scores, decided from the slots' metadata alone:
+The rule is ``lowering.formats.fixed_budgeted.replace_one``'s for a ``ReplacesInPlace`` policy, decided from the
+slots' metadata alone (``lowering/formats/snapkv.py``, ``streaming.py``):
 
 - an old slot is visible when it holds a token (pos >= 0) and its stored score is above NEVER; its score
   becomes NEVER otherwise (``score.masked_fill(~visible, NEVER)``, written back for every slot);
 - the new token (position p, the step's only one) is visible when some query row of some query head of the KV
   head may attend column p of the mask (bool: True; additive: >= MASKED_BELOW); its score is 0, or NEVER;
-- selection keys: +inf for the protected newest ``recent`` positions (pos >= p + 1 - recent; the new token is
-  always one), the score otherwise, -inf for an invisible candidate;
+- SnapKV: selection keys +inf for the protected newest ``recent`` positions (pos >= p + 1 - recent; the new token
+  is always one), the score otherwise; the new token's score 0;
+- streaming (``STREAMING``): a visible old slot whose score is ``sink`` is a sink; the new token becomes one while
+  fewer than ``n_sink`` are held; every other score (and key) is the position as fp32, a sink's ``sink``;
+- keys are -inf for an invisible candidate;
 - the dropped candidate: the first empty slot while there is one, else the smallest key, of equal ones the
   highest position (``slot_replacement.weakest``; the new token has the highest position of all);
 - where an old slot is dropped, the new token's position, score and rows (up to four sections, each row
@@ -38,10 +41,10 @@ def _copy_row(Dst, Src, slot, keep, ROW_BYTES: tl.constexpr, BLOCK_R: tl.constex
 
 
 @triton.jit
-def snapkv_replace_kernel(
+def replace_kernel(
     Pos, Score, Position, Mask, Kept,  #
     D0, S0, D1, S1, D2, S2, D3, S3,  # row sections: destination [B, Hkv, budget, row] and new rows [B, Hkv, row]
-    kv_heads, budget, recent, group, q_len, never, masked_below, masked,  #
+    kv_heads, budget, recent, n_sink, group, q_len, never, sink, masked_below, masked,  #
     stride_pb, stride_ph,  # pos and score [B, Hkv, budget], slots contiguous
     stride_mb, stride_mh, stride_mq, stride_mc,  # the mask [B|1, Hq|1, Lq|1, capacity] (0: broadcast)
     stride_kb, stride_kh, stride_kq,  # Kept [B, Hq, Lq, budget], slots contiguous
@@ -52,6 +55,7 @@ def snapkv_replace_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     MASK_BOOL: tl.constexpr,
+    STREAMING: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // kv_heads
@@ -74,8 +78,18 @@ def snapkv_replace_kernel(
     held = ok & (pos >= 0)
     vis_old = held & (score > never)
     inf = float("inf")
-    key = tl.where(vis_old, tl.where(pos >= p + 1 - recent, inf, score), -inf)
-    key_new = tl.where(vis_new, inf, -inf)
+    if STREAMING:
+        sink_old = vis_old & (score == sink)
+        room = n_sink - tl.sum(sink_old.to(tl.int32), 0)
+        old_score = tl.where(sink_old, sink, pos.to(tl.float32))
+        new_score = tl.where(vis_new & (room >= 1), sink, p.to(tl.float32))
+        key = tl.where(vis_old, old_score, -inf)
+        key_new = tl.where(vis_new, new_score, -inf)
+    else:
+        old_score = score
+        new_score = 0.0
+        key = tl.where(vis_old, tl.where(pos >= p + 1 - recent, inf, score), -inf)
+        key_new = tl.where(vis_new, inf, -inf)
     empty = ok & ~held
     first_empty = tl.min(tl.where(empty, k, BLOCK_K), 0)
     low = tl.minimum(tl.min(tl.where(ok, key, inf), 0), key_new)
@@ -86,7 +100,8 @@ def snapkv_replace_kernel(
     keep = dropped < budget
     slot = tl.minimum(dropped, budget - 1).to(tl.int64)
     here = k == dropped  # nowhere where the new token is dropped
-    tl.store(Score + meta, tl.where(here, tl.where(vis_new, 0.0, never), tl.where(vis_old, score, never)), mask=ok)
+    tl.store(Score + meta, tl.where(here, tl.where(vis_new, new_score, never), tl.where(vis_old, old_score, never)),
+             mask=ok)
     new_pos = tl.where(here, p, pos)
     tl.store(Pos + meta, new_pos, mask=ok)
     filled = ok & (new_pos >= 0)

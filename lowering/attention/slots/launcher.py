@@ -1,4 +1,5 @@
-"""Launcher of the slot-replacement decode kernel (``kernel.py``): SnapKV's decode step on ``budget`` slots."""
+"""Launcher of the slot-replacement decode kernel (``kernel.py``): SnapKV's or streaming's decode step on ``budget``
+slots."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import torch
 import triton
 
-from lowering.attention.slots.kernel import snapkv_replace_kernel
+from lowering.attention.slots.kernel import replace_kernel
 from lowering.core.limits import MASKED_BELOW, masked_value
 
 MAX_SECTIONS = 4
@@ -29,7 +30,7 @@ def _dense_rows(t: torch.Tensor) -> bool:
 
 def unsupported_reason(slots: dict, rows: dict, pos: torch.Tensor, score: torch.Tensor,
                        mask: torch.Tensor) -> str | None:
-    """None when ``snapkv_replace`` takes this step: up to four row sections of contiguous slots, CUDA (or the
+    """None when ``replace_step`` takes this step: up to four row sections of contiguous slots, CUDA (or the
     CPU interpreter), metadata with contiguous slots, a 4-D mask."""
     if len(rows) > MAX_SECTIONS:
         return f"{len(rows)} sections (the kernel writes {MAX_SECTIONS})"
@@ -44,9 +45,11 @@ def unsupported_reason(slots: dict, rows: dict, pos: torch.Tensor, score: torch.
     return None
 
 
-def snapkv_replace(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
-                   slots: dict, rows: dict, recent: int, q_heads: int, q_len: int, never: float) -> torch.Tensor:
-    """SnapKV's decode step on the slots, in place (``kernel.py``): pos int64 / score fp32 [B, Hkv, budget]
+def replace_step(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
+                 slots: dict, rows: dict, q_heads: int, q_len: int, never: float, *, recent: int = 1,
+                 sink: float | None = None, n_sink: int = 0) -> torch.Tensor:
+    """One decode step on the slots, in place (``kernel.py``): SnapKV's with its protected ``recent`` positions, or
+    streaming's with ``sink`` (its sinks' score) and ``n_sink``. pos int64 / score fp32 [B, Hkv, budget]
     (contiguous slots), position int64 [1] (the new token's, on the device), mask [B|1, Hq|1, Lq|1, capacity]
     (bool or additive), ``slots`` the row sections [B, Hkv, budget, ...] and ``rows`` the new token's
     [B, Hkv, 1, ...] by name; ``unsupported_reason`` must be None. Returns the mask over the slots after the
@@ -71,15 +74,16 @@ def snapkv_replace(pos: torch.Tensor, score: torch.Tensor, position: torch.Tenso
         strides_d += [0, 0]
         strides_s += [0, 0]
         widths.append(0)
-    snapkv_replace_kernel[(batch * kv_heads,)](
+    replace_kernel[(batch * kv_heads,)](
         pos, score, position, raw, kept_raw, *args,
-        kv_heads, budget, recent, q_heads // kv_heads, q_len, never, MASKED_BELOW, masked,
+        kv_heads, budget, recent, n_sink, q_heads // kv_heads, q_len, never, 0.0 if sink is None else sink,
+        MASKED_BELOW, masked,
         pos.stride(0), pos.stride(1), *ms, kept.stride(0), kept.stride(1), kept.stride(2), *strides_d, *strides_s,
         ROW0=widths[0], ROW1=widths[1], ROW2=widths[2], ROW3=widths[3],
         BLOCK_R=max(16, triton.next_power_of_2(max(widths))),
         BLOCK_K=max(16, triton.next_power_of_2(budget)),
         BLOCK_Q=max(16, triton.next_power_of_2(q_heads // kv_heads * q_len)),
-        MASK_BOOL=mask.dtype == torch.bool,
+        MASK_BOOL=mask.dtype == torch.bool, STREAMING=sink is not None,
         num_warps=4 if budget >= 1024 else 1,
     )
     return kept

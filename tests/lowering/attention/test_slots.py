@@ -1,8 +1,9 @@
-"""SnapKV's decode step on fixed-capacity budget slots in one kernel (``lowering/attention/slots``) against the
-torch path it replaces (``fixed_budgeted.choose_and_write``): the same bytes in the whole buffer (scores, positions,
-every row section), on adversarial metadata: empty slots, stored NEVER scores, equal scores, tokens inside and
-outside the protected recent region, masks that hide the new token or old positions, bool and additive, broadcast
-or per head, GQA groups, one or a few query rows."""
+"""SnapKV's and streaming's decode step on fixed-capacity budget slots in one kernel (``lowering/attention/slots``)
+against the torch path it replaces (``fixed_budgeted.choose_and_write``): the same bytes in the whole buffer (scores,
+positions, every row section) and the mask over the slots that ``kept_mask`` gives, on adversarial metadata: empty
+slots, stored NEVER scores, equal scores, tokens inside and outside the protected recent region, sinks held and still
+to choose (streaming), masks that hide the new token or old positions, bool and additive, broadcast or per head, GQA
+groups, one or a few query rows."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,8 @@ from lowering.core import packed
 from lowering.core.limits import masked_value
 from lowering.formats import fixed_capacity as fc
 from lowering.formats.budgeted import NEVER
-from lowering.formats.fixed_budgeted import choose_and_write, general_format, kept_mask, new_rows
-from lowering.formats.snapkv import decode_recent
+from lowering.formats.fixed_budgeted import choose_and_write, general_format, kept_mask, new_rows, slot_rule
+from lowering.formats.streaming import SINK
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 CAPACITY = 64
@@ -27,7 +28,8 @@ def problems(draw):
     budget = draw(st.integers(1, 40))
     batch, kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
     position = draw(st.integers(budget, CAPACITY - 1))  # the new token's; earlier ones fill the slots
-    return dict(budget=budget, batch=batch, kv_heads=kv_heads, group=group, position=position,
+    return dict(policy=draw(st.sampled_from(["snapkv", "streaming"])), budget=budget, batch=batch, kv_heads=kv_heads,
+                group=group, position=position,
                 q_len=draw(st.sampled_from([1, 1, 3])), kv_bits=draw(st.sampled_from([16, 8, "fp8"])),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
                 mask_kind=draw(st.sampled_from(["bool", "additive", "broadcast"])),
@@ -40,7 +42,7 @@ def build(pr, device):
     g = torch.Generator().manual_seed(pr["seed"])
     B, H, K, p = pr["batch"], pr["kv_heads"], pr["budget"], pr["position"]
     spec = fc.FixedCacheSpec(kv_bits=pr["kv_bits"], batch=B, kv_heads=H, capacity=CAPACITY, k_dim=16, v_dim=16,
-                             dtype=str(pr["dtype"]), policy="snapkv", budget=K)
+                             dtype=str(pr["dtype"]), policy=pr["policy"], budget=K)
     buffer = torch.randint(0, 256, (packed.layout_nbytes(spec.layout),), generator=g, dtype=torch.uint8)
     state = packed.views(buffer, spec.layout)
     for t in state.values():  # finite floats: torch's CPU scatter rewrites a bf16 NaN's payload (bits, not value)
@@ -49,7 +51,12 @@ def build(pr, device):
     pos = torch.stack([torch.randperm(p, generator=g)[:K] for _ in range(B * H)]).view(B, H, K)
     pos[torch.rand(B, H, K, generator=g) < pr["empty"]] = fc.EMPTY
     state["pos"].copy_(pos)
-    score = torch.randint(0, 4, (B, H, K), generator=g).float() if pr["ties"] else torch.rand(B, H, K, generator=g)
+    if pr["policy"] == "streaming":  # positions as scores, some sinks
+        score = torch.where(torch.rand(B, H, K, generator=g) < 0.3, SINK, pos.float())
+    elif pr["ties"]:
+        score = torch.randint(0, 4, (B, H, K), generator=g).float()
+    else:
+        score = torch.rand(B, H, K, generator=g)
     score[torch.rand(B, H, K, generator=g) < pr["never"]] = NEVER
     state["score"].copy_(score)
     hq = H * pr["group"]
@@ -75,8 +82,8 @@ def test_kernel_writes_what_the_torch_path_writes(pr, kvpass_device):
     slots = {name: state[name] for name in rows}
     kernels = load().slots
     assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
-    kept = kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows,
-                                  decode_recent(spec.budget), q.shape[1], q.shape[2], NEVER)
+    kept = kernels.replace_step(state["pos"], state["score"], positions, mask, slots, rows, q.shape[1], q.shape[2],
+                                NEVER, **slot_rule(fmt))
     assert torch.equal(buffer, want)
     assert torch.equal(kept, kept_mask(mask, state["pos"], q.shape[1], q.shape[2], CAPACITY))
 

@@ -239,10 +239,10 @@ def test_a_spec_refuses_early_exit_with_a_policy_and_a_budget_without_one():
 
 
 @pytest.mark.parametrize("kv_bits", [16, 8, "fp8"], ids=str)
-@pytest.mark.parametrize("policy", ["snapkv", "asl"])
+@pytest.mark.parametrize("policy", ["snapkv", "asl", "streaming"])
 def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits, monkeypatch):
-    """SnapKV's (and ASL's) decode step by the slots kernel (CUDA's path, forced here under the interpreter) inside
-    the op: every step's buffer bytes and output equal the torch path's, through eviction."""
+    """The decode step by the slots kernel (CUDA's path for SnapKV, ASL and streaming, forced here under the
+    interpreter) inside the op: every step's buffer bytes and output equal the torch path's, through eviction."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("forces the kernel on CPU tensors: needs the interpreter (on a GPU the op takes it itself)")
     q, k, v, calls = decode_sequence(group=2, seed=3, pads=(0, 3), prompt=12, steps=8)
@@ -251,14 +251,14 @@ def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits,
     taken = []
     kernels = load().slots
 
-    def forced(state, rows, positions, mask, recent, q_heads, q_len, never):
+    def forced(state, rows, positions, mask, q_heads, q_len, never, **rule):
         slots = {name: state[name] for name in rows}
         assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
-        taken.append(recent)
-        return kernels.snapkv_replace(state["pos"], state["score"], positions, mask, slots, rows, recent, q_heads,
-                                      q_len, never)
+        taken.append(rule)
+        return kernels.replace_step(state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len,
+                                    never, **rule)
 
-    monkeypatch.setattr(launch, "snapkv_replace", forced)
+    monkeypatch.setattr(launch, "slot_replace", forced)
     outs, states = fixed_sequence(spec, q, k, v, calls)
     assert len(taken) == len(calls) - 1  # every decode step
     for out, want_out, s, want in zip(outs, want_outs, states, want_states):
