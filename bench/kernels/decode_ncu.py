@@ -32,6 +32,10 @@ import torch  # noqa: E402
 if "--smoke" in sys.argv or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
+from bench.common import environment  # noqa: E402
+from bench.kernels import attention_quant as aq  # noqa: E402
+from lowering.formats.launch import kernel_decode_attention  # noqa: E402
+
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis")
 STALL_PREFIX, STALL_SUFFIX = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
 NAMED = {  # metric -> the JSON's name for it
@@ -82,9 +86,6 @@ def _number(value: str):
 
 def child(scheme_key: str, batch: int, kv_len: int, smoke: bool) -> None:
     """The profiled process: pack, launch twice, launch once inside the profiler's range."""
-    from bench.kernels import attention_quant as aq
-    from lowering.formats.launch import kernel_decode_attention
-
     if smoke:
         aq.DEVICE, aq.HQ, aq.HKV, aq.HEAD_DIM = "cpu", 4, 2, 16
     scheme = aq.scheme_of(scheme_key)
@@ -139,8 +140,6 @@ def main(argv=None) -> int:
         for batch, kv_len in points:
             child(args.schemes[0], batch, kv_len, args.smoke)
         return 0
-    from bench.common import environment
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -28,3 +28,13 @@ def sm_count(device: torch.device) -> int:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last dim is contiguous (or of size 1), else a contiguous copy."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as the kernels read it: a bool mask as its uint8 bytes, an additive one as it is."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def broadcast_strides(t: torch.Tensor) -> list[int]:
+    """``t``'s strides, 0 along its size-1 dims (a mask broadcast over batch rows, heads or query rows)."""
+    return [t.stride(i) if t.shape[i] > 1 else 0 for i in range(t.dim())]

@@ -74,6 +74,17 @@ class AppendOperands:
     blocked: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotRule:
+    """A ``ReplacesInPlace`` policy's decode rule as the slots kernel takes it (``lowering/attention/slots``):
+    SnapKV (and ASL) protect the newest ``recent`` positions; streaming (``sink`` set: its sinks' stored score)
+    keeps ``n_sink`` sinks and otherwise scores by position."""
+
+    recent: int = 1
+    sink: float | None = None
+    n_sink: int = 0
+
+
 @dataclasses.dataclass
 class ScoredKeys:
     """What the scoring kernel leaves for the attention over the kept tokens: ``weights`` fp32 [B, Hkv, C]

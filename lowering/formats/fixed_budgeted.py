@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from lowering.core import packed, stats
 from lowering.core.limits import MASKED_BELOW, MAX_DECODE_QUERY_LEN, masked_value
+from lowering.core.operands import SlotRule
 from lowering.core.packed import Layout
 from lowering.core.reference import exact_attention
 from lowering.formats import FormatSpec, asl, build_format, launch
@@ -216,32 +217,33 @@ def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: floa
     """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's, ASL's and
     streaming's in one kernel on CUDA (``launch.slot_replace``), the torch path (``choose_and_write``) otherwise."""
     rows = new_rows(fmt.storage, new_k, new_v)
+    slots = {name: state[name] for name in rows}
     rule = slot_rule(fmt)
-    kept = None if rule is None else launch.slot_replace(state, rows, positions, mask, q.shape[1], q.shape[2], NEVER,
-                                                         **rule)
+    kept = None if rule is None else launch.slot_replace(state, slots, rows, positions, mask, q.shape[1], q.shape[2],
+                                                         NEVER, rule)
     if kept is None:
-        choose_and_write(fmt, q, state, positions, new_k, rows, mask, scale, spec, site)
+        choose_and_write(fmt, q, state, slots, positions, new_k, rows, mask, scale, spec, site)
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         stats.set_last(site, "kept", spec.budget)
-    return attend_slots(fmt.storage, q, {name: state[name] for name in rows}, state["pos"], mask, scale, spec, kept)
+    return attend_slots(fmt.storage, q, slots, state["pos"], mask, scale, spec, kept)
 
 
-def slot_rule(fmt) -> dict | None:
+def slot_rule(fmt) -> SlotRule | None:
     """The slots kernel's rule for ``fmt``'s decode step (``launch.slot_replace``), or None where it has none."""
     if isinstance(fmt, SnapKV):  # ASL's decode step is SnapKV's
-        return {"recent": decode_recent(fmt.budget)}
+        return SlotRule(recent=decode_recent(fmt.budget))
     if isinstance(fmt, Streaming):
-        return {"sink": SINK, "n_sink": fmt.n_sink}
+        return SlotRule(sink=SINK, n_sink=fmt.n_sink)
     return None
 
 
-def choose_and_write(fmt, q, state: State, positions, new_k, rows: State, mask, scale: float, spec: FixedCacheSpec,
-                     site: str) -> None:
-    """The policy's scores over the slots and the new token, the dropped candidate, and the new token's ``rows``
-    (its sections), position and score written over it, in place; nothing of the token where it is dropped."""
+def choose_and_write(fmt, q, state: State, slots: State, positions, new_k, rows: State, mask, scale: float,
+                     spec: FixedCacheSpec, site: str) -> None:
+    """The policy's scores over the ``slots`` (the row sections of ``state``) and the new token, the dropped
+    candidate, and the new token's ``rows``, position and score written over it, in place; nothing of the token
+    where it is dropped."""
     B, Hkv = new_k.shape[:2]
     budget = spec.budget
-    slots = {name: state[name] for name in rows}
     new_pos = positions.view(1, 1, 1).expand(B, Hkv, 1)
     held = state["pos"] >= 0
     k = None

@@ -27,7 +27,7 @@ import torch
 
 from lowering.attention import exact, launchers
 from lowering.attention.compile_failure import KernelCompileError, is_compile_failure, summary
-from lowering.core.operands import AppendOperands
+from lowering.core.operands import AppendOperands, SlotRule
 from lowering.core.reference import exact_attention
 from lowering.core.stats import calls
 from lowering.storage import State, StorageScheme, token_blocks
@@ -120,22 +120,20 @@ def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new
     return compiled_or_none("int4 decode write", write) is not None
 
 
-def slot_replace(state: State, rows: State, positions: torch.Tensor, mask: torch.Tensor, q_heads: int, q_len: int,
-                 never: float, **rule) -> torch.Tensor | None:
-    """A ``ReplacesInPlace`` policy's one-token decode step on a fixed cache's budget slots by the fused kernel
-    (CUDA, inputs it takes; ``lowering/attention/slots``; ``rule``: SnapKV's ``recent``, or streaming's ``sink``
-    and ``n_sink``): scores, the dropped slot, the new token's rows, position and score written in place as
-    ``fixed_budgeted.choose_and_write`` writes them; returns the mask over the slots after the step
-    (``fixed_budgeted.kept_mask``'s). None: nothing written, the torch path runs (a compile failure counted as the
-    others are)."""
+def slot_replace(state: State, slots: State, rows: State, positions: torch.Tensor, mask: torch.Tensor, q_heads: int,
+                 q_len: int, never: float, rule: SlotRule) -> torch.Tensor | None:
+    """A ``ReplacesInPlace`` policy's one-token decode step on a fixed cache's budget ``slots`` (the row sections of
+    ``state``) by the fused kernel (CUDA, inputs it takes; ``lowering/attention/slots``): scores, the dropped slot,
+    the new token's rows, position and score written in place as ``fixed_budgeted.choose_and_write`` writes them;
+    returns the mask over the slots after the step (``fixed_budgeted.kept_mask``'s). None: nothing written, the
+    torch path runs (a compile failure counted as the others are)."""
     if not mask.is_cuda or launchers.missing() is not None:
         return None
     kernels = launchers.load().slots
-    slots = {name: state[name] for name in rows}
     if kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is not None:
         return None
     return compiled_or_none("slot replacement decode step", lambda: kernels.replace_step(
-        state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len, never, **rule))
+        state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len, never, rule))
 
 
 def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:

@@ -31,7 +31,7 @@ from lowering.attention.compile_failure import KernelCompileError, is_compile_fa
 from lowering.attention.decode import kernel as kernels
 from lowering.attention.decode.group_mask import group_mask_kernel
 from lowering.attention.device import merge
-from lowering.attention.grid import cdiv, last_dim_contiguous, next_power_of_2
+from lowering.attention.grid import broadcast_strides, cdiv, last_dim_contiguous, mask_bytes, next_power_of_2
 from lowering.core.limits import MAX_DECODE_QUERY_LEN, masked_value
 from lowering.core.operands import KV_FULL, KV_INT4, KV_SCALED_ROWS, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, KVOperands
 from lowering.core.rotation import kernel_constants, shifts
@@ -407,11 +407,11 @@ def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch
     (bool or additive, dims broadcast or not), positions int64 [n] (the last one the last written) -> [b, h, Lq,
     capacity + 2 group - 1], contiguous."""
     b, h, q_len, capacity = mask.shape
-    raw = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    raw = mask_bytes(mask)
     masked = int(masked_value(mask.dtype)) if mask.dtype == torch.bool else masked_value(mask.dtype)  # a number
     width = capacity + 2 * group - 1
     out = torch.empty((b, h, q_len, width), dtype=raw.dtype, device=mask.device)
-    st = [raw.stride(i) if raw.shape[i] > 1 else 0 for i in range(4)]
+    st = broadcast_strides(raw)
     group_mask_kernel[(b * h * q_len, cdiv(width, GROUP_MASK_BLOCK))](
         raw, out, positions[-1:], h, q_len, *st, capacity, masked, GROUP=group, BLOCK=GROUP_MASK_BLOCK,
         num_warps=4)

@@ -7,7 +7,7 @@ import torch
 from lowering.attention.decode.launcher import decode_attention_unsupported_reason
 from lowering.attention.early_exit import bound, kernel
 from lowering.attention.early_exit.bound import VisitPlan
-from lowering.attention.grid import last_dim_contiguous, next_power_of_2
+from lowering.attention.grid import last_dim_contiguous, mask_bytes, next_power_of_2
 from lowering.core.operands import MASK_ADDITIVE, MASK_BOOL, MASK_NONE
 
 
@@ -45,7 +45,7 @@ def bounded_attention_triton(q, k, v, plan: VisitPlan | None, attn_mask, scale: 
         mask = attn_mask.expand(B, Hq, Lq, L)
         mask_strides = mask.stride()
         mask_kind = MASK_BOOL if mask.dtype == torch.bool else MASK_ADDITIVE
-        mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask = mask_bytes(mask)
     if early_exit:
         order, log_rest, v_rest = plan.order, plan.log_rest, plan.v_rest
     else:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
+from lowering.attention.grid import broadcast_strides, mask_bytes, next_power_of_2
 from lowering.attention.slots.kernel import replace_kernel
 from lowering.core.limits import MASKED_BELOW, masked_value
+from lowering.core.operands import SlotRule
 
 MAX_SECTIONS = 4
 MAX_ROW_BYTES = 1024  # 256 fp32 elements: head dims up to 256 in 32-bit, 512 in 16-bit
@@ -46,20 +47,16 @@ def unsupported_reason(slots: dict, rows: dict, pos: torch.Tensor, score: torch.
 
 
 def replace_step(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
-                 slots: dict, rows: dict, q_heads: int, q_len: int, never: float, *, recent: int = 1,
-                 sink: float | None = None, n_sink: int = 0) -> torch.Tensor:
-    """One decode step on the slots, in place (``kernel.py``): SnapKV's with its protected ``recent`` positions, or
-    streaming's with ``sink`` (its sinks' score) and ``n_sink``. pos int64 / score fp32 [B, Hkv, budget]
+                 slots: dict, rows: dict, q_heads: int, q_len: int, never: float, rule: SlotRule) -> torch.Tensor:
+    """One decode step on the slots by ``rule``, in place (``kernel.py``). pos int64 / score fp32 [B, Hkv, budget]
     (contiguous slots), position int64 [1] (the new token's, on the device), mask [B|1, Hq|1, Lq|1, capacity]
     (bool or additive), ``slots`` the row sections [B, Hkv, budget, ...] and ``rows`` the new token's
     [B, Hkv, 1, ...] by name; ``unsupported_reason`` must be None. Returns the mask over the slots after the
     step, [B, Hq, Lq, budget] in the mask's dtype (``fixed_budgeted.kept_mask``'s)."""
     batch, kv_heads, budget = pos.shape
-    raw = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    raw = mask_bytes(mask)
     kept = torch.empty((batch, q_heads, q_len, budget), dtype=mask.dtype, device=mask.device)
-    kept_raw = kept.view(torch.uint8) if mask.dtype == torch.bool else kept
-    masked = 0.0 if mask.dtype == torch.bool else float(masked_value(mask.dtype))
-    ms = [raw.stride(i) if raw.shape[i] > 1 else 0 for i in range(4)]
+    masked = float(masked_value(mask.dtype))  # read for an additive mask only
     args, strides_d, strides_s, widths = [], [], [], []
     for name in list(slots)[:MAX_SECTIONS]:
         dst, src = slots[name], rows[name]
@@ -75,15 +72,16 @@ def replace_step(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor,
         strides_s += [0, 0]
         widths.append(0)
     replace_kernel[(batch * kv_heads,)](
-        pos, score, position, raw, kept_raw, *args,
-        kv_heads, budget, recent, n_sink, q_heads // kv_heads, q_len, never, 0.0 if sink is None else sink,
-        MASKED_BELOW, masked,
-        pos.stride(0), pos.stride(1), *ms, kept.stride(0), kept.stride(1), kept.stride(2), *strides_d, *strides_s,
+        pos, score, position, raw, mask_bytes(kept), *args,
+        kv_heads, budget, rule.recent, rule.n_sink, q_heads // kv_heads, q_len, never,
+        0.0 if rule.sink is None else rule.sink, MASKED_BELOW, masked,
+        pos.stride(0), pos.stride(1), *broadcast_strides(raw), kept.stride(0), kept.stride(1), kept.stride(2),
+        *strides_d, *strides_s,
         ROW0=widths[0], ROW1=widths[1], ROW2=widths[2], ROW3=widths[3],
-        BLOCK_R=max(16, triton.next_power_of_2(max(widths))),
-        BLOCK_K=max(16, triton.next_power_of_2(budget)),
-        BLOCK_Q=max(16, triton.next_power_of_2(q_heads // kv_heads * q_len)),
-        MASK_BOOL=mask.dtype == torch.bool, STREAMING=sink is not None,
+        BLOCK_R=max(16, next_power_of_2(max(widths))),
+        BLOCK_K=max(16, next_power_of_2(budget)),
+        BLOCK_Q=max(16, next_power_of_2(q_heads // kv_heads * q_len)),
+        MASK_BOOL=mask.dtype == torch.bool, STREAMING=rule.sink is not None,
         num_warps=4 if budget >= 1024 else 1,
     )
     return kept

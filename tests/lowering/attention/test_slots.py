@@ -77,13 +77,15 @@ def test_kernel_writes_what_the_torch_path_writes(pr, kvpass_device):
     fmt = general_format(spec)
     rows = new_rows(fmt.storage, new_k, new_v)
     want = buffer.clone()
-    choose_and_write(fmt, q, packed.views(want, spec.layout), positions, new_k, rows, mask, 0.25, spec, "site")
+    want_state = packed.views(want, spec.layout)
+    choose_and_write(fmt, q, want_state, {name: want_state[name] for name in rows}, positions, new_k, rows, mask,
+                     0.25, spec, "site")
     state = packed.views(buffer, spec.layout)
     slots = {name: state[name] for name in rows}
     kernels = load().slots
     assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
     kept = kernels.replace_step(state["pos"], state["score"], positions, mask, slots, rows, q.shape[1], q.shape[2],
-                                NEVER, **slot_rule(fmt))
+                                NEVER, slot_rule(fmt))
     assert torch.equal(buffer, want)
     assert torch.equal(kept, kept_mask(mask, state["pos"], q.shape[1], q.shape[2], CAPACITY))
 

@@ -251,12 +251,11 @@ def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits,
     taken = []
     kernels = load().slots
 
-    def forced(state, rows, positions, mask, q_heads, q_len, never, **rule):
-        slots = {name: state[name] for name in rows}
+    def forced(state, slots, rows, positions, mask, q_heads, q_len, never, rule):
         assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
         taken.append(rule)
         return kernels.replace_step(state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len,
-                                    never, **rule)
+                                    never, rule)
 
     monkeypatch.setattr(launch, "slot_replace", forced)
     outs, states = fixed_sequence(spec, q, k, v, calls)
