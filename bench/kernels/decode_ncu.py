@@ -12,6 +12,9 @@ the clocks are left alone) reports that launch's kernels, stage 1 and the merge,
 Per kernel the JSON holds its duration, DRAM throughput, achieved occupancy, registers per thread, cycles per
 issued instruction and the warp stall reasons, largest first: cycles per issued instruction spent in each state,
 from the ``smsp__average_warps_issue_stalled_*_per_issue_active`` metrics. Every ncu CSV is kept under ``$OUT``.
+With ``--source-schemes`` those schemes' points are also profiled with the SourceCounters section (PC sampling)
+and the report's SASS page is read back: the point's ``source`` names the instructions that hold the most warp-stall
+samples (``top``) and the samples per opcode (``opcodes``), which says which part of the loop stalls.
 A point that fails (ncu missing, counters refused, out of memory) is a row with its error; the others still run.
 """
 from __future__ import annotations
@@ -21,8 +24,10 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -84,6 +89,41 @@ def _number(value: str):
         return value
 
 
+def parse_source_csv(text: str, top: int = 40) -> dict:
+    """ncu's ``--page source --csv --print-source sass`` page -> {"top": the ``top`` instructions with the most
+    warp-stall samples [(address, SASS, samples, not-issued samples)], "opcodes": {opcode: samples}, largest first,
+    "total": all samples}. Columns are found by name (ncu versions word them a little differently); a page without a
+    sampling column gives an empty result."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if '"Source"' in line or line.startswith('"Address"')), None)
+    if start is None:
+        return {"top": [], "opcodes": {}, "total": 0.0}
+    rows = list(csv.reader(io.StringIO("\n".join(lines[start:]))))
+    header = rows[0]
+    col = {name: i for i, name in enumerate(header)}
+    src = col.get("Source")
+    addr = col.get("Address", 0)
+    sampled = [i for i, name in enumerate(header) if "Sampling" in name and "Not" not in name]
+    not_issued = [i for i, name in enumerate(header) if "Sampling" in name and "Not" in name]
+    if src is None or not sampled:
+        return {"top": [], "opcodes": {}, "total": 0.0, "header": header}
+    entries, opcodes = [], {}
+    for row in rows[1:]:
+        if len(row) != len(header):
+            continue
+        samples = _number(row[sampled[0]])
+        if not isinstance(samples, float):
+            continue
+        late = _number(row[not_issued[0]]) if not_issued else None
+        sass = row[src].strip()
+        entries.append((row[addr], sass, samples, late if isinstance(late, float) else None))
+        opcode = re.sub(r"^@!?U?P\w+\s+", "", sass).split(" ")[0]
+        opcodes[opcode] = opcodes.get(opcode, 0.0) + samples
+    entries.sort(key=lambda e: -e[2])
+    return {"top": entries[:top], "opcodes": dict(sorted(opcodes.items(), key=lambda o: -o[1])),
+            "total": sum(e[2] for e in entries)}
+
+
 def child(scheme_key: str, batch: int, kv_len: int, smoke: bool) -> None:
     """The profiled process: pack, launch twice, launch once inside the profiler's range."""
     if smoke:
@@ -126,12 +166,38 @@ def profile_point(scheme_key: str, batch: int, kv_len: int, out_dir: Path, timeo
     return row
 
 
+def profile_source(scheme_key: str, batch: int, kv_len: int, timeout_s: int) -> dict:
+    """The same launch under the SourceCounters section (PC sampling), its report's SASS page parsed
+    (``parse_source_csv``); an error string in place of the page when ncu fails."""
+    child_args = [sys.executable, os.path.abspath(__file__), "--child", "--schemes", scheme_key,
+                  "--points", f"{batch}x{kv_len}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "source")
+        try:
+            done = subprocess.run(["ncu", "--profile-from-start", "off", "--clock-control", "none", "--section",
+                                   "SourceCounters", "--section", "WarpStateStats", "-o", report, *child_args],
+                                  capture_output=True, text=True, timeout=timeout_s)
+            if done.returncode != 0:
+                return {"error": f"ncu rc={done.returncode}", "stderr_tail": done.stderr[-1500:]}
+            page = subprocess.run(["ncu", "--import", report + ".ncu-rep", "--page", "source", "--csv",
+                                   "--print-source", "sass"], capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+    parsed = parse_source_csv(page.stdout)
+    if page.returncode != 0 or not parsed["top"]:
+        parsed["error"] = f"source page rc={page.returncode}"
+        parsed["stdout_head"], parsed["stderr_tail"] = page.stdout[:3000], page.stderr[-1500:]
+    return parsed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--schemes", nargs="*", default=["4", "8", "fp8"])
     parser.add_argument("--points", nargs="*", default=["1x32768", "8x32768"], help="BxL ...")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--timeout-s", type=int, default=120, help="per point")
+    parser.add_argument("--source-schemes", nargs="*", default=[],
+                        help="schemes whose points are also profiled per SASS instruction (SourceCounters)")
     parser.add_argument("--child", action="store_true", help="the profiled process (one scheme, one point)")
     parser.add_argument("--smoke", action="store_true", help="with --child: tiny shapes on the CPU interpreter")
     args = parser.parse_args(argv)
@@ -146,6 +212,8 @@ def main(argv=None) -> int:
     for key in args.schemes:
         for batch, kv_len in points:
             rows.append(profile_point(key, batch, kv_len, out_dir, args.timeout_s))
+            if key in args.source_schemes:
+                rows[-1]["source"] = profile_source(key, batch, kv_len, args.timeout_s)
             (out_dir / "decode_ncu.json").write_text(json.dumps({"environment": environment(), "rows": rows},
                                                                 indent=1, default=str))
             summary = [(k["kernel"][:40], k.get("duration"), k["stalls"][:3]) for k in rows[-1].get("kernels", [])]

@@ -29,3 +29,28 @@ def test_raw_page_gives_each_kernels_metrics_and_stalls_largest_first():
 
 def test_output_without_a_table_gives_no_kernels():
     assert ncu.parse_raw_csv("==ERROR== the profiler could not read the counters\n") == []
+
+
+SOURCE = '''==PROF== Disconnected from process 4242
+"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)",\
+"Instructions Executed"
+"00007f0000000100","LDG.E.128 R4, desc[UR6][R2.64]","10","9","64"
+"00007f0000000110","@!P0 BAR.SYNC.DEFER_BLOCKING 0x0","40","38","64"
+"00007f0000000120","HMMA.16816.F32.BF16 R8, R12, R16, R8","25","20","128"
+"00007f0000000130","@P1 LDG.E.128 R20, desc[UR6][R22.64]","5","5","64"
+"00007f0000000140","EXIT","","","1"
+'''
+
+
+def test_source_page_gives_the_most_sampled_instructions_and_samples_per_opcode():
+    page = ncu.parse_source_csv(SOURCE, top=2)
+    assert page["total"] == 80.0
+    assert [(e[1].split()[1 if e[1].startswith("@") else 0], e[2], e[3]) for e in page["top"]] == [
+        ("BAR.SYNC.DEFER_BLOCKING", 40.0, 38.0), ("HMMA.16816.F32.BF16", 25.0, 20.0)]
+    # predicates are not part of the opcode; the two loads add up; a row without samples is left out
+    assert page["opcodes"] == {"BAR.SYNC.DEFER_BLOCKING": 40.0, "HMMA.16816.F32.BF16": 25.0, "LDG.E.128": 15.0}
+
+
+def test_source_page_without_sampling_columns_is_empty():
+    assert ncu.parse_source_csv('"Address","Source"\n"0","EXIT"\n')["top"] == []
+    assert ncu.parse_source_csv("==ERROR== no report\n") == {"top": [], "opcodes": {}, "total": 0.0}
