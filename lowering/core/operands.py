@@ -17,6 +17,19 @@ MASK_NONE = 0
 MASK_BOOL = 1
 MASK_ADDITIVE = 2
 
+# The int4 fragment kernel (lowering/attention/decode/int4_fragments.py) serves bf16 decode steps of one query
+# position with these head dims and at most this many query heads per KV head.
+INT4_FRAGMENT_HEAD_DIMS = (64, 128)
+INT4_FRAGMENT_MAX_GROUP = 8
+
+
+def int4_fragments_serve(dtype: torch.dtype, head_dim: int, group: int, q_len: int) -> bool:
+    """Whether int4 decode attention of this shape goes to the fragment kernel on CUDA: the scheme then scores keys
+    without the query's split on every device, so the Triton kernel the CPU runs has the same numerics."""
+    return (dtype == torch.bfloat16 and head_dim in INT4_FRAGMENT_HEAD_DIMS and group <= INT4_FRAGMENT_MAX_GROUP
+            and q_len == 1)
+
+
 # Keys of the scoring kernel (``KEY_FORMAT``).
 KEYS_FULL = 0  # keys in the query's dtype, last dim contiguous
 KEYS_INT8_ROWS = 1  # int8 codes [B, Hkv, n, D] times fp32 scales [B, Hkv, n]
@@ -50,6 +63,7 @@ class KVOperands:
     rotated: bool = False  # rows stored as x H (int8, lowering/core/rotation.py): the kernel rotates q and turns o back
     value_block: int = 0  # value codes in blocks of this many tokens, token-minor (lowering/storage/token_blocks.py)
     split_query: bool = False  # int8 / int4 keys: scores by int8 MMAs of the query's fixed-point split
+    fragments: bool = False  # int4: the fragment kernel may serve (``int4_fragments_serve``; keys dequantized)
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from lowering.core.operands import KV_INT4, KVOperands
+from lowering.core.operands import KV_INT4, KVOperands, int4_fragments_serve
 from lowering.core.packed import Layout, copy_unless_same
 from lowering.storage import State, register_scheme, token_blocks
 from lowering.storage.int4_codes import dequantize_groups, pack_nibbles, quantize_groups, unpack_nibbles
@@ -82,7 +82,19 @@ class Int4Kivi:
         the fold costs per group and row, and a 16-row fold costs more than it saves)."""
         return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
+    # The fragment kernel (lowering/attention/decode/int4_fragments.py) serves the shapes of
+    # ``lowering.core.operands.int4_fragments_serve`` on CUDA, keys dequantized; False: the Triton kernel everywhere.
+    fragment_kernel = True
+
+    def _fragments(self, q: torch.Tensor, state: State) -> bool:
+        return self.fragment_kernel and int4_fragments_serve(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1],
+                                                             q.shape[2])
+
     def _splits(self, q: torch.Tensor, state: State) -> bool:
+        """The split where ``splits_query`` offers it, except where the fragment kernel serves (its keys are
+        dequantized, and so are the Triton kernel's, its twin on the CPU)."""
+        if self._fragments(q, state):
+            return False
         return self.splits_query(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1] * q.shape[2])
 
     def kernel_keys(self, q: torch.Tensor, state: State, length: int):
@@ -212,4 +224,5 @@ class Int4Kivi:
                           tuple(state[n] for n in ("k_scale", "v_scale", "k_min", "v_min", "k_res", "v_res")),
                           quant_len=quant, res_len=res, quant_group=GROUP, rows_cap=state["v_scale"].stride(1),
                           res_cap=state["k_res"].stride(1) // max(1, state["k_res"].shape[-1]),
-                          split_query=self._splits(q, state), value_block=token_blocks.TOKENS)
+                          split_query=self._splits(q, state), value_block=token_blocks.TOKENS,
+                          fragments=self._fragments(q, state))

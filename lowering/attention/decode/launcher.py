@@ -28,6 +28,7 @@ from triton.runtime.errors import OutOfResources
 
 from lowering.attention import grid
 from lowering.attention.compile_failure import KernelCompileError, is_compile_failure, summary
+from lowering.attention.decode import fragments
 from lowering.attention.decode import kernel as kernels
 from lowering.attention.decode.group_mask import group_mask_kernel
 from lowering.attention.device import merge
@@ -317,6 +318,10 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         # HF decode's [B, 1, 1, L] mask: the same for every row of a program, load it per key.
         mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
 
+    if config is None and fragments.takes(q, kv, attn_mask, is_causal, mask_per_key):
+        done = fragments.launch(q, kv, None if attn_mask is None else mask, mask_kind, mask_strides, scale, out)
+        if done is not None:
+            return done
     sm_count = grid.sm_count(q.device)
     config = config or packed_config(programs_per_split, sm_count, kv)
     code_bytes = None if kv.kv_format == KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim

@@ -94,9 +94,11 @@ def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
     folded with each group's scales, against the float64 oracles over the exact keys with the scheme's score bound
     (check_scheme); GQA and speculative rows (1 to 8 fold rows), masks, residual windows, half-group tiles."""
     from lowering.attention.decode.launcher import DecodeAttentionConfig
+    from lowering.core.operands import int4_fragments_serve
 
-    rows = problem.q_heads // problem.kv_heads * problem.q_len
-    assume(SCHEMES["4"].splits_query(problem.dtype, problem.head_dim, rows))
+    group = problem.q_heads // problem.kv_heads
+    assume(SCHEMES["4"].splits_query(problem.dtype, problem.head_dim, group * problem.q_len))
+    assume(not int4_fragments_serve(problem.dtype, problem.head_dim, group, problem.q_len))
     check_scheme("4", problem, config=DecodeAttentionConfig(block_n=block_n, num_warps=2))
 
 
@@ -114,11 +116,13 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
     assert [scheme.splits_query(torch.bfloat16, 128, rows) for rows in (1, 8, 9)] == [True, True, False]
     kv = KVOperands(None, None, 1, KV_INT4, ())
     assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [True, True, True]
-    q = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16)
+    q = torch.zeros(1, 4, 1, 128, dtype=torch.float16)
     zeros = torch.zeros(1, 1, G, 128, dtype=torch.bfloat16)
     state = pack(scheme, zeros, zeros)
     assert scheme.kernel_operands(q, state, G).split_query
     assert not scheme.kernel_operands(q.float(), state, G).split_query
+    # bf16 decode steps of D = 64 / 128 go to the fragment kernel, keys dequantized (test_int4_fragments.py)
+    assert not scheme.kernel_operands(q.bfloat16(), state, G).split_query
     assert not scheme.kernel_operands(torch.zeros(1, 4, 3, 128, dtype=torch.bfloat16), state, G).split_query
 
 
