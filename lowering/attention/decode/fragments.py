@@ -36,6 +36,9 @@ def takes(q: torch.Tensor, kv: KVOperands, attn_mask, is_causal: bool, mask_per_
         return False
     if kv.kv_format != KV_INT4 or kv.split_query or kv.quant_group != int4_fragments.TILE.value:
         return False
+    half = q.shape[-1] // 2  # code rows of HALF bytes, value blocks [HALF, 16] bytes, as the kernel indexes them
+    if kv.k.stride()[2:] != (half, 1) or kv.v.stride()[2:] != (16 * half, 16, 1):
+        return False
     return attn_mask is None or mask_per_key
 
 
