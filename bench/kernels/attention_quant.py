@@ -48,17 +48,17 @@ HQ, HKV, HEAD_DIM = 32, 8, 128
 SHAPES = [(1, 32768), (8, 32768), (32, 8192)]
 SCHEME_ROWS = [("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", "normal"), ("aligned", "sink"),
                ("8-convert", "normal"), ("8-split", "normal"), ("8-blocked", "normal"), ("4-dequant", "normal"),
-               ("4-triton", "normal")]
+               ("4-fragments", "normal")]
 # int8 with one or both of its kernel paths switched back, timed in the same run as the scheme itself:
 # "convert" converts every key and value code to bf16 from row-major sections (session 8's kernel),
 # "split" only scores keys by the query's int8 split, "blocked" only reads token-blocked values;
 # int4 with its keys dequantized (session 10's key path) instead of scored by the folded query's int8 split;
-# "4-triton": int4 on the Triton kernel where the fragment kernel (lowering/attention/decode/int4_fragments.py) serves.
+# "4-fragments": int4 with the fragment kernel (lowering/attention/decode/int4_fragments.py) on where it serves.
 SCHEME_VARIANTS = {"8-convert": ("8", dict(split_query=False, blocked_values=False)),
                    "8-split": ("8", dict(blocked_values=False)),
                    "8-blocked": ("8", dict(split_query=False)),
-                   "4-dequant": ("4", dict(split_query=False, fragment_kernel=False)),
-                   "4-triton": ("4", dict(fragment_kernel=False))}
+                   "4-dequant": ("4", dict(split_query=False)),
+                   "4-fragments": ("4", dict(fragment_kernel=True))}
 DEFAULT_SCHEMES = ("8", "fp8", "4")
 TARGET_SPEEDUP = {"8": 1.8, "4": 3.0}
 DEVICE = "cuda"

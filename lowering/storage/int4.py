@@ -82,9 +82,10 @@ class Int4Kivi:
         the fold costs per group and row, and a 16-row fold costs more than it saves)."""
         return self.split_query and dtype in (torch.bfloat16, torch.float16) and dim > 32 and rows <= 8
 
-    # The fragment kernel (lowering/attention/decode/int4_fragments.py) serves the shapes of
-    # ``lowering.core.operands.int4_fragments_serve`` on CUDA, keys dequantized; False: the Triton kernel everywhere.
-    fragment_kernel = True
+    # True: the fragment kernel (lowering/attention/decode/int4_fragments.py) serves the shapes of
+    # ``lowering.core.operands.int4_fragments_serve`` on CUDA, keys dequantized (the Triton kernel's unsplit path on
+    # the CPU, its twin). Off until it has passed the gpu profile on a GPU (bench/RESULTS.md, issue #25).
+    fragment_kernel = False
 
     def _fragments(self, q: torch.Tensor, state: State) -> bool:
         return self.fragment_kernel and int4_fragments_serve(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1],

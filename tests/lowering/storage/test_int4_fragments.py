@@ -1,7 +1,8 @@
 """int4's fragment kernel (lowering/attention/decode/int4_fragments.py) and its twin.
 
-Where ``int4_fragments_serve`` holds (bf16, D = 64 or 128, <= 8 query heads per KV head, Lq = 1) the scheme scores
-keys without the query's split on every device: on CUDA the Gluon kernel serves (checked here by a spy on its
+With the scheme's ``fragment_kernel`` on (off by default until the kernel has passed on a GPU; these tests turn it
+on), where ``int4_fragments_serve`` holds (bf16, D = 64 or 128, <= 8 query heads per KV head, Lq = 1) the scheme
+scores keys without the query's split on every device: on CUDA the Gluon kernel serves (checked here by a spy on its
 launcher), on the CPU the Triton kernel's unsplit path, its twin; both are checked by test_schemes.check_scheme
 (exact-kernel tolerance over the dequantized cache, step bound vs the unquantized cache). The kernel's channel
 order is checked on the host, and it compiles for sm_90 here (a subprocess: the tests run under the interpreter).
@@ -21,6 +22,7 @@ import kvpass.testing as kt
 from lowering.attention.decode import fragments
 from lowering.core.operands import int4_fragments_serve
 from lowering.storage import SCHEMES
+from lowering.storage.int4 import Int4Kivi
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 G = SCHEMES["4"].group
@@ -43,7 +45,20 @@ def test_the_reduction_order_is_a_permutation_whose_pairs_are_adjacent_channels(
         assert sorted(set(lane)) == list(range(half // 4 * t, half // 4 * (t + 1)))
 
 
-def test_the_split_is_left_out_exactly_where_the_fragment_kernel_serves():
+@pytest.fixture
+def fragment_kernel_on():
+    with mock.patch.object(Int4Kivi, "fragment_kernel", True):
+        yield
+
+
+def test_the_fragment_kernel_is_off_by_default():
+    q = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
+    zeros = torch.zeros(1, 2, G, 128, dtype=torch.bfloat16)
+    operands = SCHEMES["4"].kernel_operands(q, pack(SCHEMES["4"], zeros, zeros), G)
+    assert not operands.fragments and operands.split_query
+
+
+def test_the_split_is_left_out_exactly_where_the_fragment_kernel_serves(fragment_kernel_on):
     scheme = SCHEMES["4"]
     zeros = torch.zeros(1, 2, G, 128, dtype=torch.bfloat16)
     state = pack(scheme, zeros, zeros)
@@ -53,8 +68,9 @@ def test_the_split_is_left_out_exactly_where_the_fragment_kernel_serves():
         q = torch.zeros(1, heads, q_len, 128, dtype=dtype)
         serves = int4_fragments_serve(dtype, 128, heads // 2, q_len)
         assert serves == (dtype == torch.bfloat16 and heads <= 16 and q_len == 1)
-        split = scheme.kernel_operands(q, state, G).split_query
-        assert split == (not serves and scheme.splits_query(dtype, 128, heads // 2 * q_len))
+        operands = scheme.kernel_operands(q, state, G)
+        assert operands.fragments == serves
+        assert operands.split_query == (not serves and scheme.splits_query(dtype, 128, heads // 2 * q_len))
     assert not int4_fragments_serve(torch.bfloat16, 96, 4, 1) and int4_fragments_serve(torch.bfloat16, 64, 4, 1)
 
 
@@ -75,7 +91,7 @@ def test_fragment_kernel_against_the_oracles(problem, chunks):
 
     real_launch = fragments.launch
     split = [problem.kv_len // 2, problem.kv_len - problem.kv_len // 2] if chunks == "two appends" else None
-    with mock.patch.object(fragments, "launch", spy):
+    with mock.patch.object(fragments, "launch", spy), mock.patch.object(Int4Kivi, "fragment_kernel", True):
         check_scheme("4", problem, chunks=[c for c in split if c] if split else None)
     mask = problem.attn_mask
     per_key = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
@@ -85,7 +101,7 @@ def test_fragment_kernel_against_the_oracles(problem, chunks):
 
 @needs_kernel
 @pytest.mark.parametrize("length", [G * 40 + 7, G * 257])
-def test_fragment_kernel_over_many_splits(length):
+def test_fragment_kernel_over_many_splits(length, fragment_kernel_on):
     """Long caches: many splits merged by stage 2, the residual window in the last split."""
     problem = kt.make_problem(batch=2, q_heads=16, kv_heads=2, q_len=1, kv_len=length, head_dim=128, mask="none",
                               dtype=torch.bfloat16, distribution="outlier_channels", seed=length, device=DEVICE)
