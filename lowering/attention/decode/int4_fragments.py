@@ -154,6 +154,22 @@ def _split_cols(p):
 
 
 @gluon.jit
+def _dequantize_keys(pairs, scale, low, HALF: gl.constexpr):
+    """One channel half's key pairs [w, p, t, key] -> the B operand [HALF (k order), 32 keys]: fma(c, scale, min) in
+    bf16, c the pattern 128 + c minus 128 (exact), as ``dequantize_groups`` rounds."""
+    codes = gl.convert_layout(_split_rows(gl.reshape(pairs, [HALF // 2, pairs.shape[3]])), B_OP, assert_trivial=True)
+    return gl.fma(codes - 128.0, scale[:, None], low[:, None])
+
+
+@gluon.jit
+def _value_codes(pairs, HALF: gl.constexpr):
+    """One channel half's value pairs [mt, r, g, block, p, t] -> the A operand of O^T [HALF channels, 32 keys]: the
+    codes c (128 + c minus 128, exact)."""
+    codes = _split_cols(gl.reshape(pairs, [HALF, 16]))
+    return gl.convert_layout(codes, A_OP, assert_trivial=True) - 128.0
+
+
+@gluon.jit
 def _first_rows(x):
     """x [16, N] -> rows 0..7 [8, N] (rows 8..15 of an MMA with <= 8 real rows are padding)."""
     a, b = gl.split(gl.permute(gl.reshape(x, [2, 8, x.shape[1]]), (1, 2, 0)))
@@ -161,8 +177,9 @@ def _first_rows(x):
 
 
 @gluon.jit
-def _group_vector(ptr, SC_LAYOUT: gl.constexpr, HALF: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """A key group's [D] row (scales or minima) in the key operand's k order, SliceLayout(1, B_OP)."""
+def _group_halves(ptr, SC_LAYOUT: gl.constexpr, HALF: gl.constexpr):
+    """A key group's row (scales or minima) as two [HALF] vectors in the key operand's k order (channels below and
+    from HALF), SliceLayout(1, B_OP)."""
     W: gl.constexpr = HALF // 16
     L3: gl.constexpr = gl.SliceLayout(3, SC_LAYOUT)
     hi = gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
@@ -171,16 +188,18 @@ def _group_vector(ptr, SC_LAYOUT: gl.constexpr, HALF: gl.constexpr, HEAD_DIM: gl
     j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, SC_LAYOUT))))
     base = hi[:, None, None] * HALF + w[None, :, None] * 4 + t[None, None, :] * (HALF // 4)  # [hi, w, t]
     x = gl.load(ptr + base[:, :, :, None] + j[None, None, None, :])  # [hi, w, t, j]: channel base + j, j = 2 p + e
-    x = gl.reshape(x, [2, W, 4, 2, 2])  # [hi, w, t, p, e]
-    x = gl.reshape(gl.permute(x, (0, 1, 3, 2, 4)), [HEAD_DIM])  # k = HALF hi + 16 w + 8 p + 2 t + e
-    return gl.convert_layout(x, gl.SliceLayout(1, B_OP), assert_trivial=True)
+    x = gl.permute(gl.reshape(x, [2, W, 4, 2, 2]), (1, 3, 2, 4, 0))  # [w, p, t, e, hi]: k = 16 w + 8 p + 2 t + e
+    lo, hi = gl.split(x)
+    return (gl.convert_layout(gl.reshape(lo, [HALF]), gl.SliceLayout(1, B_OP), assert_trivial=True),
+            gl.convert_layout(gl.reshape(hi, [HALF]), gl.SliceLayout(1, B_OP), assert_trivial=True))
 
 
 @gluon.jit
-def _attend_tile(s, kv_ok, v_t, v_scale, v_min, m_i, l_i, min_i, acc, score_scale, mask_base, stride_mn, n,
-                 MASK_KIND: gl.constexpr):
-    """One tile's softmax step and P @ V: s [16, 32] the MMA's raw scores, v_t [D, 32] the A operand of O^T
-    (codes or values), v_scale / v_min [32] per key (fp32; 1 and 0 for full-precision values)."""
+def _attend_tile(s, kv_ok, v_lo, v_hi, v_scale, v_min, m_i, l_i, min_i, acc_lo, acc_hi, score_scale, mask_base,
+                 stride_mn, n, MASK_KIND: gl.constexpr):
+    """One tile's softmax step and P @ V: s [16, 32] the MMA's raw scores, v_lo / v_hi [HALF, 32] the A operands of
+    O^T's two channel halves (codes or values), v_scale / v_min [32] per key (fp32; 1 and 0 for full-precision
+    values)."""
     s = gl.convert_layout(_first_rows(s), S8, assert_trivial=True) * score_scale
     ok = kv_ok
     if MASK_KIND != MASK_NONE:
@@ -198,15 +217,18 @@ def _attend_tile(s, kv_ok, v_t, v_scale, v_min, m_i, l_i, min_i, acc, score_scal
         alpha = _exp2(m_i - gl.where(m_new == float("-inf"), 0.0, m_new))
         l_i = l_i * alpha
         min_i = min_i * alpha
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, MMA))[None, :]
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(0, MMA))[None, :]
+        acc_lo = acc_lo * alpha_o
+        acc_hi = acc_hi * alpha_o
         m_i = m_new
     p = _exp2(s - gl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
     l_i = l_i + gl.sum(p, axis=1)
     min_i = min_i + gl.sum(p * v_min[None, :], axis=1)
     p_v = (p * v_scale[None, :]).to(gl.bfloat16)
     p_t = gl.convert_layout(gl.permute(p_v, (1, 0)), B_OP, assert_trivial=True)  # [32 keys, 8 rows]
-    acc = mma_v2(v_t, p_t, acc)
-    return m_i, l_i, min_i, acc
+    acc_lo = mma_v2(v_lo, p_t, acc_lo)
+    acc_hi = mma_v2(v_hi, p_t, acc_hi)
+    return m_i, l_i, min_i, acc_lo, acc_hi
 
 
 @gluon.jit(do_not_specialize=["kv_len", "keys_per_split", "quant_len", "rows_cap", "res_cap"])
@@ -230,11 +252,12 @@ def int4_decode_kernel(
     magic = (quant_len >> 31) | 0x43004300  # a register the compiler cannot fold: one LOP3 per pair
     score_scale = sm_scale * LOG2E
 
-    # The query rows [16, D] as the A operand, channels in the key operand's k order.
+    # The query rows as two A operands [16, HALF] (channels below and from HALF), in the key operand's k order.
     r = gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
-    kq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP))
-    q = gl.load(Q + b * stride_qb + (kv_head * GROUP + r)[:, None] * stride_qh + _channel(kq, HALF)[None, :],
-                mask=(r < GROUP)[:, None], other=0.0)
+    kq = gl.arange(0, HALF, layout=gl.SliceLayout(0, A_OP))
+    q_rows = Q + b * stride_qb + (kv_head * GROUP + r)[:, None] * stride_qh + _channel(kq, HALF)[None, :]
+    q_lo = gl.load(q_rows, mask=(r < GROUP)[:, None], other=0.0)
+    q_hi = gl.load(q_rows + HALF, mask=(r < GROUP)[:, None], other=0.0)
 
     # Word offsets of a key tile (int32 units) and of a value tile (two 16-token blocks [HALF, 4 words]).
     n_w = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, KW_LAYOUT)))
@@ -257,42 +280,44 @@ def int4_decode_kernel(
     m_i = gl.full([8], float("-inf"), gl.float32, layout=gl.SliceLayout(1, S8))
     l_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(1, S8))
     min_i = gl.zeros([8], gl.float32, layout=gl.SliceLayout(1, S8))
-    acc = gl.zeros([HEAD_DIM, 8], gl.float32, layout=MMA)  # O^T: channels x rows
+    acc_lo = gl.zeros([HALF, 8], gl.float32, layout=MMA)  # O^T: channels x rows, below HALF
+    acc_hi = gl.zeros([HALF, 8], gl.float32, layout=MMA)  # and from HALF
 
     start = split * keys_per_split
     end = gl.minimum(start + keys_per_split, kv_len)
     for n0 in range(start, gl.minimum(end, quant_len), TILE):
         words = _swap_middle_bytes(gl.load(k_words + n0 * (HALF // 4) + k_off))
-        pairs = gl.reshape(gl.permute(_pairs(words, magic), (4, 2, 3, 1, 0)), [HALF, TILE])  # [hi, w, p, t] x keys
-        k_t = gl.convert_layout(_split_rows(pairs), B_OP, assert_trivial=True)  # [D (k order), 32 keys]: 128 + c
+        k_lo, k_hi = gl.split(gl.permute(_pairs(words, magic), (2, 3, 1, 0, 4)))  # [w, p, t, key] x (lo, hi)
         grp = (bh * (rows_cap // TILE) + n0 // TILE) * HEAD_DIM
-        scale = _group_vector(KS + grp, SC_LAYOUT, HALF, HEAD_DIM)
-        low = _group_vector(KZ + grp, SC_LAYOUT, HALF, HEAD_DIM)
-        k_t = gl.fma(k_t - 128.0, scale[:, None], low[:, None])
-        s = mma_v2(q, k_t, gl.zeros([16, TILE], gl.float32, layout=MMA))
+        scale_lo, scale_hi = _group_halves(KS + grp, SC_LAYOUT, HALF)
+        low_lo, low_hi = _group_halves(KZ + grp, SC_LAYOUT, HALF)
+        s = mma_v2(q_lo, _dequantize_keys(k_lo, scale_lo, low_lo, HALF), gl.zeros([16, TILE], gl.float32, layout=MMA))
+        s = mma_v2(q_hi, _dequantize_keys(k_hi, scale_hi, low_hi, HALF), s)
         n = n0 + keys
         v_scale = gl.load(VS + bh * rows_cap + n).to(gl.float32)
         v_min = gl.load(VZ + bh * rows_cap + n).to(gl.float32)
         vw = gl.load(v_words + (n0 // 16) * (HALF * 4) + v_off)
-        v_t = _split_cols(gl.reshape(gl.permute(_pairs(vw, magic), (6, 1, 2, 3, 0, 5, 4)), [HEAD_DIM, 16]))
-        v_t = gl.convert_layout(v_t, A_OP, assert_trivial=True) - 128.0  # [D, 32 keys]: codes
-        m_i, l_i, min_i, acc = _attend_tile(s, n < end, v_t, v_scale, v_min, m_i, l_i, min_i, acc, score_scale,
-                                            mask_base, stride_mn, n, MASK_KIND)
+        v_lo, v_hi = gl.split(gl.permute(_pairs(vw, magic), (1, 2, 3, 0, 5, 4, 6)))  # [mt, r, g, blk, p, t] x halves
+        m_i, l_i, min_i, acc_lo, acc_hi = _attend_tile(
+            s, n < end, _value_codes(v_lo, HALF), _value_codes(v_hi, HALF), v_scale, v_min, m_i, l_i, min_i, acc_lo,
+            acc_hi, score_scale, mask_base, stride_mn, n, MASK_KIND)
     if end > quant_len:  # the residual window: at most one tile, keys and values in the query's dtype
         n0 = gl.maximum(start, quant_len)
-        kk = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP))
+        kk = gl.arange(0, HALF, layout=gl.SliceLayout(1, B_OP))
         nk = n0 + gl.arange(0, TILE, layout=gl.SliceLayout(0, B_OP))
-        k_t = gl.load(KR + (bh * res_cap + nk - quant_len)[None, :] * HEAD_DIM + _channel(kk, HALF)[:, None],
-                      mask=(nk < end)[None, :], other=0.0)
-        s = mma_v2(q, k_t, gl.zeros([16, TILE], gl.float32, layout=MMA))
-        ch = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP))
+        k_rows = KR + (bh * res_cap + nk - quant_len)[None, :] * HEAD_DIM + _channel(kk, HALF)[:, None]
+        k_lo = gl.load(k_rows, mask=(nk < end)[None, :], other=0.0)
+        k_hi = gl.load(k_rows + HALF, mask=(nk < end)[None, :], other=0.0)
+        s = mma_v2(q_hi, k_hi, mma_v2(q_lo, k_lo, gl.zeros([16, TILE], gl.float32, layout=MMA)))
+        ch = gl.arange(0, HALF, layout=gl.SliceLayout(1, A_OP))
         nv = n0 + gl.arange(0, TILE, layout=gl.SliceLayout(0, A_OP))
-        v_t = gl.load(VR + (bh * res_cap + nv - quant_len)[None, :] * HEAD_DIM + ch[:, None],
-                      mask=(nv < end)[None, :], other=0.0)
+        v_rows = VR + (bh * res_cap + nv - quant_len)[None, :] * HEAD_DIM + ch[:, None]
+        v_lo = gl.load(v_rows, mask=(nv < end)[None, :], other=0.0)
+        v_hi = gl.load(v_rows + HALF, mask=(nv < end)[None, :], other=0.0)
         n = n0 + keys
         one = gl.full([TILE], 1.0, gl.float32, layout=gl.SliceLayout(0, S8))
-        m_i, l_i, min_i, acc = _attend_tile(s, n < end, v_t, one, one * 0.0, m_i, l_i, min_i, acc, score_scale,
-                                            mask_base, stride_mn, n, MASK_KIND)
+        m_i, l_i, min_i, acc_lo, acc_hi = _attend_tile(s, n < end, v_lo, v_hi, one, one * 0.0, m_i, l_i, min_i,
+                                                       acc_lo, acc_hi, score_scale, mask_base, stride_mn, n, MASK_KIND)
 
     # Rows: lane sums of l and sum p . min, then O = (O^T + min) / l, written as rows of Out or Part.
     OUT_ROWS: gl.constexpr = gl.SliceLayout(0, MMA)
@@ -300,8 +325,9 @@ def int4_decode_kernel(
     min_o = gl.convert_layout(min_i, OUT_ROWS)
     m_o = gl.convert_layout(m_i, OUT_ROWS)
     norm = gl.where(l_o == 0.0, 1.0, l_o)
-    o = (acc + min_o[None, :]) / norm[None, :]
-    ch_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA))
+    o_lo = (acc_lo + min_o[None, :]) / norm[None, :]
+    o_hi = (acc_hi + min_o[None, :]) / norm[None, :]
+    ch_o = gl.arange(0, HALF, layout=gl.SliceLayout(1, MMA))
     row = gl.arange(0, 8, layout=OUT_ROWS)
     out_row = bh * GROUP + row  # (b * Hq + head) for Lq = 1
     row_ok = row < GROUP
@@ -309,8 +335,12 @@ def int4_decode_kernel(
         num_splits = gl.num_programs(1)
         total_rows = gl.num_programs(0) * GROUP
         lse = gl.where(l_o == 0.0, float("-inf"), (m_o + gl.log2(norm)) / LOG2E)
-        gl.store(Part + ((out_row * num_splits + split) * HEAD_DIM)[None, :] + ch_o[:, None], o, mask=row_ok[None, :])
+        part_rows = Part + ((out_row * num_splits + split) * HEAD_DIM)[None, :] + ch_o[:, None]
+        gl.store(part_rows, o_lo, mask=row_ok[None, :])
+        gl.store(part_rows + HALF, o_hi, mask=row_ok[None, :])
         gl.store(Part + total_rows.to(gl.int64) * num_splits * HEAD_DIM + out_row * num_splits + split, lse,
                  mask=row_ok)
     else:
-        gl.store(Out + (out_row * HEAD_DIM)[None, :] + ch_o[:, None], o.to(Out.dtype.element_ty), mask=row_ok[None, :])
+        out_rows = Out + (out_row * HEAD_DIM)[None, :] + ch_o[:, None]
+        gl.store(out_rows, o_lo.to(Out.dtype.element_ty), mask=row_ok[None, :])
+        gl.store(out_rows + HALF, o_hi.to(Out.dtype.element_ty), mask=row_ok[None, :])
