@@ -141,3 +141,74 @@ def test_fragment_kernel_compiles_for_hopper_without_shared_memory():
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(done.stdout.splitlines()) == 3
+
+
+def _pairs(words: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``_pairs`` on int32 words: [..., p, hi] words of two bf16 patterns 128 + c."""
+    lo0, lo8 = (words & 0x000F000F) | 0x43004300, ((words >> 8) & 0x000F000F) | 0x43004300
+    hi0, hi8 = ((words >> 4) & 0x000F000F) | 0x43004300, ((words >> 12) & 0x000F000F) | 0x43004300
+    return torch.stack([torch.stack([lo0, lo8], -1), torch.stack([hi0, hi8], -1)], -1)
+
+
+def _halves(pairs: torch.Tensor) -> torch.Tensor:
+    """The kernel's ``_bf16_halves`` + join: [..., 2] codes (the patterns' low and high 16 bits, minus 128)."""
+    return torch.stack([(pairs & 0xFFFF) - 0x4300, ((pairs >> 16) & 0xFFFF) - 0x4300], -1)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_kernels_index_program_reads_each_code_where_its_operand_wants_it(head_dim):
+    """The fragment kernel's tensor program (word offsets, byte swap, nibble pairs, joins, permutes, splits and
+    reshapes, replayed here in torch with the same semantics) gives the key operand K^T[k, n] = the code of channel
+    ``key_channel(k)`` of key n, and the value operand V^T[m, n] = the code of channel m (then HALF + m) of key n,
+    from the words as the scheme stores them."""
+    if fragments.int4_fragments is None:
+        pytest.skip("this Triton has no Gluon")
+    half, tile = head_dim // 2, 32
+    gen = torch.Generator().manual_seed(head_dim)
+    kc = torch.randint(0, 16, (1, 1, tile, head_dim), dtype=torch.uint8, generator=gen)
+    vc = torch.randint(0, 16, (1, 1, tile, head_dim), dtype=torch.uint8, generator=gen)
+    from lowering.storage.int4_codes import pack_nibbles
+
+    k_words = pack_nibbles(kc)[0, 0].contiguous().view(torch.int32).reshape(-1).long()  # [key, HALF / 4] words
+    v_bytes = torch.zeros(tile // 16, half, 16, dtype=torch.uint8)
+    token_rows = pack_nibbles(vc)[0, 0]  # [key, HALF]
+    slots = torch.tensor(SCHEMES["4"].VALUE_SLOTS)
+    for n in range(tile):
+        v_bytes[n // 16, :, slots[n % 16]] = token_rows[n]
+    v_words = v_bytes.contiguous().view(torch.int32).reshape(-1).long()
+
+    # keys: words [n, t, w] at n HALF / 4 + t HALF / 16 + w; swap bytes 1, 2; pairs [n, t, w, p, hi]
+    n, t, w = torch.arange(tile), torch.arange(4), torch.arange(half // 16)
+    words = k_words[n[:, None, None] * (half // 4) + t[None, :, None] * (half // 16) + w[None, None, :]]
+    b = [(words >> (8 * i)) & 0xFF for i in range(4)]
+    words = b[0] | (b[2] << 8) | (b[1] << 16) | (b[3] << 24)
+    k_lo, k_hi = _pairs(words).permute(2, 3, 1, 0, 4).unbind(-1)  # [w, p, t, n] each
+    for part, pairs in ((0, k_lo), (1, k_hi)):
+        codes = _halves(pairs.reshape(half // 2, tile)).permute(0, 2, 1).reshape(half, tile)  # _split_rows
+        channel = [fragments.int4_fragments.key_channel(k + part * half, half) for k in range(half)]
+        assert torch.equal(codes, kc[0, 0, :, channel].T.long()), f"key half {part}"
+
+    # values: words [blk, mt, r, g, t] at blk HALF 4 + (16 mt + 8 r + g) 4 + t; pairs -> [mt, r, g, blk, p, t] x hi
+    blk, mt, r, g = torch.arange(2), torch.arange(half // 16), torch.arange(2), torch.arange(8)
+    c = mt[:, None, None] * 16 + r[None, :, None] * 8 + g[None, None, :]
+    off = (blk[:, None, None, None] * half * 4 + c[None] * 4)[..., None] + t
+    v_lo, v_hi = _pairs(v_words[off]).permute(1, 2, 3, 0, 5, 4, 6).unbind(-1)
+    for part, pairs in ((0, v_lo), (1, v_hi)):
+        codes = _halves(pairs.reshape(half, 16)).reshape(half, tile)  # _split_cols
+        assert torch.equal(codes, vc[0, 0, :, part * half:(part + 1) * half].T.long()), f"value half {part}"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_kernels_group_rows_follow_the_key_operands_order(head_dim):
+    """``_group_halves``'s program: a group's scales loaded at HALF hi + (HALF / 4) t + 4 w + j, then [hi, w, t, p, e]
+    -> [w, p, t, e] per half: entry k of half ``hi`` is the scale of ``key_channel(HALF hi + k)``."""
+    if fragments.int4_fragments is None:
+        pytest.skip("this Triton has no Gluon")
+    half = head_dim // 2
+    row = torch.randperm(head_dim, generator=torch.Generator().manual_seed(1))
+    hi, w, t, j = torch.arange(2), torch.arange(half // 16), torch.arange(4), torch.arange(4)
+    base = hi[:, None, None] * half + w[None, :, None] * 4 + t[None, None, :] * (half // 4)
+    x = row[base[..., None] + j].reshape(2, half // 16, 4, 2, 2).permute(1, 3, 2, 4, 0)
+    for part, vector in enumerate(x.unbind(-1)):
+        expected = row[[fragments.int4_fragments.key_channel(part * half + k, half) for k in range(half)]]
+        assert torch.equal(vector.reshape(half), expected)
