@@ -1,17 +1,20 @@
 """int4 (KIVI) decode attention in Gluon: code words loaded straight into the tensor cores' operand registers.
 
-The split-KV decode of ``kernel.py``'s ``KV_INT4`` path for its common case (16-bit query heads sharing a KV head:
-GQA x Lq <= 8 rows, D = 64 or 128, one query position, a per-key mask or none), rebuilt so that no tile goes
-through shared memory. Each program is one warp: (batch, KV head, split). Stage 2 is ``merge_splits_kernel``.
+The split-KV decode of ``kernel.py``'s ``KV_INT4`` path for its common case (bf16, at most 8 query heads per KV
+head, D = 64 or 128, one query position, a per-key mask or none: ``lowering.core.operands.int4_fragments_serve``),
+rebuilt so that no tile goes through shared memory. Each program is one warp: (batch, KV head, split); stage 2 is
+``merge_splits_kernel``. Every operand, the accumulators and the output come in two channel halves (below HALF =
+D / 2 and from it: a code byte's low and high nibbles), so a half's operand is freed before the next is built.
 
 The mma.m16n8k16 operands are built in registers from the words as stored (``lowering/storage/int4.py``):
 
 - Scores S = Q K^T [16 rows, 32 keys] (8 real rows: the MMA's padding rows 8..15 are dropped after it). Lane
   4 g + t reads key g + 8 j (j = 0..3) as ``HALF / 16`` int32 words of its row, bytes (HALF / 4) t .. + HALF / 4:
-  one vector load. In word w, ``(x >> s) & 0x000F000F | 0x43004300`` for s = 0, 8, 4, 12 is a bf16 pair
-  128 + c of bytes (0, 2) or (1, 3), low or high nibbles: the B operand's k pairs. The reduction index k is a
-  permutation of the channels (``key_channel``): k = HALF hi + 16 w + 8 p + 2 t + e holds channel
-  HALF hi + (HALF / 4) t + 4 w + p + 2 e, and the query is loaded in that order. Keys are dequantized as
+  one vector load. Each word's middle bytes are swapped (one ``prmt``); then ``(x >> s) & 0x000F000F | 0x43004300``
+  for s = 0, 8, 4, 12 is a bf16 pair 128 + c of bytes (0, 1) or (2, 3), low or high nibbles: the B operand's k
+  pairs. The reduction index k is a permutation of the channels (``key_channel``): k = HALF hi + 16 w + 8 p + 2 t
+  + e holds channel HALF hi + (HALF / 4) t + 4 w + 2 p + e (a pair is two adjacent channels, so a group's scales
+  load as pairs), and the query is loaded in that order. Keys are dequantized as
   ``dequantize_groups`` rounds them: fma(c, scale, min) in bf16 (the scheme's unsplit path, which the Triton
   kernel takes under the interpreter: the twin).
 - Output O^T = V^T P^T [D channels, 8 rows]: value word (c, t) of a 16-token block holds keys 2t, 2t+1 (bytes 0, 2)
@@ -22,7 +25,8 @@ The mma.m16n8k16 operands are built in registers from the words as stored (``low
 
 Follows BitDecoding (Du et al., arXiv 2503.18773: packed words in Tensor Core operand order, ``lop3`` with a magic
 number, GQA heads in the MMA's M) on kvpass's KIVI layout. GPU only: the CPU interpreter cannot run Gluon; the
-launcher takes this kernel on CUDA only, where it compiles (``available``), and the Triton kernel otherwise.
+launcher (``fragments.py``) takes this kernel on CUDA where the scheme offers it and it compiles, the Triton kernel
+otherwise; tests/lowering/storage/test_int4_fragments.py replays its index program in torch.
 """
 from __future__ import annotations
 
@@ -37,8 +41,6 @@ from lowering.core import operands
 MASK_NONE = gl.constexpr(operands.MASK_NONE)
 MASK_BOOL = gl.constexpr(operands.MASK_BOOL)
 TILE = gl.constexpr(32)  # keys per step: one KIVI key group
-HEAD_DIMS = (64, 128)
-MAX_ROWS = 8  # query rows per KV head: the output MMA's N
 LOG2E = gl.constexpr(math.log2(math.e))
 LAZY_RESCALE_LOG2 = gl.constexpr(8.0 * math.log2(math.e))  # int4_tiles.LAZY_RESCALE in log2 units
 FINITE_FLOOR = gl.constexpr(-3.0e38)  # an additive mask's finfo.min stays finite in the log2 domain
