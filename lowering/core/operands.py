@@ -90,13 +90,15 @@ class AppendOperands:
 
 @dataclasses.dataclass(frozen=True)
 class SlotRule:
-    """A ``ReplacesInPlace`` policy's decode rule as the slots kernel takes it (``lowering/attention/slots``):
-    SnapKV (and ASL) protect the newest ``recent`` positions; streaming (``sink`` set: its sinks' stored score)
-    keeps ``n_sink`` sinks and otherwise scores by position."""
+    """A budgeted policy's decode rule as the slots kernel takes it (``lowering/attention/slots``): SnapKV (and ASL)
+    protect the newest ``recent`` positions; H2O too, its scores accumulating this step's attention weights
+    (``accumulates``: the caller hands them over); streaming (``sink`` set: its sinks' stored score) keeps ``n_sink``
+    sinks and otherwise scores by position."""
 
     recent: int = 1
     sink: float | None = None
     n_sink: int = 0
+    accumulates: bool = False
 
 
 @dataclasses.dataclass

@@ -15,8 +15,9 @@ model's mask, which a cache's ``update`` does not see):
   ``slot_replacement.weakest``. The new token is scattered into that slot (``slot_replacement.put``: one row per
   (batch row, KV head) and section, at a device index), or nowhere when it is the one dropped; then the
   scheme's decode attention over the ``budget`` slots under the model's mask gathered at their positions
-  (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it. SnapKV's, ASL's and streaming's choice
-  and writes (metadata only) are one kernel on CUDA (``lowering/attention/slots``), the same bytes as the torch path.
+  (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it. SnapKV's, ASL's, H2O's and streaming's
+  choice and writes are one kernel on CUDA (``lowering/attention/slots``; H2O's weights of the step computed before
+  it, as the torch path computes them), the same bytes as the torch path.
 - a longer step (prefill, or a short prompt): the candidates in position order with the empty slots last (the
   order the general path's window pooling reads neighbours in), the policy's scores, the top ``budget`` by
   selection key (``keep_order``: ``budgeted.select``'s order, empty slots last) written back in position order.
@@ -61,6 +62,7 @@ from lowering.formats.budgeted import (
     visible_tokens,
 )
 from lowering.formats.fixed_capacity import EMPTY, FixedCacheSpec, positional_mask
+from lowering.formats.h2o import HeavyHitters
 from lowering.formats.slot_replacement import ReplacesInPlace, put, weakest
 from lowering.formats.snapkv import SnapKV, decode_recent
 from lowering.formats.streaming import SINK, Streaming
@@ -214,13 +216,18 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
 
 def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: float, spec: FixedCacheSpec,
                 site: str) -> torch.Tensor:
-    """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's, ASL's and
-    streaming's in one kernel on CUDA (``launch.slot_replace``), the torch path (``choose_and_write``) otherwise."""
+    """A one-token step: the new token into the slot the policy frees (module docstring); SnapKV's, ASL's, H2O's and
+    streaming's in one kernel on CUDA (``launch.slot_replace``; H2O's weights computed first, as the torch path
+    computes them), the torch path (``choose_and_write``) otherwise."""
     rows = new_rows(fmt.storage, new_k, new_v)
     slots = {name: state[name] for name in rows}
     rule = slot_rule(fmt)
+
+    def weights_of() -> torch.Tensor:
+        return decode_candidates(fmt, q, state, slots, positions, new_k, mask, scale, spec, site).weights()
+
     kept = None if rule is None else launch.slot_replace(state, slots, rows, positions, mask, q.shape[1], q.shape[2],
-                                                         NEVER, rule)
+                                                         NEVER, rule, weights_of)
     if kept is None:
         choose_and_write(fmt, q, state, slots, positions, new_k, rows, mask, scale, spec, site)
     if not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -232,9 +239,32 @@ def slot_rule(fmt) -> SlotRule | None:
     """The slots kernel's rule for ``fmt``'s decode step (``launch.slot_replace``), or None where it has none."""
     if isinstance(fmt, SnapKV):  # ASL's decode step is SnapKV's
         return SlotRule(recent=decode_recent(fmt.budget))
+    if isinstance(fmt, HeavyHitters):
+        return SlotRule(recent=fmt.recent, accumulates=True)
     if isinstance(fmt, Streaming):
         return SlotRule(sink=SINK, n_sink=fmt.n_sink)
     return None
+
+
+def decode_candidates(fmt, q, state: State, slots: State, positions, new_k, mask, scale: float, spec: FixedCacheSpec,
+                      site: str) -> FixedCandidates:
+    """A one-token step's candidates: the ``slots`` (the row sections of ``state``), then the new token (its keys
+    only where the policy's decode scores read them: H2O)."""
+    B, Hkv = new_k.shape[:2]
+    new_pos = positions.view(1, 1, 1).expand(B, Hkv, 1)
+    held = state["pos"] >= 0
+    k = None
+    if not isinstance(fmt, ReplacesInPlace):  # the policy's decode scores read every candidate's key (H2O)
+        k = torch.cat([fmt.storage.dequantize(slots, spec.budget, q.dtype)[0], new_k], 2)
+    old_score = state["score"]
+    return FixedCandidates(
+        q, k, None, {}, torch.cat([state["pos"], new_pos], 2),
+        torch.cat([old_score, old_score.new_zeros(B, Hkv, 1)], 2),
+        torch.cat([held & (old_score > NEVER),
+                   visible_tokens(mask, False, q.shape[2], spec.capacity, new_pos, q.shape[1])], 2),
+        mask, False, scale, 1, spec.capacity, False, False, site, written=positions[-1] + 1,
+        real=torch.cat([held, torch.ones_like(held[..., :1])], 2),
+        fresh=torch.cat([torch.zeros_like(held), torch.ones_like(held[..., :1])], 2))
 
 
 def choose_and_write(fmt, q, state: State, slots: State, positions, new_k, rows: State, mask, scale: float,
@@ -245,21 +275,10 @@ def choose_and_write(fmt, q, state: State, slots: State, positions, new_k, rows:
     B, Hkv = new_k.shape[:2]
     budget = spec.budget
     new_pos = positions.view(1, 1, 1).expand(B, Hkv, 1)
-    held = state["pos"] >= 0
-    k = None
-    if not isinstance(fmt, ReplacesInPlace):  # the policy's decode scores read every candidate's key (H2O)
-        k = torch.cat([fmt.storage.dequantize(slots, budget, q.dtype)[0], new_k], 2)
+    empty = state["pos"] < 0
     old_score = state["score"]
-    c = FixedCandidates(
-        q, k, None, {}, torch.cat([state["pos"], new_pos], 2),
-        torch.cat([old_score, old_score.new_zeros(B, Hkv, 1)], 2),
-        torch.cat([held & (old_score > NEVER),
-                   visible_tokens(mask, False, q.shape[2], spec.capacity, new_pos, q.shape[1])], 2),
-        mask, False, scale, 1, spec.capacity, False, False, site, written=positions[-1] + 1,
-        real=torch.cat([held, torch.ones_like(held[..., :1])], 2),
-        fresh=torch.cat([torch.zeros_like(held), torch.ones_like(held[..., :1])], 2))
+    c = decode_candidates(fmt, q, state, slots, positions, new_k, mask, scale, spec, site)
     score = fmt.score(c).masked_fill(~c.visible, NEVER)
-    empty = ~held
     dropped = torch.where(empty.any(-1), empty.to(torch.int32).argmax(-1), weakest(fmt.selection_key(c, score), c.pos))
     slot = dropped.clamp(max=budget - 1)[..., None]
     keeps_new = (dropped < budget)[..., None]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -121,19 +122,22 @@ def int4_decode_write(scheme: StorageScheme, positions: torch.Tensor, new_k, new
 
 
 def slot_replace(state: State, slots: State, rows: State, positions: torch.Tensor, mask: torch.Tensor, q_heads: int,
-                 q_len: int, never: float, rule: SlotRule) -> torch.Tensor | None:
-    """A ``ReplacesInPlace`` policy's one-token decode step on a fixed cache's budget ``slots`` (the row sections of
-    ``state``) by the fused kernel (CUDA, inputs it takes; ``lowering/attention/slots``): scores, the dropped slot,
-    the new token's rows, position and score written in place as ``fixed_budgeted.choose_and_write`` writes them;
-    returns the mask over the slots after the step (``fixed_budgeted.kept_mask``'s). None: nothing written, the
-    torch path runs (a compile failure counted as the others are)."""
+                 q_len: int, never: float, rule: SlotRule,
+                 weights_of: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    """A budgeted policy's one-token decode step on a fixed cache's budget ``slots`` (the row sections of ``state``)
+    by the fused kernel (CUDA, inputs it takes; ``lowering/attention/slots``): scores, the dropped slot, the new
+    token's rows, position and score written in place as ``fixed_budgeted.choose_and_write`` writes them; returns
+    the mask over the slots after the step (``fixed_budgeted.kept_mask``'s). ``weights_of`` (a rule that
+    accumulates, H2O): computes the step's weights [B, Hkv, budget + 1], called only when the kernel runs. None:
+    nothing written, the torch path runs (a compile failure counted as the others are)."""
     if not mask.is_cuda or launchers.missing() is not None:
         return None
     kernels = launchers.load().slots
     if kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is not None:
         return None
+    weights = weights_of() if rule.accumulates else None
     return compiled_or_none("slot replacement decode step", lambda: kernels.replace_step(
-        state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len, never, rule))
+        state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len, never, rule, weights))
 
 
 def group_mask(mask: torch.Tensor, positions: torch.Tensor, group: int) -> torch.Tensor | None:

@@ -1,8 +1,9 @@
-"""One decode step of SnapKV (and ASL, whose decode rule is SnapKV's) or of streaming on a fixed-capacity
-cache's ``budget`` slots, in one program per (batch row, KV head): device code only.
+"""One decode step of SnapKV (and ASL, whose decode rule is SnapKV's), H2O or streaming on a fixed-capacity cache's
+``budget`` slots, in one program per (batch row, KV head): device code only.
 
-The rule is ``lowering.formats.fixed_budgeted.replace_one``'s for a ``ReplacesInPlace`` policy, decided from the
-slots' metadata alone (``lowering/formats/snapkv.py``, ``streaming.py``):
+The rule is ``lowering.formats.fixed_budgeted.replace_one``'s, decided from the slots' metadata (``snapkv.py``,
+``h2o.py``, ``streaming.py`` in ``lowering/formats``) and, for H2O, this step's attention weights of every candidate,
+which the caller computes (``ADD_WEIGHTS``):
 
 - an old slot is visible when it holds a token (pos >= 0) and its stored score is above NEVER; its score
   becomes NEVER otherwise (``score.masked_fill(~visible, NEVER)``, written back for every slot);
@@ -10,6 +11,8 @@ slots' metadata alone (``lowering/formats/snapkv.py``, ``streaming.py``):
   head may attend column p of the mask (bool: True; additive: >= MASKED_BELOW); its score is 0, or NEVER;
 - SnapKV: selection keys +inf for the protected newest ``recent`` positions (pos >= p + 1 - recent; the new token
   is always one), the score otherwise; the new token's score 0;
+- H2O: as SnapKV, with each old slot's score plus its weight (fp32, the torch path's one add) and the new token's
+  score its weight;
 - streaming (``STREAMING``): a visible old slot whose score is ``sink`` is a sink; the new token becomes one while
   fewer than ``n_sink`` are held; every other score (and key) is the position as fp32, a sink's ``sink``;
 - keys are -inf for an invisible candidate;
@@ -43,6 +46,7 @@ def _copy_row(Dst, Src, slot, keep, ROW_BYTES: tl.constexpr, BLOCK_R: tl.constex
 @triton.jit
 def replace_kernel(
     Pos, Score, Position, Mask, Kept,  #
+    Weights,  # ADD_WEIGHTS: fp32 [B, Hkv, budget + 1] contiguous, the step's weight of each slot and the new token
     D0, S0, D1, S1, D2, S2, D3, S3,  # row sections: destination [B, Hkv, budget, row] and new rows [B, Hkv, row]
     kv_heads, budget, recent, n_sink, group, q_len, never, sink, masked_below, masked,  #
     stride_pb, stride_ph,  # pos and score [B, Hkv, budget], slots contiguous
@@ -56,6 +60,7 @@ def replace_kernel(
     BLOCK_Q: tl.constexpr,
     MASK_BOOL: tl.constexpr,
     STREAMING: tl.constexpr = False,
+    ADD_WEIGHTS: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // kv_heads
@@ -86,9 +91,14 @@ def replace_kernel(
         key = tl.where(vis_old, old_score, -inf)
         key_new = tl.where(vis_new, new_score, -inf)
     else:
-        old_score = score
-        new_score = 0.0
-        key = tl.where(vis_old, tl.where(pos >= p + 1 - recent, inf, score), -inf)
+        if ADD_WEIGHTS:
+            w_row = Weights + pid * (budget + 1)
+            old_score = score + tl.load(w_row + k, mask=ok, other=0.0)
+            new_score = tl.load(w_row + budget)
+        else:
+            old_score = score
+            new_score = 0.0
+        key = tl.where(vis_old, tl.where(pos >= p + 1 - recent, inf, old_score), -inf)
         key_new = tl.where(vis_new, inf, -inf)
     empty = ok & ~held
     first_empty = tl.min(tl.where(empty, k, BLOCK_K), 0)

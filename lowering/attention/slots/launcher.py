@@ -1,5 +1,5 @@
-"""Launcher of the slot-replacement decode kernel (``kernel.py``): SnapKV's or streaming's decode step on ``budget``
-slots."""
+"""Launcher of the slot-replacement decode kernel (``kernel.py``): SnapKV's, H2O's or streaming's decode step on
+``budget`` slots."""
 from __future__ import annotations
 
 import math
@@ -47,13 +47,19 @@ def unsupported_reason(slots: dict, rows: dict, pos: torch.Tensor, score: torch.
 
 
 def replace_step(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
-                 slots: dict, rows: dict, q_heads: int, q_len: int, never: float, rule: SlotRule) -> torch.Tensor:
+                 slots: dict, rows: dict, q_heads: int, q_len: int, never: float, rule: SlotRule,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step on the slots by ``rule``, in place (``kernel.py``). pos int64 / score fp32 [B, Hkv, budget]
     (contiguous slots), position int64 [1] (the new token's, on the device), mask [B|1, Hq|1, Lq|1, capacity]
     (bool or additive), ``slots`` the row sections [B, Hkv, budget, ...] and ``rows`` the new token's
-    [B, Hkv, 1, ...] by name; ``unsupported_reason`` must be None. Returns the mask over the slots after the
-    step, [B, Hq, Lq, budget] in the mask's dtype (``fixed_budgeted.kept_mask``'s)."""
+    [B, Hkv, 1, ...] by name; ``weights`` (``rule.accumulates``): fp32 [B, Hkv, budget + 1], the step's attention
+    weight of each slot and of the new token; ``unsupported_reason`` must be None. Returns the mask over the slots
+    after the step, [B, Hq, Lq, budget] in the mask's dtype (``fixed_budgeted.kept_mask``'s)."""
     batch, kv_heads, budget = pos.shape
+    if rule.accumulates != (weights is not None):
+        raise ValueError("weights are given exactly when the rule accumulates them")
+    if weights is not None:
+        weights = weights.float().contiguous()
     raw = mask_bytes(mask)
     kept = torch.empty((batch, q_heads, q_len, budget), dtype=mask.dtype, device=mask.device)
     masked = float(masked_value(mask.dtype))  # read for an additive mask only
@@ -72,7 +78,7 @@ def replace_step(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor,
         strides_s += [0, 0]
         widths.append(0)
     replace_kernel[(batch * kv_heads,)](
-        pos, score, position, raw, mask_bytes(kept), *args,
+        pos, score, position, raw, mask_bytes(kept), score if weights is None else weights, *args,
         kv_heads, budget, rule.recent, rule.n_sink, q_heads // kv_heads, q_len, never,
         0.0 if rule.sink is None else rule.sink, MASKED_BELOW, masked,
         pos.stride(0), pos.stride(1), *broadcast_strides(raw), kept.stride(0), kept.stride(1), kept.stride(2),
@@ -81,7 +87,7 @@ def replace_step(pos: torch.Tensor, score: torch.Tensor, position: torch.Tensor,
         BLOCK_R=max(16, next_power_of_2(max(widths))),
         BLOCK_K=max(16, next_power_of_2(budget)),
         BLOCK_Q=max(16, next_power_of_2(q_heads // kv_heads * q_len)),
-        MASK_BOOL=mask.dtype == torch.bool, STREAMING=rule.sink is not None,
+        MASK_BOOL=mask.dtype == torch.bool, STREAMING=rule.sink is not None, ADD_WEIGHTS=rule.accumulates,
         num_warps=4 if budget >= 1024 else 1,
     )
     return kept

@@ -1,9 +1,10 @@
-"""SnapKV's and streaming's decode step on fixed-capacity budget slots in one kernel (``lowering/attention/slots``)
-against the torch path it replaces (``fixed_budgeted.choose_and_write``): the same bytes in the whole buffer (scores,
-positions, every row section) and the mask over the slots that ``kept_mask`` gives, on adversarial metadata: empty
-slots, stored NEVER scores, equal scores, tokens inside and outside the protected recent region, sinks held and still
-to choose (streaming), masks that hide the new token or old positions, bool and additive, broadcast or per head, GQA
-groups, one or a few query rows."""
+"""SnapKV's, H2O's and streaming's decode step on fixed-capacity budget slots in one kernel
+(``lowering/attention/slots``) against the torch path it replaces (``fixed_budgeted.choose_and_write``): the same
+bytes in the whole buffer (scores, positions, every row section) and the mask over the slots that ``kept_mask``
+gives, on adversarial metadata: empty slots, stored NEVER scores, equal scores, tokens inside and outside the
+protected recent region, sinks held and still to choose (streaming), H2O's step weights added to the scores, masks
+that hide the new token or old positions, bool and additive, broadcast or per head, GQA groups, one or a few query
+rows."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,14 @@ from lowering.core import packed
 from lowering.core.limits import masked_value
 from lowering.formats import fixed_capacity as fc
 from lowering.formats.budgeted import NEVER
-from lowering.formats.fixed_budgeted import choose_and_write, general_format, kept_mask, new_rows, slot_rule
+from lowering.formats.fixed_budgeted import (
+    choose_and_write,
+    decode_candidates,
+    general_format,
+    kept_mask,
+    new_rows,
+    slot_rule,
+)
 from lowering.formats.streaming import SINK
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -28,7 +36,8 @@ def problems(draw):
     budget = draw(st.integers(1, 40))
     batch, kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 4]))
     position = draw(st.integers(budget, CAPACITY - 1))  # the new token's; earlier ones fill the slots
-    return dict(policy=draw(st.sampled_from(["snapkv", "streaming"])), budget=budget, batch=batch, kv_heads=kv_heads,
+    return dict(policy=draw(st.sampled_from(["snapkv", "h2o", "streaming"])), budget=budget, batch=batch,
+                kv_heads=kv_heads,
                 group=group, position=position,
                 q_len=draw(st.sampled_from([1, 1, 3])), kv_bits=draw(st.sampled_from([16, 8, "fp8"])),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
@@ -45,8 +54,8 @@ def build(pr, device):
                              dtype=str(pr["dtype"]), policy=pr["policy"], budget=K)
     buffer = torch.randint(0, 256, (packed.layout_nbytes(spec.layout),), generator=g, dtype=torch.uint8)
     state = packed.views(buffer, spec.layout)
-    for t in state.values():  # finite floats: torch's CPU scatter rewrites a bf16 NaN's payload (bits, not value)
-        if t.is_floating_point() and t.element_size() > 1:
+    for t in state.values():  # finite floats: torch's CPU scatter rewrites a bf16 NaN's payload (bits, not value),
+        if t.is_floating_point():  # and H2O's weights read the keys (fp8 codes too): a cache holds no NaN
             t.copy_(torch.randn(t.shape, generator=g))
     pos = torch.stack([torch.randperm(p, generator=g)[:K] for _ in range(B * H)]).view(B, H, K)
     pos[torch.rand(B, H, K, generator=g) < pr["empty"]] = fc.EMPTY
@@ -84,8 +93,12 @@ def test_kernel_writes_what_the_torch_path_writes(pr, kvpass_device):
     slots = {name: state[name] for name in rows}
     kernels = load().slots
     assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
+    rule = slot_rule(fmt)
+    weights = None
+    if rule.accumulates:  # H2O: the step's weights as the torch path computes them, before anything is written
+        weights = decode_candidates(fmt, q, state, slots, positions, new_k, mask, 0.25, spec, "site").weights()
     kept = kernels.replace_step(state["pos"], state["score"], positions, mask, slots, rows, q.shape[1], q.shape[2],
-                                NEVER, slot_rule(fmt))
+                                NEVER, rule, weights)
     assert torch.equal(buffer, want)
     assert torch.equal(kept, kept_mask(mask, state["pos"], q.shape[1], q.shape[2], CAPACITY))
 

@@ -239,9 +239,9 @@ def test_a_spec_refuses_early_exit_with_a_policy_and_a_budget_without_one():
 
 
 @pytest.mark.parametrize("kv_bits", [16, 8, "fp8"], ids=str)
-@pytest.mark.parametrize("policy", ["snapkv", "asl", "streaming"])
+@pytest.mark.parametrize("policy", ["snapkv", "asl", "h2o", "streaming"])
 def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits, monkeypatch):
-    """The decode step by the slots kernel (CUDA's path for SnapKV, ASL and streaming, forced here under the
+    """The decode step by the slots kernel (CUDA's path for SnapKV, ASL, H2O and streaming, forced here under the
     interpreter) inside the op: every step's buffer bytes and output equal the torch path's, through eviction."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("forces the kernel on CPU tensors: needs the interpreter (on a GPU the op takes it itself)")
@@ -251,11 +251,11 @@ def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits,
     taken = []
     kernels = load().slots
 
-    def forced(state, slots, rows, positions, mask, q_heads, q_len, never, rule):
+    def forced(state, slots, rows, positions, mask, q_heads, q_len, never, rule, weights_of=None):
         assert kernels.unsupported_reason(slots, rows, state["pos"], state["score"], mask) is None
         taken.append(rule)
         return kernels.replace_step(state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len,
-                                    never, rule)
+                                    never, rule, weights_of() if rule.accumulates else None)
 
     monkeypatch.setattr(launch, "slot_replace", forced)
     outs, states = fixed_sequence(spec, q, k, v, calls)
