@@ -12,7 +12,7 @@ point (batch x context):
 - ``inductor-static-ro``: HF StaticCache, ``torch.compile(model.forward, mode="reduce-overhead")`` (Inductor's own
   CUDA-graph path, the strongest baseline without kvpass);
 - ``packed-<bits>-ro``: ``PackedCache(kv_bits=<bits>)`` with the same compile (int8, int4, fp8);
-- ``packed-<policy><budget>-ro``: ``PackedCache(kv_bits=16, policy=..., budget=...)`` (snapkv, adore at 2048; 32
+- ``packed-<policy><budget>-ro``: ``PackedCache(kv_bits=16, policy=..., budget=...)`` (snapkv, h2o, adore at 2048; 32
   with ``--quick``), its prefill through ``torch.compile(model.forward, backend="kvpass")`` (the kept set needs
   the queries), the decode steps as above;
 - ``generate-<bits>``: ``model.generate(past_key_values=PackedCache, compile_config=CompileConfig(backend="kvpass",
@@ -83,6 +83,7 @@ METHODS = [Method("exact-static-ro", None), Method("inductor-static-ro", None, b
            Method("packed-fp8-ro", "fp8"), Method("generate-8", 8, "generate"), Method("generate-4", 4, "generate"),
            Method("generate-fp8", "fp8", "generate"),
            Method("packed-snapkv2048-ro", 16, policy="snapkv", budget=2048),
+           Method("packed-h2o2048-ro", 16, policy="h2o", budget=2048),
            Method("packed-adore2048-ro", 16, policy="adore", budget=2048)]
 QUICK_BUDGET = 32
 POINTS = [(1, 4096), (1, 32768), (8, 4096)]
