@@ -10,10 +10,17 @@ TRITON_INTERPRET, e.g.
     /tmp/t36/bin/python bench/kernels/kernel_sass.py "decode split, int4, bf16" --set SPLIT_QUERY=False \
         --dump /tmp/a.sass
 
+The int4 fragment kernel (Gluon, ``lowering/attention/decode/int4_fragments.py``) is compiled the same way with
+``--fragments D`` (its launch constants, bf16, GQA 4, per-key additive mask, split partials), e.g.
+
+    /tmp/t36/bin/python bench/kernels/kernel_sass.py --fragments 128
+
 The main loop is the longest range between a backward branch and its target (Triton's pipelined key loop;
-everything inside it is unrolled); its "hot path" leaves out the blocks warp-uniform branches skip (int4's
-residual-window tile), so it is what a warp issues per key tile of codes; "steady" also leaves out long blocks
-that branches inside convergence regions skip (int4's lazy rescale: check in --dump that they are the rare path).
+everything inside it is unrolled; for the Gluon kernel only predicated backward branches count, the loop's latch:
+its out-of-line blocks jump back into the loop unconditionally); its "hot path" leaves out the blocks warp-uniform
+branches skip (int4's residual-window tile), so it is what a warp issues per key tile of codes; "steady" also leaves
+out long blocks that branches inside convergence regions skip (int4's lazy rescale: check in --dump that they are
+the rare path). The register line is cuobjdump's ``-res-usage``.
 """
 from __future__ import annotations
 
@@ -55,12 +62,13 @@ def _branch_target(ins: Instruction) -> int | None:
     return None if target is None else int(target[1], 16)
 
 
-def main_loop(code: list[Instruction]) -> list[Instruction]:
-    """The instructions of the longest backward-branch range (target .. branch, inclusive)."""
+def main_loop(code: list[Instruction], latches_only: bool = False) -> list[Instruction]:
+    """The instructions of the longest backward-branch range (target .. branch, inclusive); ``latches_only``: of
+    predicated backward branches only."""
     best = []
     for i, ins in enumerate(code):
         target = _branch_target(ins)
-        if target is not None and target <= ins[0]:
+        if target is not None and target <= ins[0] and (ins[1] or not latches_only):
             best = max(best, [x for x in code[:i + 1] if x[0] >= target], key=len)
     return best
 
@@ -106,6 +114,40 @@ def launch_specialization(case: str, constants: dict) -> tuple[dict, list[str]]:
     return {**ones, **constants}, divisible
 
 
+def compile_fragments(head_dim: int, options=None):
+    """The int4 fragment kernel for sm_90 as its launcher specializes it: bf16, GQA 4, a per-key additive mask of
+    key stride 1, split partials, pointers and strides multiples of 16 (``lowering/attention/decode/fragments.py``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from lowering.attention.decode import int4_fragments as frag
+
+    kernel = frag.int4_decode_kernel
+    pointers = dict(Q="*bf16", K="*u8", V="*u8", Mask="*bf16", Out="*bf16", Part="*fp32", KS="*bf16", VS="*bf16",
+                    KZ="*bf16", VZ="*bf16", KR="*bf16", VR="*bf16")
+    constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=2, SPLIT_OUTPUT=True, stride_mn=1,
+                     **frag.constants(head_dim))
+    signature = {a: pointers.get(a, "constexpr" if a in constants else "fp32" if a == "sm_scale" else "i32")
+                 for a in kernel.arg_names}
+    divisible = [a for a in kernel.arg_names if a in pointers or (a.startswith("stride_") and a not in constants)]
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    return triton.compile(GluonASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 1, **(options or {})})
+
+
+def registers(cubin: bytes) -> str:
+    """cuobjdump -res-usage's line for the kernel (registers, stack, shared)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+    return next((line.strip() for line in out.splitlines() if "REG:" in line), "")
+
+
 def parse_value(text: str):
     for cast in (int, float):
         try:
@@ -128,30 +170,37 @@ def main(argv=None) -> None:
                         help="no launch specialization (the hopper test's compile: no alignment, no constant 1s)")
     parser.add_argument("--top", type=int, default=25, help="opcodes shown")
     parser.add_argument("--dump", help="write the SASS here")
+    parser.add_argument("--fragments", type=int, metavar="D", help="the int4 fragment kernel at head dim D instead")
     args = parser.parse_args(argv)
-    if args.case is None:
+    if args.fragments:
+        options = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.option)}
+        compiled = compile_fragments(args.fragments, options)
+        args.case = f"int4 fragments, D={args.fragments}"
+        constants = {}
+    elif args.case is None:
         print("\n".join(CASES))
         return
-    pairs = [(k, parse_value(v)) for k, v in (s.split("=", 1) for s in args.set)]
-    pointers = {k: v for k, v in pairs if isinstance(v, str) and v.startswith("*")}
-    constants = {k: v for k, v in pairs if k not in pointers}
-    options = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.option)}
-    divisible = []
-    if not args.generic:
-        constants, divisible = launch_specialization(args.case, constants)
-    compiled = compile_kernel(args.case, pointers, constants, options, divisible)
+    else:
+        pairs = [(k, parse_value(v)) for k, v in (s.split("=", 1) for s in args.set)]
+        pointers = {k: v for k, v in pairs if isinstance(v, str) and v.startswith("*")}
+        constants = {k: v for k, v in pairs if k not in pointers}
+        options = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.option)}
+        divisible = []
+        if not args.generic:
+            constants, divisible = launch_specialization(args.case, constants)
+        compiled = compile_kernel(args.case, pointers, constants, options, divisible)
     text = sass(compiled.asm["cubin"])
     if args.dump:
         with open(args.dump, "w") as f:
             f.write(text)
     code = instructions(text)
-    loop = main_loop(code)
+    loop = main_loop(code, latches_only=bool(args.fragments))
     hot = hot_path(loop)
     steady = hot_path(loop, min_divergent=16)
     print(f"{args.case} {constants or ''} {options or ''}")
     print(f"total {len(code)}  loop {len(loop)}  hot path {len(hot)} (loop without uniform skipped blocks)  "
           f"steady {len(steady)} (also without blocks of >= 16 in convergence regions)  "
-          f"shared {compiled.metadata.shared} B")
+          f"shared {compiled.metadata.shared} B; {registers(compiled.asm['cubin'])}")
     print("steady path opcodes:")
     for op, count in histogram(steady).most_common(args.top):
         print(f"  {count:5d}  {op}")
