@@ -186,7 +186,10 @@ def main():
     parser.add_argument("--grid", nargs="*", default=None, metavar="FIELD=V1,V2",
                         help="with --sweep: vary only these config fields, the rest as the rule picks them "
                              "(e.g. block_n=32,64 num_warps=2,4)")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                        help=f"D (default {HEAD_DIM}; 64: the Llama-3.2-1B shape of issue #25's D=64 targets)")
     args = parser.parse_args()
+    set_head_dim(args.head_dim)
     if args.smoke or not torch.cuda.is_available():
         smoke()
     env = environment()
@@ -302,6 +305,12 @@ def save(payload: dict, path: str | None) -> str | None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     return path
+
+
+def set_head_dim(head_dim: int) -> None:
+    """The run's D (rows carry B and L; the file's ``shape`` carries D)."""
+    global HEAD_DIM
+    HEAD_DIM = head_dim
 
 
 def smoke():
