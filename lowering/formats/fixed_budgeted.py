@@ -17,7 +17,8 @@ model's mask, which a cache's ``update`` does not see):
   scheme's decode attention over the ``budget`` slots under the model's mask gathered at their positions
   (empty slots hidden). Fixed shapes, no host read: CUDA graphs capture it. SnapKV's, ASL's, H2O's and streaming's
   choice and writes are one kernel on CUDA (``lowering/attention/slots``; H2O's weights of the step computed before
-  it, as the torch path computes them), the same bytes as the torch path.
+  it: by the fused scoring kernel over 16-bit slots, as the general path scores on CUDA, else as the torch path
+  computes them), the same bytes as the torch path given those weights.
 - a longer step (prefill, or a short prompt): the candidates in position order with the empty slots last (the
   order the general path's window pooling reads neighbours in), the policy's scores, the top ``budget`` by
   selection key (``keep_order``: ``budgeted.select``'s order, empty slots last) written back in position order.
@@ -224,6 +225,9 @@ def replace_one(fmt, q, state: State, positions, new_k, new_v, mask, scale: floa
     rule = slot_rule(fmt)
 
     def weights_of() -> torch.Tensor:
+        fused = fused_step_weights(q, state, slots, positions, new_k, mask, scale, spec) if q.is_cuda else None
+        if fused is not None:
+            return fused
         return decode_candidates(fmt, q, state, slots, positions, new_k, mask, scale, spec, site).weights()
 
     kept = None if rule is None else launch.slot_replace(state, slots, rows, positions, mask, q.shape[1], q.shape[2],
@@ -244,6 +248,21 @@ def slot_rule(fmt) -> SlotRule | None:
     if isinstance(fmt, Streaming):
         return SlotRule(sink=SINK, n_sink=fmt.n_sink)
     return None
+
+
+def fused_step_weights(q, state: State, slots: State, positions, new_k, mask, scale: float,
+                       spec: FixedCacheSpec) -> torch.Tensor | None:
+    """H2O's step weights over the slots and the new token, [B, Hkv, budget + 1], by the fused scoring kernel where
+    the slots hold keys in q's dtype (the general path's CUDA scoring, ``budgeted.use_fused_scoring``; the caller
+    takes it on CUDA): one pass over the slot keys under the mask at the slots' positions (empty slots hidden,
+    ``kept_mask``) and the new token's column; None where it does not apply (the torch path's weights then)."""
+    if set(slots) != {"k", "v"} or slots["k"].dtype != q.dtype:
+        return None
+    Hq, Lq = q.shape[1], q.shape[2]
+    new_pos = positions.view(1, 1, 1).expand(new_k.shape[0], new_k.shape[1], 1)
+    columns = torch.cat([kept_mask(mask, state["pos"], Hq, Lq, spec.capacity),
+                         gather_model_mask(mask, new_pos, Hq, Lq, spec.capacity)], -1)
+    return launch.candidate_weights(q, [slots["k"], new_k], columns, scale)
 
 
 def decode_candidates(fmt, q, state: State, slots: State, positions, new_k, mask, scale: float, spec: FixedCacheSpec,

@@ -20,6 +20,7 @@ from lowering.formats.budgeted import NEVER
 from lowering.formats.fixed_budgeted import (
     choose_and_write,
     decode_candidates,
+    fused_step_weights,
     general_format,
     kept_mask,
     new_rows,
@@ -113,3 +114,21 @@ def test_a_step_the_kernel_does_not_take_is_named():
     assert "not one row per slot" in load().slots.unsupported_reason({"k": torch.zeros(1, 1, 3, 2)},
                                                                       {"k": torch.zeros(1, 1, 1, 2)}, pos,
                                                                       pos.float(), mask)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pr=problems())
+def test_h2o_fused_step_weights_are_the_torch_paths(pr, kvpass_device):
+    """H2O's step weights by the fused scoring kernel (CUDA's, over 16-bit slots) against the torch path's
+    (``decode_candidates(...).weights()``) on the same adversarial slots and masks: equal up to fp32 summation order,
+    0 for empty slots."""
+    pr = {**pr, "policy": "h2o", "kv_bits": 16}
+    spec, buffer, mask, new_k, new_v, q, positions = build(pr, kvpass_device)
+    fmt = general_format(spec)
+    state = packed.views(buffer, spec.layout)
+    slots = {name: state[name] for name in new_rows(fmt.storage, new_k, new_v)}
+    fused = fused_step_weights(q, state, slots, positions, new_k, mask, 0.25, spec)
+    assert fused is not None
+    want = decode_candidates(fmt, q, state, slots, positions, new_k, mask, 0.25, spec, "site").weights()
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-6)
+    assert (fused[..., :-1][state["pos"] < 0] == 0).all()
