@@ -35,6 +35,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "lowering", "attention")]  # the hopper compile test
 
+from lowering.attention.decode import int4_fragments as frag  # noqa: E402
+
 # "/*0a30*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;"
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 Instruction = tuple[int, str, str, str]  # address, predicate ("" or "@!P5 "), opcode, operands
@@ -120,8 +122,6 @@ def compile_fragments(head_dim: int, options=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-
-    from lowering.attention.decode import int4_fragments as frag
 
     kernel = frag.int4_decode_kernel
     pointers = dict(Q="*bf16", K="*u8", V="*u8", Mask="*bf16", Out="*bf16", Part="*fp32", KS="*bf16", VS="*bf16",

@@ -30,6 +30,7 @@ otherwise; tests/lowering/storage/test_int4_fragments.py replays its index progr
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from triton.experimental import gluon
@@ -87,8 +88,9 @@ def scale_layout(head_dim: int):
         warp_bases=[], block_bases=[], shape=[2, words, 4, 4])
 
 
+@functools.cache
 def constants(head_dim: int) -> dict:
-    """The layouts a launch passes for ``head_dim`` (constexprs)."""
+    """The layouts a launch passes for ``head_dim`` (constexprs), built once per head dim (read, never changed)."""
     return dict(KW_LAYOUT=key_words_layout(head_dim), VW_LAYOUT=value_words_layout(head_dim),
                 SC_LAYOUT=scale_layout(head_dim))
 

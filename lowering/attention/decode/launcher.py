@@ -86,6 +86,10 @@ RULE_CONFIGS = {
 }
 
 
+# The int4 fragment kernel's split rule (``fragments.py``): one-warp programs of 32-key tiles, about 16 per SM.
+FRAGMENT_CONFIG = DecodeAttentionConfig(block_n=32, num_warps=1, programs_per_sm=16, min_blocks_per_split=4)
+
+
 def grid_regime(programs_per_split: int, sm_count: int) -> str:
     """Which of ``RULE_CONFIGS`` applies to ``programs_per_split = B * Hkv * row_blocks`` programs."""
     if programs_per_split >= sm_count:
@@ -318,11 +322,16 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
         # HF decode's [B, 1, 1, L] mask: the same for every row of a program, load it per key.
         mask_per_key = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
 
-    if config is None and fragments.takes(q, kv, attn_mask, is_causal, mask_per_key):
-        done = fragments.launch(q, kv, None if attn_mask is None else mask, mask_kind, mask_strides, scale, out)
-        if done is not None:
-            return done
     sm_count = grid.sm_count(q.device)
+    rows = batch * num_heads * q_len
+    if config is None and fragments.takes(q, kv, attn_mask, is_causal, mask_per_key):
+        num_splits, keys_per_split = choose_num_splits(batch * num_kv_heads, kv_len_read, sm_count, FRAGMENT_CONFIG)
+        if not fragments.failed(q, kv, mask_kind, num_splits):
+            part = _partials(rows, num_splits, head_dim, out)
+            if fragments.launch(q, kv, None if attn_mask is None else mask, mask_kind, mask_strides, scale, out, part,
+                                num_splits, keys_per_split):
+                _merge(part, out, rows, num_splits, head_dim, block_d, FRAGMENT_CONFIG, {})
+                return out
     config = config or packed_config(programs_per_split, sm_count, kv)
     code_bytes = None if kv.kv_format == KV_FULL else kv.k.element_size() * kv.k.shape[-1] / head_dim
     config = fit_shared_memory(config, block_m, block_d, q.element_size(),
@@ -343,11 +352,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
 
     split_output = num_splits > 1
-    rows = batch * num_heads * q_len
-    # One buffer for the partial outputs [rows, S, D] and their LSE [rows, S], fp32 (none for one split:
-    # each allocation costs the host microseconds on a path that is launch-bound at small batch).
-    part = torch.empty(rows * num_splits * (head_dim + 1), device=q.device, dtype=torch.float32) \
-        if split_output else out
+    part = _partials(rows, num_splits, head_dim, out)
     qs, ks, vs = q.stride(), kv.k.stride(), kv.v.stride()
     extra = [q if t is None else t for t in kv.extra]  # unused pointers: any tensor
     rotation = kernel_constants(head_dim, shifts(head_dim)[1]) if kv.rotated else {}
@@ -394,14 +399,28 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
             logger.warning("decode_attention: the kernel failed to compile for %s (%s, split query %s): %s",
                            shape_key, config, split_query, summary(error))
             return launch(q, kv, attn_mask, scale, is_causal, out=out, config=config)
-        if split_output:
-            merge.merge_splits_kernel[(rows,)](
-                part, out, num_splits,
-                HEAD_DIM=head_dim, BLOCK_D=block_d,
-                SPLIT_BLOCK=min(config.split_block, max(16, next_power_of_2(num_splits))),
-                num_warps=config.merge_num_warps, **rotation,
-            )
+        _merge(part, out, rows, num_splits, head_dim, block_d, config, rotation)
     return out
+
+
+def _partials(rows: int, num_splits: int, head_dim: int, out: torch.Tensor) -> torch.Tensor:
+    """One fp32 buffer for the splits' partial outputs [rows, S, D] and their LSE [rows, S] (``merge.part_offsets``);
+    ``out`` itself for one split (each allocation costs the host microseconds on a launch-bound path)."""
+    if num_splits == 1:
+        return out
+    return torch.empty(rows * num_splits * (head_dim + 1), device=out.device, dtype=torch.float32)
+
+
+def _merge(part, out, rows: int, num_splits: int, head_dim: int, block_d: int, config: DecodeAttentionConfig,
+           rotation: dict) -> None:
+    """Stage 2: merge the splits' partial states into ``out`` (nothing for one split)."""
+    if num_splits > 1:
+        merge.merge_splits_kernel[(rows,)](
+            part, out, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d,
+            SPLIT_BLOCK=min(config.split_block, max(16, next_power_of_2(num_splits))),
+            num_warps=config.merge_num_warps, **rotation,
+        )
 
 
 GROUP_MASK_BLOCK = 1024

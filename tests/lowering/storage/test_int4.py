@@ -12,6 +12,7 @@ from test_schemes import DEVICE, check_scheme, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing import make_problem
+from lowering.core.operands import int4_fragments_serve
 from lowering.storage import SCHEMES
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -94,8 +95,6 @@ def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
     folded with each group's scales, against the float64 oracles over the exact keys with the scheme's score bound
     (check_scheme); GQA and speculative rows (1 to 8 fold rows), masks, residual windows, half-group tiles."""
     from lowering.attention.decode.launcher import DecodeAttentionConfig
-    from lowering.core.operands import int4_fragments_serve
-
     group = problem.q_heads // problem.kv_heads
     assume(SCHEMES["4"].splits_query(problem.dtype, problem.head_dim, group * problem.q_len))
     assume(not int4_fragments_serve(problem.dtype, problem.head_dim, group, problem.q_len))

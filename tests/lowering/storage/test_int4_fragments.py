@@ -23,6 +23,7 @@ from lowering.attention.decode import fragments
 from lowering.core.operands import int4_fragments_serve
 from lowering.storage import SCHEMES
 from lowering.storage.int4 import Int4Kivi
+from lowering.storage.int4_codes import pack_nibbles
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 G = SCHEMES["4"].group
@@ -167,8 +168,6 @@ def test_the_kernels_index_program_reads_each_code_where_its_operand_wants_it(he
     gen = torch.Generator().manual_seed(head_dim)
     kc = torch.randint(0, 16, (1, 1, tile, head_dim), dtype=torch.uint8, generator=gen)
     vc = torch.randint(0, 16, (1, 1, tile, head_dim), dtype=torch.uint8, generator=gen)
-    from lowering.storage.int4_codes import pack_nibbles
-
     k_words = pack_nibbles(kc)[0, 0].contiguous().view(torch.int32).reshape(-1).long()  # [key, HALF / 4] words
     v_bytes = torch.zeros(tile // 16, half, 16, dtype=torch.uint8)
     token_rows = pack_nibbles(vc)[0, 0]  # [key, HALF]
