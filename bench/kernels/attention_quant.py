@@ -25,6 +25,7 @@ packed buffer (``lowering.packed.views``), not fresh quantizations. GPU time abo
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -53,12 +54,14 @@ SCHEME_ROWS = [("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", 
 # "convert" converts every key and value code to bf16 from row-major sections (session 8's kernel),
 # "split" only scores keys by the query's int8 split, "blocked" only reads token-blocked values;
 # int4 with its keys dequantized (session 10's key path) instead of scored by the folded query's int8 split;
-# "4-fragments": int4 with the fragment kernel (lowering/attention/decode/int4_fragments.py) on where it serves.
+# "4-fragments" / "4-triton": int4 with the fragment kernel (lowering/attention/decode/int4_fragments.py) on where it
+# serves / off (the Triton kernel everywhere).
 SCHEME_VARIANTS = {"8-convert": ("8", dict(split_query=False, blocked_values=False)),
                    "8-split": ("8", dict(blocked_values=False)),
                    "8-blocked": ("8", dict(split_query=False)),
                    "4-dequant": ("4", dict(split_query=False)),
-                   "4-fragments": ("4", dict(fragment_kernel=True))}
+                   "4-fragments": ("4", dict(fragment_kernel=True)),
+                   "4-triton": ("4", dict(fragment_kernel=False))}
 DEFAULT_SCHEMES = ("8", "fp8", "4")
 TARGET_SPEEDUP = {"8": 1.8, "4": 3.0}
 DEVICE = "cuda"
@@ -72,8 +75,6 @@ def scheme_of(key: str):
     """The registered scheme of ``key``, or a ``SCHEME_VARIANTS`` copy of one with attributes switched."""
     if key not in SCHEME_VARIANTS:
         return SCHEMES[key]
-    import copy
-
     base, attributes = SCHEME_VARIANTS[key]
     scheme = copy.copy(SCHEMES[base])
     for name, value in attributes.items():

@@ -84,8 +84,8 @@ class Int4Kivi:
 
     # True: the fragment kernel (lowering/attention/decode/int4_fragments.py) serves the shapes of
     # ``lowering.core.operands.int4_fragments_serve`` on CUDA, keys dequantized (the Triton kernel's unsplit path on
-    # the CPU, its twin). Off until it has passed the gpu profile on a GPU (bench/RESULTS.md, issue #25).
-    fragment_kernel = False
+    # the CPU, its twin). False: the Triton kernel serves them.
+    fragment_kernel = True
 
     def _fragments(self, q: torch.Tensor, state: State) -> bool:
         return self.fragment_kernel and int4_fragments_serve(q.dtype, q.shape[-1], q.shape[1] // state["k"].shape[1],

@@ -314,7 +314,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     mask_kind, mask, mask_strides, mask_per_key = MASK_NONE, q, (0, 0, 0, 0), False
     if attn_mask is not None:
         mask = attn_mask.expand(batch, num_heads, q_len, kv_len)  # a view: stride 0 on broadcast dims
-        mask_strides = mask.stride()
+        mask_strides = tuple(broadcast_strides(mask))  # and on size-1 dims (one query head, one row)
         if mask.dtype == torch.bool:
             mask_kind, mask = MASK_BOOL, mask.view(torch.uint8)
         else:

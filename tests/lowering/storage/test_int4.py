@@ -120,8 +120,11 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
     state = pack(scheme, zeros, zeros)
     assert scheme.kernel_operands(q, state, G).split_query
     assert not scheme.kernel_operands(q.float(), state, G).split_query
-    # (with the fragment kernel on, bf16 decode steps of D = 64 / 128 leave the split out: test_int4_fragments.py)
-    assert scheme.kernel_operands(q.bfloat16(), state, G).split_query
+    # bf16 decode steps of D = 64 / 128 leave the split out for the fragment kernel (test_int4_fragments.py), others
+    # keep it
+    assert not scheme.kernel_operands(q.bfloat16(), state, G).split_query
+    assert scheme.kernel_operands(torch.zeros(1, 4, 1, 96, dtype=torch.bfloat16),
+                                  pack(scheme, zeros[..., :96], zeros[..., :96]), G).split_query
     assert not scheme.kernel_operands(torch.zeros(1, 4, 3, 128, dtype=torch.bfloat16), state, G).split_query
 
 

@@ -1,7 +1,6 @@
 """int4's fragment kernel (lowering/attention/decode/int4_fragments.py) and its twin.
 
-With the scheme's ``fragment_kernel`` on (off by default until the kernel has passed on a GPU; these tests turn it
-on), where ``int4_fragments_serve`` holds (bf16, D = 64 or 128, <= 8 query heads per KV head, Lq = 1) the scheme
+With the scheme's ``fragment_kernel`` on (the default), where ``int4_fragments_serve`` holds (bf16, D = 64 or 128, <= 8 query heads per KV head, Lq = 1) the scheme
 scores keys without the query's split on every device: on CUDA the Gluon kernel serves (checked here by a spy on its
 launcher), on the CPU the Triton kernel's unsplit path, its twin; both are checked by test_schemes.check_scheme
 (exact-kernel tolerance over the dequantized cache, step bound vs the unquantized cache). The kernel's channel
@@ -14,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_schemes import DEVICE, check_scheme, needs_kernel, pack
 
@@ -52,10 +51,13 @@ def fragment_kernel_on():
         yield
 
 
-def test_the_fragment_kernel_is_off_by_default():
+def test_the_fragment_kernel_is_on_by_default_and_can_be_turned_off():
     q = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
     zeros = torch.zeros(1, 2, G, 128, dtype=torch.bfloat16)
     operands = SCHEMES["4"].kernel_operands(q, pack(SCHEMES["4"], zeros, zeros), G)
+    assert operands.fragments and not operands.split_query
+    with mock.patch.object(Int4Kivi, "fragment_kernel", False):
+        operands = SCHEMES["4"].kernel_operands(q, pack(SCHEMES["4"], zeros, zeros), G)
     assert not operands.fragments and operands.split_query
 
 
@@ -80,6 +82,9 @@ def test_the_split_is_left_out_exactly_where_the_fragment_kernel_serves(fragment
 @given(problem=kt.decode_problems(head_dims=(64, 128), dtypes=(torch.bfloat16,), gqa_ratios=(1, 2, 4, 8),
                                   q_lens=(1,), kv_lens=st.integers(1, 4 * G + 9), causal=(False,), device=DEVICE),
        chunks=st.sampled_from(["one append", "two appends"]))
+# one query head over one KV head: the [B, 1, 1, L] mask's head dim has size 1, not stride 0, and is per key still
+@example(problem=kt.make_problem(batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=64,
+                                 dtype=torch.bfloat16, mask="bool", device=DEVICE), chunks="one append")
 def test_fragment_kernel_against_the_oracles(problem, chunks):
     """Shapes the fragment kernel serves: GQA 1..8, lengths from 1 across residual windows and key groups, no mask,
     per-key and per-head masks (the latter go to the Triton kernel), left padding, adversarial data. On CUDA the
