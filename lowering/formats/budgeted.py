@@ -88,6 +88,18 @@ def _as_4d(attn_mask: torch.Tensor) -> torch.Tensor:
     return attn_mask
 
 
+def plain_causal(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """bool device scalar: the first n columns of ``mask`` [B|1, H|1, n, >= n] (bool, or additive: >= MASKED_BELOW
+    attends) are the plain causal pattern in every row, no padding. That is the mask of a first step of n tokens
+    with no padding, which some transformers versions pass as no mask and SDPA's ``is_causal`` instead: a step under
+    it is a prefill either way. False where the mask has other than n rows."""
+    if mask.shape[-2] != n:
+        return torch.zeros((), dtype=torch.bool, device=mask.device)
+    m = mask[..., :n]
+    seen = m if m.dtype == torch.bool else m >= MASKED_BELOW
+    return (seen == torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()).all()
+
+
 def mask_rows(attn_mask, is_causal: bool, rows: slice, q_len: int, length: int, device) -> torch.Tensor | None:
     """Float32 additive mask of query ``rows`` over the L logical keys, [B|1, Hq|1, r, L] (None: no mask).
 
@@ -369,7 +381,10 @@ class BudgetedFormat:
             score = torch.cat([old["score"], torch.zeros(B, Hkv, n, device=q.device)], 2)
             visible = torch.cat([old["score"] > NEVER, visible_new], 2)
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        prefill = q.shape[2] > MAX_DECODE_QUERY_LEN or is_causal
+        # a prefill: long, SDPA's is_causal, or a first step under the plain causal mask (the same step, as other
+        # transformers versions give it; one host sync, at the first step only)
+        prefill = q.shape[2] > MAX_DECODE_QUERY_LEN or is_causal or (
+            old_length == 0 and attn_mask is not None and q.shape[2] == n and bool(plain_causal(_as_4d(attn_mask), n)))
         return Candidates(q, k, v, stored, pos, score, visible, attn_mask, is_causal, scale, n, length,
                           hot_old == old_length, prefill, site)
 

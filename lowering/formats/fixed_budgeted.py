@@ -24,9 +24,10 @@ model's mask, which a cache's ``update`` does not see):
   selection key (``keep_order``: ``budgeted.select``'s order, empty slots last) written back in position order.
   A prefill-length step (> ``MAX_DECODE_QUERY_LEN`` tokens, or SDPA's ``is_causal``) attends exactly over every
   candidate, as the general path's prefill; a shorter one as a decode step, over the kept slots, unless it is
-  what the general path sees as SDPA's ``is_causal`` (HF's generate passes no mask for a first step without
-  padding on a DynamicCache; a fixed cache always gets one): a first write (position 0) whose mask is the plain
-  causal one. That flag is a device tensor, so both results are computed and one is taken (``torch.where``).
+  a first write (position 0) whose mask is the plain causal one, which the general path also takes as a prefill
+  (``budgeted.plain_causal``: some versions of HF's generate pass that mask on a DynamicCache as none and SDPA's
+  ``is_causal``; a fixed cache always gets one). That flag is a device tensor, so both results are computed and one
+  is taken (``torch.where``).
 
 ASL's cross-layer rule (``lowering/formats/asl.py``) needs the ranks of earlier layers of the same forward: they
 live in the cache's ASL store (``asl_store_layout``, one per ``PackedCache``, passed to every layer's op), indexed
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from lowering.core import packed, stats
-from lowering.core.limits import MASKED_BELOW, MAX_DECODE_QUERY_LEN, masked_value
+from lowering.core.limits import MAX_DECODE_QUERY_LEN, masked_value
 from lowering.core.operands import SlotRule
 from lowering.core.packed import Layout
 from lowering.core.reference import exact_attention
@@ -59,6 +60,7 @@ from lowering.formats.budgeted import (
     candidate_bias,
     gather_model_mask,
     key_weights,
+    plain_causal,
     take,
     visible_tokens,
 )
@@ -186,13 +188,9 @@ def attend_slots(storage, q, slots: State, pos, mask, scale: float, spec: FixedC
 
 
 def causal_first(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """bool device scalar: a first write (position 0) under the plain causal mask, no padding in any row: what HF's
-    generate gives a DynamicCache as no mask and SDPA's ``is_causal`` (the general path's prefill)."""
-    n = positions.numel()
-    m = mask[..., :n]
-    seen = m if m.dtype == torch.bool else m >= MASKED_BELOW
-    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-    return (positions[0] == 0) & (seen == causal).all()
+    """bool device scalar: a first write (position 0) under the plain causal mask, no padding in any row: a prefill
+    on the general path (``budgeted.plain_causal``), whatever form HF's generate gives its mask."""
+    return (positions[0] == 0) & plain_causal(mask, positions.numel())
 
 
 def model_mask(q, attn_mask, is_causal: bool, positions, capacity: int) -> torch.Tensor:

@@ -20,13 +20,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import kvpass.testing as kt
 from kvpass.testing.oracles import F64, grouped_matmul, logit_bias
 from lowering.attention.early_exit import bound as ee
 from lowering.core import packed, stats
+from lowering.core.limits import MASKED_BELOW
 from lowering.formats import FORMATS, FormatSpec, build_format
 from lowering.formats import adore as adore_mod
 from lowering.formats import asl as asl_mod
@@ -71,7 +72,15 @@ def run_step(fmt, q, old, old_length, k, v, mask, is_causal, scale, site="site")
 
 
 def is_prefill(problem):
-    return problem.q_len > 16 or problem.is_causal
+    """Long, SDPA's is_causal, or a first step under the plain causal mask with no padding (HF passes that mask as
+    no mask and is_causal in some transformers versions: the same step)."""
+    if problem.q_len > 16 or problem.is_causal:
+        return True
+    m, n = problem.attn_mask, problem.q_len
+    if m is None or problem.kv_len != n:
+        return False
+    seen = m if m.dtype == torch.bool else m >= MASKED_BELOW
+    return bool((seen.expand(problem.batch, problem.q_heads, n, n) == torch.ones(n, n, dtype=torch.bool).tril()).all())
 
 
 # ------------------------------------------------------------------ float64 oracles of the scores
@@ -177,6 +186,9 @@ BUDGET_FRACTIONS = st.sampled_from([0.05, 0.3, 0.6, 0.95, 1.0, 2.0])
 
 @pytest.mark.parametrize("policy", POLICIES)
 @given(problem=kt.attention_problems(head_dims=(16, 64)), fraction=BUDGET_FRACTIONS)
+# one query row over two new tokens: a decode step (the plain causal mask of a prefill has a row per token)
+@example(problem=kt.make_problem(batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=2, head_dim=16, mask="bool"),
+         fraction=0.05)
 def test_step_from_empty_keeps_a_top_budget_set_and_attends_over_it(policy, problem, fraction):
     p = problem
     budget = max(1, round(fraction * p.kv_len))
@@ -191,6 +203,24 @@ def test_step_from_empty_keeps_a_top_budget_set_and_attends_over_it(policy, prob
     else:
         sub = kept_problem(p, pos)
         kt.assert_attention_close(out, kt.kept_set_attention(p, pos), kt.tolerance_for(sub), context=repr(p))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_a_first_step_under_the_plain_causal_mask_is_the_is_causal_prefill(policy, mask_dtype):
+    """A 9-token prompt over a budget of 8, as transformers gives it in one version (no mask, SDPA's is_causal) or
+    another (the causal mask itself, bool or additive): the same output, kept set and scores, bit for bit."""
+    B, Hkv, G, n, D = 2, 2, 2, 9, 16
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, Hkv * h, n, D, generator=gen) for h in (G, 1, 1))
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    mask = causal if mask_dtype == torch.bool else torch.zeros(causal.shape).masked_fill(~causal, -torch.inf)
+    runs = [run_step(fmt_for(policy, 8), q, None, 0, k, v, m, is_causal, None) for m, is_causal in
+            ((None, True), (mask, False))]
+    (want, want_sections), (out, sections) = runs
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for name, t in want_sections.items():
+        torch.testing.assert_close(sections[name], t, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def decode_sequence(batch=2, kv_heads=2, group=2, dim=16, prompt=40, steps=6, pads=(0, 5), seed=0,

@@ -1,10 +1,11 @@
 """int4's fragment kernel (lowering/attention/decode/int4_fragments.py) and its twin.
 
-With the scheme's ``fragment_kernel`` on (the default), where ``int4_fragments_serve`` holds (bf16, D = 64 or 128, <= 8 query heads per KV head, Lq = 1) the scheme
-scores keys without the query's split on every device: on CUDA the Gluon kernel serves (checked here by a spy on its
-launcher), on the CPU the Triton kernel's unsplit path, its twin; both are checked by test_schemes.check_scheme
-(exact-kernel tolerance over the dequantized cache, step bound vs the unquantized cache). The kernel's channel
-order is checked on the host, and it compiles for sm_90 here (a subprocess: the tests run under the interpreter).
+With the scheme's ``fragment_kernel`` on (the default), where ``int4_fragments_serve`` holds (bf16, D = 64 or 128, <=
+8 query heads per KV head, Lq = 1) the scheme scores keys without the query's split on every device: on CUDA the Gluon
+kernel serves (checked here by a spy on its launcher), on the CPU the Triton kernel's unsplit path, its twin; both are
+checked by test_schemes.check_scheme (exact-kernel tolerance over the dequantized cache, step bound vs the unquantized
+cache). The kernel's channel order is checked on the host, and it compiles for sm_90 here (a subprocess: the tests run
+under the interpreter).
 """
 import os
 import subprocess
