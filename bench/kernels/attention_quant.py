@@ -47,9 +47,6 @@ from lowering.storage import SCHEMES  # noqa: E402
 
 HQ, HKV, HEAD_DIM = 32, 8, 128
 SHAPES = [(1, 32768), (8, 32768), (32, 8192)]
-SCHEME_ROWS = [("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", "normal"), ("aligned", "sink"),
-               ("8-convert", "normal"), ("8-split", "normal"), ("8-blocked", "normal"), ("4-dequant", "normal"),
-               ("4-fragments", "normal")]
 # int8 with one or both of its kernel paths switched back, timed in the same run as the scheme itself:
 # "convert" converts every key and value code to bf16 from row-major sections (session 8's kernel),
 # "split" only scores keys by the query's int8 split, "blocked" only reads token-blocked values;
@@ -59,9 +56,11 @@ SCHEME_ROWS = [("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", 
 SCHEME_VARIANTS = {"8-convert": ("8", dict(split_query=False, blocked_values=False)),
                    "8-split": ("8", dict(blocked_values=False)),
                    "8-blocked": ("8", dict(split_query=False)),
-                   "4-dequant": ("4", dict(split_query=False)),
+                   "4-dequant": ("4", dict(split_query=False, fragment_kernel=False)),
                    "4-fragments": ("4", dict(fragment_kernel=True)),
                    "4-triton": ("4", dict(fragment_kernel=False))}
+SCHEME_ROWS = ([("8", "normal"), ("4", "normal"), ("fp8", "normal"), ("aligned", "normal"), ("aligned", "sink")]
+               + [(key, "normal") for key in SCHEME_VARIANTS])
 DEFAULT_SCHEMES = ("8", "fp8", "4")
 TARGET_SPEEDUP = {"8": 1.8, "4": 3.0}
 DEVICE = "cuda"
