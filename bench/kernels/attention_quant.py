@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import itertools
+import json
 import math
 import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -41,6 +45,9 @@ if "--smoke" in sys.argv or not torch.cuda.is_available():
 
 from bench.common import copy_bandwidth, environment, format_table, poison_, time_graph, write_json  # noqa: E402
 from bench.kernels.attention_decode import reference, sdpa  # noqa: E402
+from lowering.attention.decode import launcher  # noqa: E402
+from lowering.attention.decode.launcher import DecodeAttentionConfig  # noqa: E402
+from lowering.attention.grid import sm_count  # noqa: E402
 from lowering.core.packed import allocate, views  # noqa: E402
 from lowering.formats.launch import kernel_decode_attention  # noqa: E402
 from lowering.storage import SCHEMES  # noqa: E402
@@ -230,17 +237,16 @@ SWEEP_GRID = {
     "8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
     "fp8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
     "4": dict(block_n=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(3, 5, 7), programs_per_sm=(1, 2, 4, 8)),
+    "4-fragments": dict(programs_per_sm=(4, 8, 16, 32), min_blocks_per_split=(1, 4, 16)),
 }
+FRAGMENT_SWEEP = "4-fragments"  # its grid is the fragment kernel's split rule (launcher.FRAGMENT_CONFIG)
 
 
 def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
     """Every configuration of ``SWEEP_GRID`` per scheme and shape: kernel time (CUDA-graph replay, as the
-    table) and its fraction of the scheme's byte floor; prints the best per (scheme, shape)."""
-    import dataclasses
-    import itertools
-
-    from lowering.attention.decode.launcher import DecodeAttentionConfig
-
+    table) and its fraction of the scheme's byte floor; prints the best per (scheme, shape). ``FRAGMENT_SWEEP``'s
+    configurations replace the fragment kernel's split rule (``launcher.FRAGMENT_CONFIG``), the launch otherwise the
+    scheme's own; the others are the Triton kernel's configuration."""
     rows, started = [], time.monotonic()
     for batch, kv_len in SHAPES:
         for key in [s for s in args.schemes if s in SWEEP_GRID or SCHEME_VARIANTS.get(s, ("",))[0] in SWEEP_GRID]:
@@ -252,21 +258,28 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
             sets = [(q, state)] + [(q.clone(), st) for st in more]
             ref = None
             grid = SWEEP_GRID.get(key, SWEEP_GRID.get(SCHEME_VARIANTS.get(key, ("",))[0]))
-            base = DecodeAttentionConfig()
+            split_rule = key == FRAGMENT_SWEEP
+            base = launcher.FRAGMENT_CONFIG if split_rule else DecodeAttentionConfig()
             if args.grid:
                 grid = {f: tuple(int(x) for x in vs.split(",")) for f, vs in (g.split("=") for g in args.grid)}
-                base = rule_config(scheme, q, state, kv_len)
+                base = base if split_rule else rule_config(scheme, q, state, kv_len)
             for values in itertools.product(*grid.values()):
                 if time.monotonic() - started > args.budget_s:
                     break
                 config = dataclasses.replace(base, **dict(zip(grid, values)))
                 row = {"scheme": key, "B": batch, "L": kv_len, **dataclasses.asdict(config)}
+
+                def attend(q, st, config=config, split_rule=split_rule):
+                    if not split_rule:
+                        return kernel_decode_attention(scheme, q, st, kv_len, config=config)
+                    with mock.patch.object(launcher, "FRAGMENT_CONFIG", config):
+                        return kernel_decode_attention(scheme, q, st, kv_len)
+
                 try:
-                    out = kernel_decode_attention(scheme, q, state, kv_len, config=config)
+                    out = attend(q, state)
                     ref = out if ref is None else ref
                     row["max_diff_vs_first"] = (out.float() - ref.float()).abs().max().item()
-                    fns = [lambda q=q, st=st: kernel_decode_attention(scheme, q, st, kv_len, config=config)
-                           for q, st in sets]
+                    fns = [lambda q=q, st=st: attend(q, st) for q, st in sets]
                     t = time_graph(fns).median
                     row.update(kernel_us=round(t * 1e6, 1), of_floor=round(floor_b / bw / t, 3))
                 except Exception as e:  # noqa: BLE001 - out of resources and the like: record, go on
@@ -283,12 +296,9 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
 
 def rule_config(scheme, q, state, kv_len):
     """The configuration the launcher's rule picks for this problem (``lowering.decode_attention``)."""
-    from lowering.attention.decode.launcher import packed_config
-    from lowering.attention.grid import sm_count as _sm_count
-
     kv = scheme.kernel_operands(q, state, kv_len)
     programs_per_split = q.shape[0] * HKV * max(1, -(-(HQ // HKV) * q.shape[2] // 64))
-    return packed_config(programs_per_split, _sm_count(q.device), kv)
+    return launcher.packed_config(programs_per_split, sm_count(q.device), kv)
 
 
 def shape() -> dict:
@@ -300,8 +310,6 @@ def save(payload: dict, path: str | None) -> str | None:
     """Write the rows so far to ``path`` (default $OUT/attention_quant.json); return where."""
     if path is None:
         return write_json("attention_quant.json", payload)
-    import json
-
     with open(path, "w") as f:
         json.dump(payload, f, indent=1, default=str)
     return path
