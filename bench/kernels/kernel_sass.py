@@ -116,7 +116,7 @@ def launch_specialization(case: str, constants: dict) -> tuple[dict, list[str]]:
     return {**ones, **constants}, divisible
 
 
-def compile_fragments(head_dim: int, options=None):
+def compile_fragments(head_dim: int, options=None, overrides=None):
     """The int4 fragment kernel for sm_90 as its launcher specializes it: bf16, GQA 4, a per-key additive mask of
     key stride 1, split partials, pointers and strides multiples of 16 (``lowering/attention/decode/fragments.py``)."""
     import triton
@@ -127,7 +127,7 @@ def compile_fragments(head_dim: int, options=None):
     pointers = dict(Q="*bf16", K="*u8", V="*u8", Mask="*bf16", Out="*bf16", Part="*fp32", KS="*bf16", VS="*bf16",
                     KZ="*bf16", VZ="*bf16", KR="*bf16", VR="*bf16")
     constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=2, SPLIT_OUTPUT=True, stride_mn=1,
-                     **frag.constants(head_dim))
+                     **frag.constants(head_dim), **(overrides or {}))
     signature = {a: pointers.get(a, "constexpr" if a in constants else "fp32" if a == "sm_scale" else "i32")
                  for a in kernel.arg_names}
     divisible = [a for a in kernel.arg_names if a in pointers or (a.startswith("stride_") and a not in constants)]
@@ -174,9 +174,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.fragments:
         options = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.option)}
-        compiled = compile_fragments(args.fragments, options)
+        constants = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}  # PREFETCH=True
+        compiled = compile_fragments(args.fragments, options, constants)
         args.case = f"int4 fragments, D={args.fragments}"
-        constants = {}
     elif args.case is None:
         print("\n".join(CASES))
         return

@@ -241,10 +241,12 @@ def int4_decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mn,
     num_kv_heads, kv_len, keys_per_split, sm_scale, quant_len, rows_cap, res_cap,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, MASK_KIND: gl.constexpr, SPLIT_OUTPUT: gl.constexpr,
-    KW_LAYOUT: gl.constexpr, VW_LAYOUT: gl.constexpr, SC_LAYOUT: gl.constexpr,
+    KW_LAYOUT: gl.constexpr, VW_LAYOUT: gl.constexpr, SC_LAYOUT: gl.constexpr, PREFETCH: gl.constexpr = False,
 ):
     """One program per (b * Hkv + kv head, split); arguments as ``kernel.decode_attention_split_kernel``'s for
-    ``KV_INT4`` with Lq = 1 (``stride_qh``: a head's row), the mask a per-key [B, L] view (strides mb, mn)."""
+    ``KV_INT4`` with Lq = 1 (``stride_qh``: a head's row), the mask a per-key [B, L] view (strides mb, mn).
+    ``PREFETCH``: the next tile's key and value words are loaded before this tile's arithmetic (registers double
+    buffered; the last tile's words are loaded twice instead of a masked load in the loop)."""
     HALF: gl.constexpr = HEAD_DIM // 2
     W: gl.constexpr = HALF // 16  # key words per lane and key
     MT: gl.constexpr = HALF // 16  # value m-tiles per channel half
@@ -289,8 +291,21 @@ def int4_decode_kernel(
 
     start = split * keys_per_split
     end = gl.minimum(start + keys_per_split, kv_len)
-    for n0 in range(start, gl.minimum(end, quant_len), TILE):
-        words = _swap_middle_bytes(gl.load(k_words + n0 * (HALF // 4) + k_off))
+    stop = gl.minimum(end, quant_len)
+    if PREFETCH:  # the first tile's words (none where the split holds no code tile), the last tile's start
+        k_next = gl.load(k_words + start * (HALF // 4) + k_off, mask=(k_off * 0 + start) < stop, other=0)
+        v_next = gl.load(v_words + (start // 16) * (HALF * 4) + v_off, mask=(v_off * 0 + start) < stop, other=0)
+        last = start + gl.maximum(stop - start - 1, 0) // TILE * TILE
+    for n0 in range(start, stop, TILE):
+        if PREFETCH:
+            k_raw = k_next
+            v_now = v_next
+            n_next = gl.minimum(n0 + TILE, last)
+            k_next = gl.load(k_words + n_next * (HALF // 4) + k_off)
+            v_next = gl.load(v_words + (n_next // 16) * (HALF * 4) + v_off)
+        else:
+            k_raw = gl.load(k_words + n0 * (HALF // 4) + k_off)
+        words = _swap_middle_bytes(k_raw)
         k_lo, k_hi = gl.split(gl.permute(_pairs(words, magic), (2, 3, 1, 0, 4)))  # [w, p, t, key] x (lo, hi)
         grp = (bh * (rows_cap // TILE) + n0 // TILE) * HEAD_DIM
         scale_lo, scale_hi = _group_halves(KS + grp, SC_LAYOUT, HALF)
@@ -300,7 +315,10 @@ def int4_decode_kernel(
         n = n0 + keys
         v_scale = gl.load(VS + bh * rows_cap + n).to(gl.float32)
         v_min = gl.load(VZ + bh * rows_cap + n).to(gl.float32)
-        vw = gl.load(v_words + (n0 // 16) * (HALF * 4) + v_off)
+        if PREFETCH:
+            vw = v_now
+        else:
+            vw = gl.load(v_words + (n0 // 16) * (HALF * 4) + v_off)
         v_lo, v_hi = gl.split(gl.permute(_pairs(vw, magic), (1, 2, 3, 0, 5, 4, 6)))  # [mt, r, g, blk, p, t] x halves
         m_i, l_i, min_i, acc_lo, acc_hi = _attend_tile(
             s, n < end, _value_codes(v_lo, HALF), _value_codes(v_hi, HALF), v_scale, v_min, m_i, l_i, min_i, acc_lo,

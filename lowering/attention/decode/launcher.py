@@ -86,8 +86,10 @@ RULE_CONFIGS = {
 }
 
 
-# The int4 fragment kernel's split rule (``fragments.py``): one-warp programs of 32-key tiles, about 16 per SM.
-FRAGMENT_CONFIG = DecodeAttentionConfig(block_n=32, num_warps=1, programs_per_sm=16, min_blocks_per_split=4)
+# The int4 fragment kernel's split rule (``fragments.py``): one-warp programs of 32-key tiles, about 16 per SM;
+# num_stages 2 would load each tile's words during the previous tile (the kernel's PREFETCH), 1 does not.
+FRAGMENT_CONFIG = DecodeAttentionConfig(block_n=32, num_warps=1, num_stages=1, programs_per_sm=16,
+                                        min_blocks_per_split=4)
 
 
 def grid_regime(programs_per_split: int, sm_count: int) -> str:
@@ -326,10 +328,11 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     rows = batch * num_heads * q_len
     if config is None and fragments.takes(q, kv, attn_mask, is_causal, mask_per_key):
         num_splits, keys_per_split = choose_num_splits(batch * num_kv_heads, kv_len_read, sm_count, FRAGMENT_CONFIG)
-        if not fragments.failed(q, kv, mask_kind, num_splits):
+        prefetch = FRAGMENT_CONFIG.num_stages > 1
+        if not fragments.failed(q, kv, mask_kind, num_splits, prefetch):
             part = _partials(rows, num_splits, head_dim, out)
             if fragments.launch(q, kv, None if attn_mask is None else mask, mask_kind, mask_strides, scale, out, part,
-                                num_splits, keys_per_split):
+                                num_splits, keys_per_split, prefetch):
                 _merge(part, out, rows, num_splits, head_dim, block_d, FRAGMENT_CONFIG, {})
                 return out
     config = config or packed_config(programs_per_split, sm_count, kv)

@@ -7,6 +7,7 @@ checked by test_schemes.check_scheme (exact-kernel tolerance over the dequantize
 cache). The kernel's channel order is checked on the host, and it compiles for sm_90 here (a subprocess: the tests run
 under the interpreter).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from test_schemes import DEVICE, check_scheme, needs_kernel, pack
 
 import kvpass.testing as kt
-from lowering.attention.decode import fragments
+from lowering.attention.decode import fragments, launcher
 from lowering.core.operands import int4_fragments_serve
 from lowering.storage import SCHEMES
 from lowering.storage.int4 import Int4Kivi
@@ -82,14 +83,15 @@ def test_the_split_is_left_out_exactly_where_the_fragment_kernel_serves(fragment
 @settings(max_examples=30, deadline=None)
 @given(problem=kt.decode_problems(head_dims=(64, 128), dtypes=(torch.bfloat16,), gqa_ratios=(1, 2, 4, 8),
                                   q_lens=(1,), kv_lens=st.integers(1, 4 * G + 9), causal=(False,), device=DEVICE),
-       chunks=st.sampled_from(["one append", "two appends"]))
+       chunks=st.sampled_from(["one append", "two appends"]), prefetch=st.booleans())
 # one query head over one KV head: the [B, 1, 1, L] mask's head dim has size 1, not stride 0, and is per key still
 @example(problem=kt.make_problem(batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=64,
-                                 dtype=torch.bfloat16, mask="bool", device=DEVICE), chunks="one append")
-def test_fragment_kernel_against_the_oracles(problem, chunks):
+                                 dtype=torch.bfloat16, mask="bool", device=DEVICE), chunks="one append", prefetch=False)
+def test_fragment_kernel_against_the_oracles(problem, chunks, prefetch):
     """Shapes the fragment kernel serves: GQA 1..8, lengths from 1 across residual windows and key groups, no mask,
-    per-key and per-head masks (the latter go to the Triton kernel), left padding, adversarial data. On CUDA the
-    fragment kernel must have served every launch whose mask it takes."""
+    per-key and per-head masks (the latter go to the Triton kernel), left padding, adversarial data, with and
+    without the kernel's PREFETCH (``FRAGMENT_CONFIG.num_stages`` 2). On CUDA the fragment kernel must have served
+    every launch whose mask it takes."""
     served = []
 
     def spy(*args, **kwargs):
@@ -98,7 +100,9 @@ def test_fragment_kernel_against_the_oracles(problem, chunks):
 
     real_launch = fragments.launch
     split = [problem.kv_len // 2, problem.kv_len - problem.kv_len // 2] if chunks == "two appends" else None
-    with mock.patch.object(fragments, "launch", spy), mock.patch.object(Int4Kivi, "fragment_kernel", True):
+    rule = dataclasses.replace(launcher.FRAGMENT_CONFIG, num_stages=2 if prefetch else 1)
+    with (mock.patch.object(fragments, "launch", spy), mock.patch.object(Int4Kivi, "fragment_kernel", True),
+          mock.patch.object(launcher, "FRAGMENT_CONFIG", rule)):
         check_scheme("4", problem, chunks=[c for c in split if c] if split else None)
     mask = problem.attn_mask
     per_key = mask is None or (mask.shape[1] == 1 and mask.shape[2] == 1)
@@ -107,12 +111,15 @@ def test_fragment_kernel_against_the_oracles(problem, chunks):
 
 
 @needs_kernel
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("length", [G * 40 + 7, G * 257])
-def test_fragment_kernel_over_many_splits(length, fragment_kernel_on):
+def test_fragment_kernel_over_many_splits(length, prefetch, fragment_kernel_on):
     """Long caches: many splits merged by stage 2, the residual window in the last split."""
     problem = kt.make_problem(batch=2, q_heads=16, kv_heads=2, q_len=1, kv_len=length, head_dim=128, mask="none",
                               dtype=torch.bfloat16, distribution="outlier_channels", seed=length, device=DEVICE)
-    check_scheme("4", problem)
+    rule = dataclasses.replace(launcher.FRAGMENT_CONFIG, num_stages=2 if prefetch else 1)
+    with mock.patch.object(launcher, "FRAGMENT_CONFIG", rule):
+        check_scheme("4", problem)
 
 
 COMPILE = """
@@ -123,10 +130,12 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from lowering.attention.decode import int4_fragments as frag
 kernel = frag.int4_decode_kernel
-for head_dim, mask_kind, mask_ptr, split in [(128, 2, "*bf16", True), (128, 0, "*bf16", False), (64, 1, "*u8", True)]:
+for head_dim, mask_kind, mask_ptr, split, prefetch in [(128, 2, "*bf16", True, False), (128, 0, "*bf16", False, True),
+                                                       (64, 1, "*u8", True, True)]:
     pointers = dict(Q="*bf16", K="*u8", V="*u8", Mask=mask_ptr, Out="*bf16", Part="*fp32", KS="*bf16", VS="*bf16",
                     KZ="*bf16", VZ="*bf16", KR="*bf16", VR="*bf16")
-    constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=mask_kind, SPLIT_OUTPUT=split, **frag.constants(head_dim))
+    constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=mask_kind, SPLIT_OUTPUT=split, PREFETCH=prefetch,
+                     **frag.constants(head_dim))
     signature = {{a: pointers.get(a, "constexpr" if a in constants else "fp32" if a == "sm_scale" else "i32")
                  for a in kernel.arg_names}}
     attrs = {{(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}}
@@ -142,7 +151,7 @@ for head_dim, mask_kind, mask_ptr, split in [(128, 2, "*bf16", True), (128, 0, "
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU's check: on a GPU the kernel runs")
 def test_fragment_kernel_compiles_for_hopper_without_shared_memory():
     """Every operand layout conversion is a register renaming (the kernel asserts it), for D = 64 and 128, every mask
-    kind, with and without split partials; nothing is staged in shared memory."""
+    kind, with and without split partials and PREFETCH; nothing is staged in shared memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE.format(root=ROOT)], capture_output=True, text=True, env=env,
                           timeout=600)
