@@ -7,10 +7,11 @@ hot tokens go to the cold store as int8 rows, cold tokens that win are rebuilt i
 and the cold store is indexed by position (``cold_pos[p] = p`` while token p is cold, EMPTY otherwise, plus one
 scratch row), so a step has fixed shapes whatever the length:
 
-- candidates, in the general path's order: the hot slots, the cold store (int8 keys dequantized for scoring, as
-  the general path's reference scoring does), the new tokens; empty entries are hidden from the softmax and
-  never kept. Scores, selection key (max of score and this step's weight while decoding) and the protected
-  newest tokens are the general format's (``Adore.score``'s rule, ``selection_key``, ``protected``);
+- candidates, in the general path's order: the hot slots, the cold store (int8 keys dequantized for scoring, as the
+  general path's reference scoring does; a decode step on CUDA reads them as codes and scales in the fused scoring
+  kernel, as the general path's CUDA scoring: ``fused_decode_weights``), the new tokens; empty entries are hidden from
+  the softmax and never kept. Scores, selection key (max of score and this step's weight while decoding) and the
+  protected newest tokens are the general format's (``Adore.score``'s rule, ``selection_key``, ``protected``);
 - the kept set, the top ``budget`` (``keep_order``: ties by candidate index, as ``budgeted.select`` without
   positions), is written over the hot slots in position order (rebuilt cold rows converted to the hot form row by
   row, as the general path's lazy rebuild); released hot tokens and dropped new ones are scattered into the cold
@@ -30,8 +31,10 @@ import torch
 
 from lowering.core import packed, stats
 from lowering.core.limits import MAX_DECODE_QUERY_LEN
+from lowering.core.operands import KeySegment
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
+from lowering.formats import launch
 from lowering.formats.budgeted import NEVER, BudgetedFormat, key_weights, take, visible_tokens
 from lowering.formats.fixed_budgeted import (
     EMPTY_LAST,
@@ -46,6 +49,7 @@ from lowering.formats.fixed_budgeted import (
 )
 from lowering.formats.fixed_capacity import EMPTY, FixedCacheSpec
 from lowering.formats.snapkv import WINDOW
+from lowering.storage import State
 from lowering.storage.int8 import dequantize_rows, quantize_rows
 
 COLD_ROWS = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale")
@@ -70,6 +74,18 @@ def scatter_rows(t: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> No
     t.scatter_(2, index, rows.to(t.dtype))
 
 
+def fused_decode_weights(q, hot_k, state: State, new_k, pos, mask, scale: float,
+                         spec: FixedCacheSpec) -> torch.Tensor | None:
+    """A one-token step's mean weights over the candidates (the hot slots' keys ``hot_k`` in q's dtype, the cold
+    store, the new token's ``new_k``), [B, Hkv, budget + cold rows + 1], by the fused scoring kernel: the cold keys
+    read as their int8 codes and scales, never dequantized into a tensor (the general path's CUDA scoring,
+    ``Adore.key_segments``); the mask at the candidates' positions ``pos`` with empty entries hidden
+    (``kept_mask``). None where the kernel does not take the step (the torch path's weights then)."""
+    columns = kept_mask(mask, pos, q.shape[1], q.shape[2], spec.capacity)
+    segments = [KeySegment(hot_k), KeySegment(state["cold_k"], state["cold_k_scale"]), KeySegment(new_k)]
+    return launch.candidate_weights(q, segments, columns, scale, mean=True)
+
+
 def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, scale, spec: FixedCacheSpec,
               site: str, asl_store=None) -> torch.Tensor:
     """One ADORE step on the layer's buffer: new_k, new_v [B, Hkv, n, D] at ``positions`` (int64 [n]); returns
@@ -86,13 +102,19 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
     rows = new_rows(storage, new_k, new_v)
     slots = {name: state[name] for name in rows}
     hot_k, hot_v = storage.dequantize(slots, budget, q.dtype)
-    cold_k = dequantize_rows(state["cold_k"], state["cold_k_scale"], q.dtype)
     new_pos = positions.view(1, 1, n).expand(B, Hkv, n)
+    pos = torch.cat([state["pos"], state["cold_pos"], new_pos], 2)
+    w = None
+    if q.is_cuda and not static_prefill and n == 1:  # a decode step, scored on CUDA as the general path scores it
+        w = fused_decode_weights(q, hot_k, state, new_k, pos, mask, fscale, spec)
+    keys = None
+    if w is None:
+        keys = torch.cat([hot_k, dequantize_rows(state["cold_k"], state["cold_k_scale"], q.dtype), new_k], 2)
     hot_held, cold_held = state["pos"] >= 0, state["cold_pos"] >= 0
     fresh = torch.ones_like(hot_held[..., :1]).expand(B, Hkv, n)
     cold_n = cold_held.shape[-1]
     c = FixedCandidates(
-        q, torch.cat([hot_k, cold_k, new_k], 2), None, {}, torch.cat([state["pos"], state["cold_pos"], new_pos], 2),
+        q, keys, None, {}, pos,
         torch.cat([state["score"], state["cold_score"], state["score"].new_zeros(B, Hkv, n)], 2),
         torch.cat([hot_held & (state["score"] > NEVER), cold_held & (state["cold_score"] > NEVER),
                    visible_tokens(mask, False, Lq, capacity, new_pos, Hq)], 2),
@@ -100,9 +122,11 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
         real=torch.cat([hot_held, cold_held, fresh], 2),
         fresh=torch.cat([torch.zeros_like(hot_held), torch.zeros_like(cold_held), fresh], 2))
 
-    # scores (Adore.score, reference path): this step's mean weights, the EMA for old tokens
-    query_rows = slice(Lq - min(WINDOW, Lq), Lq) if static_prefill else slice(None)
-    w = key_weights(q[:, :, query_rows], c.k, c.bias(query_rows), fscale, mean=True)
+    # scores (Adore.score): this step's mean weights (the reference path's where the kernel did not), the EMA for
+    # old tokens
+    if w is None:
+        query_rows = slice(Lq - min(WINDOW, Lq), Lq) if static_prefill else slice(None)
+        w = key_weights(q[:, :, query_rows], c.k, c.bias(query_rows), fscale, mean=True)
     score = torch.where(c.is_new, w, fmt.gamma * c.score + (1 - fmt.gamma) * w).masked_fill(~c.visible, NEVER)
     key = BudgetedFormat.selection_key(fmt, c, score if static_prefill else torch.maximum(score, w))
     kept = keep_order(key, torch.zeros_like(c.pos), c.real)[..., :budget]  # ties by candidate index

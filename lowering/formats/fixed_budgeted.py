@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from lowering.core import packed, stats
 from lowering.core.limits import MAX_DECODE_QUERY_LEN, masked_value
-from lowering.core.operands import SlotRule
+from lowering.core.operands import KeySegment, SlotRule
 from lowering.core.packed import Layout
 from lowering.core.reference import exact_attention
 from lowering.formats import FormatSpec, asl, build_format, launch
@@ -260,7 +260,7 @@ def fused_step_weights(q, state: State, slots: State, positions, new_k, mask, sc
     new_pos = positions.view(1, 1, 1).expand(new_k.shape[0], new_k.shape[1], 1)
     columns = torch.cat([kept_mask(mask, state["pos"], Hq, Lq, spec.capacity),
                          gather_model_mask(mask, new_pos, Hq, Lq, spec.capacity)], -1)
-    return launch.candidate_weights(q, [slots["k"], new_k], columns, scale)
+    return launch.candidate_weights(q, [KeySegment(slots["k"]), KeySegment(new_k)], columns, scale)
 
 
 def decode_candidates(fmt, q, state: State, slots: State, positions, new_k, mask, scale: float, spec: FixedCacheSpec,

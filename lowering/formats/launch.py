@@ -140,21 +140,22 @@ def slot_replace(state: State, slots: State, rows: State, positions: torch.Tenso
         state["pos"], state["score"], positions, mask, slots, rows, q_heads, q_len, never, rule, weights))
 
 
-def candidate_weights(q: torch.Tensor, keys: list[torch.Tensor], mask: torch.Tensor,
-                      scale: float) -> torch.Tensor | None:
-    """Weights each candidate key receives from q [B, Hq, Lq, D] (summed over its KV head's query rows), fp32
-    [B, Hkv, C], by the fused scoring kernel in one pass over ``keys`` (column segments [B, Hkv, n, D] in q's dtype)
-    under ``mask`` [B|1, Hq|1, Lq, C] over the candidates themselves (bool, or additive with < -1e4 unattended);
-    None where the kernels are missing, do not take the step or fail to compile (the caller's torch path)."""
+def candidate_weights(q: torch.Tensor, segments: list[KeySegment], mask: torch.Tensor, scale: float, *,
+                      mean: bool = False) -> torch.Tensor | None:
+    """Weights each candidate key receives from q [B, Hq, Lq, D] (summed over its KV head's query rows, or their
+    mean), fp32 [B, Hkv, C], by the fused scoring kernel in one pass over the column ``segments`` (keys [B, Hkv, n,
+    D] in q's dtype, or int8 codes with their scales) under ``mask`` [B|1, Hq|1, Lq, C] over the candidates
+    themselves (bool, or additive with < -1e4 unattended); None where the kernels are missing, do not take the step
+    or fail to compile (the caller's torch path)."""
     if launchers.missing() is not None:
         return None
     scored = launchers.load().scored
-    segments = [KeySegment(k) for k in keys]
     columns = mask.shape[-1]
     if scored.scoring_unsupported_reason(q, segments, mask, columns) is not None:
         return None
-    pos = torch.arange(columns, device=q.device).expand(q.shape[0], keys[0].shape[1], columns)
-    found = compiled_or_none("candidate weights", lambda: scored.score_keys(q, segments, pos, mask, scale, columns))
+    pos = torch.arange(columns, device=q.device).expand(q.shape[0], segments[0].k.shape[1], columns)
+    found = compiled_or_none("candidate weights",
+                             lambda: scored.score_keys(q, segments, pos, mask, scale, columns, mean=mean))
     return None if found is None else found.weights
 
 

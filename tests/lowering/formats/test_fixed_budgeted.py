@@ -27,8 +27,10 @@ from lowering.attention.launchers import load
 from lowering.core import packed
 from lowering.formats import fixed_capacity as fc
 from lowering.formats import launch
-from lowering.formats.budgeted import gather_model_mask
-from lowering.formats.fixed_budgeted import asl_store_layout
+from lowering.formats.budgeted import gather_model_mask, key_weights
+from lowering.formats.fixed_adore import fused_decode_weights
+from lowering.formats.fixed_budgeted import asl_store_layout, general_format, kept_mask, new_rows
+from lowering.storage.int8 import dequantize_rows
 
 KV_BITS = (16, 8, "fp8", 4, "aligned")
 CAPACITY = 64
@@ -263,3 +265,34 @@ def test_the_fused_decode_step_inside_the_op_is_the_torch_paths(policy, kv_bits,
     for out, want_out, s, want in zip(outs, want_outs, states, want_states):
         assert torch.equal(out, want_out)
         assert all(torch.equal(s[name], want[name]) for name in s)
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8], ids=str)
+def test_adore_fused_decode_weights_are_the_torch_paths(kv_bits):
+    """ADORE's decode-step weights by the fused scoring kernel (CUDA's path, forced here under the interpreter):
+    over the hot slots, the cold store read as int8 codes and scales, and the new token, after evictions, with left
+    padding; equal to the torch path's (cold keys dequantized, ``key_weights``) up to fp32 summation order, and 0 at
+    the empty hot slots and cold rows."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel on CPU tensors: needs the interpreter (on a GPU the op takes it itself)")
+    q, k, v, calls = decode_sequence(group=2, seed=4, pads=(0, 3), prompt=12, steps=8)
+    spec = spec_for("adore", 6, kv_bits)
+    buffer = fc.allocate(spec, "cpu")
+    for lo, hi, mask in calls[:-1]:
+        fixed_step(spec, buffer, q[:, :, lo:hi], torch.arange(lo, hi), k[:, :, lo:hi], v[:, :, lo:hi], mask)
+    lo, hi, mask = calls[-1]
+    state = packed.views(buffer, spec.layout)
+    storage = general_format(spec).storage
+    new_k = k[:, :, lo:hi]
+    hot_k, _ = storage.dequantize({name: state[name] for name in new_rows(storage, new_k, v[:, :, lo:hi])},
+                                  spec.budget, q.dtype)
+    pos = torch.cat([state["pos"], state["cold_pos"], torch.full_like(state["pos"][..., :1], lo)], 2)
+    wide = F.pad(mask, (0, CAPACITY - mask.shape[-1]), value=False)
+    assert (state["cold_pos"] >= 0).any() and (state["cold_pos"] < 0).any()  # released tokens and empty rows
+    fused = fused_decode_weights(q[:, :, lo:hi], hot_k, state, new_k, pos, wide, 0.25, spec)
+    assert fused is not None
+    keys = torch.cat([hot_k, dequantize_rows(state["cold_k"], state["cold_k_scale"], q.dtype), new_k], 2)
+    seen = kept_mask(wide, pos, q.shape[1], 1, CAPACITY)
+    want = key_weights(q[:, :, lo:hi], keys, torch.zeros(seen.shape).masked_fill(~seen, -torch.inf), 0.25, mean=True)
+    torch.testing.assert_close(fused, want, **SUM_ORDER)
+    assert (fused[pos < 0] == 0).all()
