@@ -129,7 +129,7 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
         w = key_weights(q[:, :, query_rows], c.k, c.bias(query_rows), fscale, mean=True)
     score = torch.where(c.is_new, w, fmt.gamma * c.score + (1 - fmt.gamma) * w).masked_fill(~c.visible, NEVER)
     key = BudgetedFormat.selection_key(fmt, c, score if static_prefill else torch.maximum(score, w))
-    kept = keep_order(key, torch.zeros_like(c.pos), c.real)[..., :budget]  # ties by candidate index
+    kept = keep_order(key, None, c.real)[..., :budget]  # ties by candidate index
     kept_real = take(c.real, kept)
     kept = kept.gather(-1, torch.where(kept_real, take(c.pos, kept), EMPTY_LAST).argsort(dim=-1, stable=True))
     kept_real = take(c.real, kept)

@@ -150,12 +150,16 @@ def pooled(w: torch.Tensor, real: torch.Tensor, pool: str, kernel: int) -> torch
     return out.reshape(B, H, C).masked_fill(~real, 0.0)
 
 
-def keep_order(key: torch.Tensor, pos: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+def keep_order(key: torch.Tensor, pos: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
     """Indices [B, H, C] of the candidates, the first kept first: ``budgeted.select``'s order (selection key
-    descending, equal keys by position) with every empty slot after the tokens."""
+    descending, equal keys by position ``pos``, or by candidate index where it is None) with every empty slot after
+    the tokens. One sort by key (two with ``pos``): a token's key of -inf (unattendable) sorts as NEVER, above the
+    empty slots' -inf and below every other key (a visible token's key is a score above NEVER, or +inf)."""
+    key = torch.where(real, key.masked_fill(key == -math.inf, NEVER), -math.inf)
+    if pos is None:
+        return key.argsort(dim=-1, descending=True, stable=True)
     order = pos.argsort(dim=-1, stable=True)
-    order = order.gather(-1, key.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
-    return order.gather(-1, (~real).gather(-1, order).to(torch.int32).argsort(dim=-1, stable=True))
+    return order.gather(-1, key.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
 
 
 def slot_names(state: State) -> list[str]:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import pytest
@@ -29,7 +30,7 @@ from lowering.formats import fixed_capacity as fc
 from lowering.formats import launch
 from lowering.formats.budgeted import gather_model_mask, key_weights
 from lowering.formats.fixed_adore import fused_decode_weights
-from lowering.formats.fixed_budgeted import asl_store_layout, general_format, kept_mask, new_rows
+from lowering.formats.fixed_budgeted import asl_store_layout, general_format, keep_order, kept_mask, new_rows
 from lowering.storage.int8 import dequantize_rows
 
 KV_BITS = (16, 8, "fp8", 4, "aligned")
@@ -296,3 +297,21 @@ def test_adore_fused_decode_weights_are_the_torch_paths(kv_bits):
     want = key_weights(q[:, :, lo:hi], keys, torch.zeros(seen.shape).masked_fill(~seen, -torch.inf), 0.25, mean=True)
     torch.testing.assert_close(fused, want, **SUM_ORDER)
     assert (fused[pos < 0] == 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), width=st.integers(1, 40), with_pos=st.booleans())
+def test_keep_order_is_the_stable_sorts_of_select(data, width, with_pos):
+    """keep_order's one sort (two with positions) against the three stable sorts it stands for: by position, by key
+    descending, empty slots last; on keys with ties, -inf (unattendable tokens and empty slots), +inf (protected) and
+    NEVER-free scores, positions with ties."""
+    values = st.sampled_from([-math.inf, math.inf, 0.0, 0.5, 1.0, 2.5, -3.0])
+    key = torch.tensor([data.draw(values) for _ in range(width)]).view(1, 1, width)
+    real = torch.tensor([data.draw(st.booleans()) for _ in range(width)]).view(1, 1, width)
+    key = torch.where(real, key, -math.inf)  # an empty slot's key is -inf (not visible)
+    pos = torch.tensor([data.draw(st.integers(0, 5)) for _ in range(width)]).view(1, 1, width)
+    by = pos if with_pos else torch.zeros_like(pos)
+    order = by.argsort(dim=-1, stable=True)
+    order = order.gather(-1, key.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+    want = order.gather(-1, (~real).gather(-1, order).to(torch.int32).argsort(dim=-1, stable=True))
+    assert torch.equal(keep_order(key, pos if with_pos else None, real), want)
