@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
 import re
 import subprocess
@@ -34,6 +35,12 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "lowering", "attention")]  # the hopper compile test
+os.environ.pop("TRITON_INTERPRET", None)  # compiled for sm_90: the kernels below are defined for the GPU
+
+import triton  # noqa: E402
+from test_kernels_compile_for_hopper import CASES, compile_kernel  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from lowering.attention.decode import int4_fragments as frag  # noqa: E402
 
@@ -42,15 +49,18 @@ INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.
 Instruction = tuple[int, str, str, str]  # address, predicate ("" or "@!P5 "), opcode, operands
 
 
-def sass(cubin: bytes) -> str:
-    """cuobjdump -sass of a cubin, with the cuobjdump that Triton bundles."""
-    import triton
-
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """The output of the cuobjdump that Triton bundles, with ``flag``, on a cubin."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([tool, "-sass", f.name], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], check=True, capture_output=True, text=True).stdout
+
+
+def sass(cubin: bytes) -> str:
+    """cuobjdump -sass of a cubin."""
+    return cuobjdump(cubin, "-sass")
 
 
 def instructions(text: str) -> list[Instruction]:
@@ -102,10 +112,6 @@ def launch_specialization(case: str, constants: dict) -> tuple[dict, list[str]]:
     [B, 1, 1, L] mask): integer arguments equal to 1 become constants (q_len, the mask's key stride), pointers
     and strides multiples of 16 get the divisibility that lets loads vectorize and pipeline as cp.async.
     Without it every code byte is a separate unpipelined LDG. Returns (constants, divisible arguments)."""
-    import importlib
-
-    from test_kernels_compile_for_hopper import CASES
-
     path = CASES[case][0]
     module, attr = path.split(":")
     names = getattr(importlib.import_module(module), attr).arg_names
@@ -119,15 +125,12 @@ def launch_specialization(case: str, constants: dict) -> tuple[dict, list[str]]:
 def compile_fragments(head_dim: int, options=None, overrides=None):
     """The int4 fragment kernel for sm_90 as its launcher specializes it: bf16, GQA 4, a per-key additive mask of
     key stride 1, split partials, pointers and strides multiples of 16 (``lowering/attention/decode/fragments.py``)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     kernel = frag.int4_decode_kernel
     pointers = dict(Q="*bf16", K="*u8", V="*u8", Mask="*bf16", Out="*bf16", Part="*fp32", KS="*bf16", VS="*bf16",
                     KZ="*bf16", VZ="*bf16", KR="*bf16", VR="*bf16")
-    constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=2, SPLIT_OUTPUT=True, stride_mn=1,
-                     **frag.constants(head_dim), **(overrides or {}))
+    constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=2, SPLIT_OUTPUT=True, stride_mn=1, PREFETCH=False,
+                     **frag.constants(head_dim))
+    constants.update(overrides or {})
     signature = {a: pointers.get(a, "constexpr" if a in constants else "fp32" if a == "sm_scale" else "i32")
                  for a in kernel.arg_names}
     divisible = [a for a in kernel.arg_names if a in pointers or (a.startswith("stride_") and a not in constants)]
@@ -138,13 +141,7 @@ def compile_fragments(head_dim: int, options=None, overrides=None):
 
 def registers(cubin: bytes) -> str:
     """cuobjdump -res-usage's line for the kernel (registers, stack, shared)."""
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+    out = cuobjdump(cubin, "-res-usage")
     return next((line.strip() for line in out.splitlines() if "REG:" in line), "")
 
 
@@ -158,8 +155,6 @@ def parse_value(text: str):
 
 
 def main(argv=None) -> None:
-    from test_kernels_compile_for_hopper import CASES, compile_kernel
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", nargs="?", help="a key of the hopper test's CASES (none: list them)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -207,5 +202,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.pop("TRITON_INTERPRET", None)
     main()
