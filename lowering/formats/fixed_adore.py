@@ -34,13 +34,13 @@ from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.operands import KeySegment
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
-from lowering.formats import launch
 from lowering.formats.budgeted import NEVER, BudgetedFormat, key_weights, take, visible_tokens
 from lowering.formats.fixed_budgeted import (
     EMPTY_LAST,
     FixedCandidates,
     attend_slots,
     causal_first,
+    fused_weights,
     general_format,
     keep_order,
     kept_mask,
@@ -81,9 +81,8 @@ def fused_decode_weights(q, hot_k, state: State, new_k, pos, mask, scale: float,
     read as their int8 codes and scales, never dequantized into a tensor (the general path's CUDA scoring,
     ``Adore.key_segments``); the mask at the candidates' positions ``pos`` with empty entries hidden
     (``kept_mask``). None where the kernel does not take the step (the torch path's weights then)."""
-    columns = kept_mask(mask, pos, q.shape[1], q.shape[2], spec.capacity)
     segments = [KeySegment(hot_k), KeySegment(state["cold_k"], state["cold_k_scale"]), KeySegment(new_k)]
-    return launch.candidate_weights(q, segments, columns, scale, mean=True)
+    return fused_weights(q, segments, pos, mask, scale, spec, mean=True)
 
 
 def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, scale, spec: FixedCacheSpec,

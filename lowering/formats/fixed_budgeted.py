@@ -260,11 +260,17 @@ def fused_step_weights(q, state: State, slots: State, positions, new_k, mask, sc
     ``kept_mask``) and the new token's column; None where it does not apply (the torch path's weights then)."""
     if set(slots) != {"k", "v"} or slots["k"].dtype != q.dtype:
         return None
-    Hq, Lq = q.shape[1], q.shape[2]
-    new_pos = positions.view(1, 1, 1).expand(new_k.shape[0], new_k.shape[1], 1)
-    columns = torch.cat([kept_mask(mask, state["pos"], Hq, Lq, spec.capacity),
-                         gather_model_mask(mask, new_pos, Hq, Lq, spec.capacity)], -1)
-    return launch.candidate_weights(q, [KeySegment(slots["k"]), KeySegment(new_k)], columns, scale)
+    pos = torch.cat([state["pos"], positions.view(1, 1, 1).expand(new_k.shape[0], new_k.shape[1], 1)], 2)
+    return fused_weights(q, [KeySegment(slots["k"]), KeySegment(new_k)], pos, mask, scale, spec)
+
+
+def fused_weights(q, segments: list[KeySegment], pos, mask, scale: float, spec: FixedCacheSpec, *,
+                  mean: bool = False) -> torch.Tensor | None:
+    """Weights of a decode step's candidates, fp32 [B, Hkv, C], by the fused scoring kernel over their keys in column
+    ``segments``, under the model's mask at their positions ``pos`` [B, Hkv, C] (EMPTY entries hidden,
+    ``kept_mask``); None where the kernel does not take the step."""
+    columns = kept_mask(mask, pos, q.shape[1], q.shape[2], spec.capacity)
+    return launch.candidate_weights(q, segments, columns, scale, mean=mean)
 
 
 def decode_candidates(fmt, q, state: State, slots: State, positions, new_k, mask, scale: float, spec: FixedCacheSpec,

@@ -174,6 +174,18 @@ def _value_codes(pairs, HALF: gl.constexpr):
 
 
 @gluon.jit
+def _key_words(k_words, k_off, n0, HALF: gl.constexpr):
+    """The code words of the 32-key tile at key n0 (rows of HALF / 4 words), at ``k_off`` (``key_words_layout``)."""
+    return gl.load(k_words + n0 * (HALF // 4) + k_off)
+
+
+@gluon.jit
+def _value_words(v_words, v_off, n0, HALF: gl.constexpr):
+    """The value words of the 32-key tile at key n0 (two 16-token blocks of HALF * 4 words), at ``v_off``."""
+    return gl.load(v_words + (n0 // 16) * (HALF * 4) + v_off)
+
+
+@gluon.jit
 def _first_rows(x):
     """x [16, N] -> rows 0..7 [8, N] (rows 8..15 of an MMA with <= 8 real rows are padding)."""
     a, b = gl.split(gl.permute(gl.reshape(x, [2, 8, x.shape[1]]), (1, 2, 0)))
@@ -301,10 +313,10 @@ def int4_decode_kernel(
             k_raw = k_next
             v_now = v_next
             n_next = gl.minimum(n0 + TILE, last)
-            k_next = gl.load(k_words + n_next * (HALF // 4) + k_off)
-            v_next = gl.load(v_words + (n_next // 16) * (HALF * 4) + v_off)
+            k_next = _key_words(k_words, k_off, n_next, HALF)
+            v_next = _value_words(v_words, v_off, n_next, HALF)
         else:
-            k_raw = gl.load(k_words + n0 * (HALF // 4) + k_off)
+            k_raw = _key_words(k_words, k_off, n0, HALF)
         words = _swap_middle_bytes(k_raw)
         k_lo, k_hi = gl.split(gl.permute(_pairs(words, magic), (2, 3, 1, 0, 4)))  # [w, p, t, key] x (lo, hi)
         grp = (bh * (rows_cap // TILE) + n0 // TILE) * HEAD_DIM
@@ -318,7 +330,7 @@ def int4_decode_kernel(
         if PREFETCH:
             vw = v_now
         else:
-            vw = gl.load(v_words + (n0 // 16) * (HALF * 4) + v_off)
+            vw = _value_words(v_words, v_off, n0, HALF)
         v_lo, v_hi = gl.split(gl.permute(_pairs(vw, magic), (1, 2, 3, 0, 5, 4, 6)))  # [mt, r, g, blk, p, t] x halves
         m_i, l_i, min_i, acc_lo, acc_hi = _attend_tile(
             s, n < end, _value_codes(v_lo, HALF), _value_codes(v_hi, HALF), v_scale, v_min, m_i, l_i, min_i, acc_lo,

@@ -12,8 +12,13 @@ from test_schemes import DEVICE, check_scheme, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing import make_problem
-from lowering.core.operands import int4_fragments_serve
+from lowering.attention.decode.launcher import DecodeAttentionConfig, packed_config
+from lowering.core.operands import KV_INT4, KVOperands, int4_fragments_serve
+from lowering.core.packed import allocate
+from lowering.formats.budgeted import per_token
 from lowering.storage import SCHEMES
+from lowering.storage.int4_codes import pack_nibbles, quantize_groups, unpack_nibbles
+from lowering.storage.int4_rows import Int4Rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 G = SCHEMES["4"].group
@@ -42,7 +47,6 @@ def test_residual_tokens_are_stored_exactly_and_a_filled_group_is_quantized():
 @pytest.mark.parametrize("dim", [1, 2, 3, 16, 33, 128])
 def test_a_byte_holds_channel_j_and_channel_j_plus_half(dim):
     """The layout the kernel reads (int4_tiles): byte j = channel j | channel j + ceil(D / 2) << 4, 0 past D."""
-    from lowering.storage.int4_codes import pack_nibbles, unpack_nibbles
 
     codes = torch.randint(0, 16, (2, 3, dim), dtype=torch.uint8, generator=torch.Generator().manual_seed(dim))
     packed = pack_nibbles(codes)
@@ -58,7 +62,6 @@ def test_a_byte_holds_channel_j_and_channel_j_plus_half(dim):
 def test_value_words_hold_the_key_pairs_of_the_mma_operand(chunks):
     """The value layout the kernel reads (int4_tiles._value_tile): 16-token blocks [quant / 16, ceil(D / 2), 16],
     int32 word q of a block's byte row holding tokens 2q, 2q + 8, 2q + 1, 2q + 9 in its bytes 0..3."""
-    from lowering.storage.int4_codes import pack_nibbles, quantize_groups
 
     v = torch.randn(1, 2, 2 * G, 24, generator=torch.Generator().manual_seed(7))
     state = pack(SCHEMES["4"], torch.randn(1, 2, 2 * G, 24), v, chunks=chunks)
@@ -75,7 +78,6 @@ def test_value_words_hold_the_key_pairs_of_the_mma_operand(chunks):
 # The rule's one-group tiles, half-group tiles, and a config asking for 2 groups (the launcher caps it at one).
 @pytest.mark.parametrize("block_n", [None, G // 2, 2 * G])
 def test_kernel_across_the_residual_boundary(length, chunks, block_n):
-    from lowering.attention.decode.launcher import DecodeAttentionConfig
 
     problem = make_problem(batch=2, q_heads=8, kv_heads=2, q_len=1, kv_len=length, head_dim=64, mask="bool",
                            left_pad=(0, length // 2), dtype=torch.float16, distribution="outlier_channels",
@@ -94,7 +96,6 @@ def test_kernel_scoring_keys_by_the_folded_split(problem, block_n):
     """The split path (16-bit dtypes, D > 32, <= 8 query rows per KV head): keys scored by int8 MMAs of the query
     folded with each group's scales, against the float64 oracles over the exact keys with the scheme's score bound
     (check_scheme); GQA and speculative rows (1 to 8 fold rows), masks, residual windows, half-group tiles."""
-    from lowering.attention.decode.launcher import DecodeAttentionConfig
     group = problem.q_heads // problem.kv_heads
     assume(SCHEMES["4"].splits_query(problem.dtype, problem.head_dim, group * problem.q_len))
     assume(not int4_fragments_serve(problem.dtype, problem.head_dim, group, problem.q_len))
@@ -105,8 +106,6 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
     """The scheme offers it at 16-bit dtypes with D > 32 (int8 MMAs over a channel half) and <= 8 query rows per KV
     head (with more the fold costs more than the dequantization it saves); the launcher's int4 rule takes it in
     every regime (bench/RESULTS.md, session 11)."""
-    from lowering.attention.decode.launcher import packed_config
-    from lowering.core.operands import KV_INT4, KVOperands
 
     scheme = SCHEMES["4"]
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
@@ -135,9 +134,6 @@ def test_the_folded_split_is_taken_where_the_scheme_and_the_rule_offer_it():
 def test_per_token_rows_round_trip_within_their_bound(length, dim, dtype, kind, seed):
     """int4 under a token policy (``int4_rows.py``): per-token rows, appended in two parts, give back every
     element within scale / 2 + roundings of the float64 input, and move with the kept tokens (per-token)."""
-    from lowering.core.packed import allocate
-    from lowering.formats.budgeted import per_token
-    from lowering.storage.int4_rows import Int4Rows
 
     scheme = Int4Rows()
     assert per_token(scheme)
