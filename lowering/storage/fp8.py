@@ -39,8 +39,6 @@ class Fp8(Int8):
     code_max = E4M3_MAX  # the append kernel's e4m3 path (lowering/attention/append/kernel.py: FP8)
     # e4m3's error is relative to each element, not to the row's largest: a rotation would not shrink it.
     rotation = False
-    # Row-major values: the token-blocked kernel reads the unwritten tail of a last block, and e4m3 bytes can be NaN.
-    blocked_values = False
 
     def error_bound(self, state: State, length: int, dtype):
         k, v = self.dequantize(state, length, dtype)

@@ -192,6 +192,7 @@ class Int8:
         q, scale = self.quantize(self.stored_rows(x))
         if self._blocked(name):
             token_blocks.write_rows(out[name], start, q)
+            token_blocks.clear_tail(out[name], start + q.shape[2])
         else:
             out[name][:, :, start:].copy_(q)
         out[name + "_scale"][:, :, start:].copy_(scale)

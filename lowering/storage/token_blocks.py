@@ -8,7 +8,8 @@ row-major: their reduction dimension is the channels.
 
 A token's row is D bytes at stride T (at slot ``slots[t % T]`` of its block where a format orders its tokens:
 int4's values, ``Int4Kivi.VALUE_SLOTS``); the last block of a length that is not a multiple of T is partly
-filled (its other bytes are never read: the kernel masks keys past the length). Host code moves rows
+filled: the kernel masks keys past the length, but reads their bytes, so int8 / fp8 writes leave them zero
+(``clear_tail``, and the append kernel alike; fixed-capacity buffers start zeroed). Host code moves rows
 through ``write_rows`` / ``read_rows``; kernels compute the same offsets
 (``lowering/attention/append/kernel.py``, ``lowering/attention/decode/packed_tiles.py``).
 """
@@ -55,6 +56,14 @@ def write_rows(section: torch.Tensor, start: int, rows: torch.Tensor, slots=None
     if section.dtype in MOVED_AS_BYTES:
         section, rows = section.view(torch.uint8), rows.view(torch.uint8)
     _rows_view(section)[:, :, tokens // TOKENS, slot] = rows
+
+
+def clear_tail(section: torch.Tensor, length: int) -> None:
+    """Zero the tokens of the last block past ``length`` (a block's slots in token order: int8 / fp8 codes): what
+    the decode kernel reads there then is finite (fp8 bytes can be NaN, which a weight of 0 does not cancel)."""
+    if length % TOKENS:
+        raw = section.view(torch.uint8) if section.dtype in MOVED_AS_BYTES else section
+        raw[:, :, length // TOKENS, :, length % TOKENS:] = 0
 
 
 def read_rows(section: torch.Tensor, length: int, slots=None) -> torch.Tensor:

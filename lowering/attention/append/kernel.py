@@ -31,7 +31,8 @@ def quantize_rows_append_kernel(
     BLOCK_D: tl.constexpr,
     ROTATE_STAGES: tl.constexpr = 0,  # rows stored rotated: x H 2^-shift first (lowering/core/rotation.py); 0: none
     ROTATE_SHIFT: tl.constexpr = 0,
-    ROW_BLOCK: tl.constexpr = 0,  # codes in blocks of this many tokens, token-minor (stride_cn: a block's); 0: rows
+    ROW_BLOCK: tl.constexpr = 0,  # codes in blocks of this many tokens, token-minor (stride_cn: a block's); 0: rows;
+    # the last row's program zeroes the rest of its block (``lowering.storage.token_blocks.clear_tail``)
     START_IN_MEMORY: tl.constexpr = False,  # ``start`` points to an int64 on the device (a fixed-capacity cache)
     FP8: tl.constexpr = False,  # float8 e4m3 codes (Codes: their bytes as int8): x / scale clamped to +-QMAX (448)
 ):
@@ -55,9 +56,15 @@ def quantize_rows_append_kernel(
         row = tl.load(start).to(tl.int64) + t
     else:
         row = start + t
+    c_base = Codes + b * stride_cb + h * stride_ch
     if ROW_BLOCK:
         c_off = (row // ROW_BLOCK) * stride_cn + row % ROW_BLOCK + d * ROW_BLOCK
+        if t == new_rows - 1:
+            slot = tl.arange(0, ROW_BLOCK)
+            tail = c_base + (row // ROW_BLOCK) * stride_cn + slot[:, None] + d[None, :] * ROW_BLOCK
+            past = (slot > row % ROW_BLOCK)[:, None] & ok[None, :]
+            tl.store(tail, tl.zeros([ROW_BLOCK, BLOCK_D], dtype=tl.int8), mask=past)
     else:
         c_off = row * stride_cn + d
-    tl.store(Codes + b * stride_cb + h * stride_ch + c_off, code, mask=ok)
+    tl.store(c_base + c_off, code, mask=ok)
     tl.store(Scales + b * stride_sb + h * stride_sh + row * stride_sn, scale)

@@ -15,7 +15,10 @@ code is shared; values from ``lowering.core.operands``). K/V tiles are loaded in
 
 - ``KV_SCALED_ROWS``: int8 or fp8 codes [B, Hkv, L, D] times a per-token fp32 scale (``lowering/storage/int8.py``,
   ``fp8.py``). s_j = (q . c_j) * (scale_k[j] * sm_scale); the value scale folds into the weights,
-  acc += (p * scale_v) @ c_v, so the kernel attends over the exact products code * scale. ``SPLIT_QUERY``
+  acc += (p * scale_v) @ c_v, so the kernel attends over the exact products code * scale. ``F16_CODES`` (fp8
+  codes under a bf16 query): both MMAs in fp16, since e4m3 converts to fp16 in one instruction per pair and to
+  bf16 only through fp32; the query and the weights p * scale_v enter fp16 scaled per row by powers of two
+  (``lowering.attention.device.fixed_point.f16_rows``), undone on the fp32 products. ``SPLIT_QUERY``
   (int8 codes): q ~ step * (256 hi + lo) with int8 hi, lo (``lowering.attention.device.fixed_point.split_query``),
   scores from two int8 MMAs with exact int32 sums (error bound: ``Int8.kernel_query_error``). ``VALUE_BLOCK``:
   values in 16-token blocks, token-minor (``lowering/storage/token_blocks.py``), read as the P @ V operand.
@@ -38,7 +41,7 @@ import triton.language as tl
 
 from lowering.attention.decode import int4_keys, int4_tiles
 from lowering.attention.decode.packed_tiles import load_aligned, load_aligned_low, load_code_blocks, load_codes
-from lowering.attention.device.fixed_point import split_query
+from lowering.attention.device.fixed_point import f16_rows, split_query
 from lowering.attention.device.merge import part_offsets
 from lowering.attention.device.reductions import mma, reduce_max, reduce_sum
 from lowering.attention.device.rotation import rotate, signs
@@ -89,6 +92,7 @@ def decode_attention_split_kernel(
     VALUE_BLOCK: tl.constexpr = 0,  # KV_SCALED_ROWS: values in token blocks of this size (stride_vn: a block's)
     SPLIT_QUERY: tl.constexpr = False,  # int8 codes / KV_INT4: key scores by int8 MMAs of the query's split
     FOLD_ROWS: tl.constexpr = 16,  # KV_INT4 with SPLIT_QUERY: rows folded (power of two >= GROUP * Lq, <= BLOCK_M)
+    F16_CODES: tl.constexpr = False,  # KV_SCALED_ROWS, fp8 codes, bf16 query: the MMAs in fp16 (module docstring)
 ):
     tl.static_assert(BLOCK_M >= 16, "tl.dot needs at least 16 rows")
     tl.static_assert(BLOCK_N >= 16, "tl.dot needs at least 16 keys")
@@ -135,6 +139,9 @@ def decode_attention_split_kernel(
             q = (q_h * (1.0 / (1 << ROTATE_SHIFT))).to(dtype)
         else:
             q = rotate(q, BLOCK_M, BLOCK_D, ROTATE_STAGES, ROTATE_SHIFT).to(dtype)
+    if F16_CODES:
+        q, q_unscale = f16_rows(q.to(tl.float32))
+    code_dtype = tl.float16 if F16_CODES else dtype  # what KV_SCALED_ROWS codes convert to for the MMAs
     if SPLIT_QUERY and KV_FORMAT == KV_SCALED_ROWS:  # transposed once: the key tile is the MMA's left operand (smem)
         q_hi, q_lo, q_step = split_query(q)
         q_hi = tl.trans(q_hi)
@@ -210,8 +217,10 @@ def decode_attention_split_kernel(
                 s_fixed = tl.dot(kc, q_hi, out_dtype=tl.int32) * 256 + tl.dot(kc, q_lo, out_dtype=tl.int32)
                 s = tl.trans(s_fixed).to(tl.float32) * q_step[:, None] * (k_scale * sm_scale)[None, :]
             else:
-                k = load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, dtype, UPCAST_DOT)
+                k = load_codes(k_base, n, kv_ok, d, d_ok, stride_kn, code_dtype, UPCAST_DOT)
                 s = mma(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * (k_scale * sm_scale)[None, :]
+                if F16_CODES:
+                    s = s * q_unscale[:, None]
         elif KV_FORMAT == KV_INT4:
             tl.static_assert(QUANT_GROUP % BLOCK_N == 0 and VALUE_BLOCK == 16, "int4: tiles in one key group")
             s = int4_tiles.key_scores(q_lo, q_hi, fold_lo, fold_hi, KS, KZ, KR, k_base, bh64, n0, n, kv_ok, h,
@@ -291,10 +300,10 @@ def decode_attention_split_kernel(
                 # The value scale folds into the weights: acc += (p * scale_v) @ c_v, one rounding of
                 # p * scale_v to the dtype in place of the rounding of p.
                 if VALUE_BLOCK:
-                    v = load_code_blocks(v_base, n0, end, d, d_ok, stride_vn, dtype, UPCAST_DOT, BLOCK_N, BLOCK_D,
-                                          VALUE_BLOCK)
+                    v = load_code_blocks(v_base, n0, end, d, d_ok, stride_vn, code_dtype, UPCAST_DOT, BLOCK_N,
+                                          BLOCK_D, VALUE_BLOCK)
                 else:
-                    v = load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, dtype, UPCAST_DOT)
+                    v = load_codes(v_base, n, kv_ok, d, d_ok, stride_vn, code_dtype, UPCAST_DOT)
                 v_scale = tl.load(VS + bh64 * rows_cap + n, mask=kv_ok, other=0.0)
                 if FOLD_V_SCALE:
                     p_v = p * v_scale[None, :]
@@ -305,7 +314,11 @@ def decode_attention_split_kernel(
             else:
                 v = tl.load(v_base + n[:, None] * stride_vn + d[None, :], mask=kv_ok[:, None] & d_ok[None, :],
                             other=0.0)
-            acc = acc * alpha[:, None] + mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
+            if F16_CODES:
+                p_f16, p_unscale = f16_rows(p_v)
+                acc = acc * alpha[:, None] + mma(p_f16, v, DOT_PRECISION, UPCAST_DOT) * p_unscale[:, None]
+            else:
+                acc = acc * alpha[:, None] + mma(p_v.to(dtype), v, DOT_PRECISION, UPCAST_DOT)
             m_i = m_new
 
     if KV_FORMAT == KV_ALIGNED:

@@ -384,6 +384,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
                 VALUE_BLOCK=kv.value_block, SPLIT_QUERY=split_query,
                 FOLD_ROWS=min(block_m, next_power_of_2(group * q_len)),
+                F16_CODES=f16_codes(q, kv, split_query),
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.
@@ -404,6 +405,12 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
             return launch(q, kv, attn_mask, scale, is_causal, out=out, config=config)
         _merge(part, out, rows, num_splits, head_dim, block_d, config, rotation)
     return out
+
+
+def f16_codes(q: torch.Tensor, kv: KVOperands, split_query: bool) -> bool:
+    """Whether the split kernel takes its ``F16_CODES`` path: fp8 codes under a bf16 query (not split)."""
+    return (kv.kv_format == KV_SCALED_ROWS and kv.k.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
+            and not split_query)
 
 
 def _partials(rows: int, num_splits: int, head_dim: int, out: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Rounding to integers in fp32 and int8's 16-bit split of the query: device code only."""
+"""Rounding to integers in fp32, int8's 16-bit split of the query, fp16 rows scaled by powers of two: device code
+only."""
 
 import triton
 import triton.language as tl
@@ -10,6 +11,7 @@ ROUND_MAGIC = tl.constexpr(12582912.0)
 # y + 1.5 * 2^52 - 1.5 * 2^52 rounds float64 |y| < 2^51 to the nearest integer (ties to even).
 ROUND_MAGIC_F64 = tl.constexpr(6755399441055744.0)
 SPLIT_QUERY_MAX = tl.constexpr(32512.0)  # |Q| <= 32512 + 1: hi = (Q + 128) >> 8 stays within int8
+F16_TOP_EXPONENT = tl.constexpr(14)  # f16_rows: a row's largest |x| lands in [2^14, 2^15), below fp16's 65504
 
 
 @triton.jit
@@ -39,3 +41,21 @@ def e4m3_bits(y):
     a = a_bits.to(tl.float32, bitcast=True)
     subnormal = ((a * 512.0 + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int32)
     return tl.where(a < 0.015625, subnormal, normal) | sign
+
+
+@triton.jit
+def pow2(e):
+    """2^e as fp32 for int32 e in [-126, 127], exactly (the exponent field alone)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def f16_rows(x):
+    """fp32 x [M, N] -> (x 2^e [M, N] in fp16, 2^-e [M] fp32), e per row: the power of two that puts the row's largest
+    |x| in [2^14, 2^15), the top of fp16's range (e from the exponent field, clamped to [-126, 126]; rows of zeros
+    take 126). A bf16 element converts exactly unless it is below 2^-28 of its row's largest (fp16's subnormals:
+    spacing 2^-24, 2^-38 of the largest); an fp32 one rounds once to 11 significant bits."""
+    x_max = reduce_max(tl.abs(x), axis=1)
+    floor_log2 = ((x_max.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(F16_TOP_EXPONENT - floor_log2, -126), 126)
+    return (x * pow2(e)[:, None]).to(tl.float16), pow2(-e)

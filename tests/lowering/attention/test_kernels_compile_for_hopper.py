@@ -29,7 +29,8 @@ CASES = {
     "quantize rows, rotated": (
         "lowering.attention.append.kernel:quantize_rows_append_kernel",
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32"},
-        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, START_IN_MEMORY=False, FP8=False)),
+        dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=0,
+             START_IN_MEMORY=False, FP8=False)),
     "decode split, rotated, one split": (
         "lowering.attention.decode.kernel:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=False)),
@@ -45,6 +46,9 @@ CASES = {
     "decode split, head dim 16 (no split query), masked": (
         "lowering.attention.decode.kernel:decode_attention_split_kernel", None,
         dict(SPLIT_OUTPUT=True, HEAD_DIM=16, BLOCK_D=16, ROTATE_STAGES=4, ROTATE_SHIFT=2, SPLIT_QUERY=False)),
+    "decode split, fp8, fp16 MMAs, token-blocked values": (
+        "lowering.attention.decode.kernel:decode_attention_split_kernel", {"K": "*fp8e4nv", "V": "*fp8e4nv"},
+        dict(SPLIT_OUTPUT=True, ROTATE_STAGES=0, ROTATE_SHIFT=0, SPLIT_QUERY=False, F16_CODES=True)),
     # int4 (KIVI): one-group tiles of the launcher's rule, HF's per-key additive mask, bf16 and fp16 (dequantized
     # value tiles); keys by the folded query's split (GQA 4: 4 fold rows), and dequantized (the path of fp32, of
     # D <= 32 and of more than 8 query rows per KV head).
@@ -71,6 +75,11 @@ CASES = {
         {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32", "start": "*i64"},
         dict(QMAX=127.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=7, ROTATE_SHIFT=3, ROW_BLOCK=16,
              START_IN_MEMORY=True, FP8=False)),
+    "quantize rows into token blocks, fp8 e4m3, at a device position": (
+        "lowering.attention.append.kernel:quantize_rows_append_kernel",
+        {"X": "*bf16", "Codes": "*i8", "Scales": "*fp32", "start": "*i64"},
+        dict(QMAX=448.0, HEAD_DIM=128, BLOCK_D=128, ROTATE_STAGES=0, ROTATE_SHIFT=0, ROW_BLOCK=16,
+             START_IN_MEMORY=True, FP8=True)),
     # one decode token into an int4 cache of fixed capacity (constexpr dtypes as "tl.<name>")
     "int4 decode append, bf16": (
         "lowering.attention.append.int4_kernel:int4_decode_append_kernel", dict(INT4_APPEND_POINTERS),
@@ -97,10 +106,11 @@ CASES = {
 SPLIT_POINTERS = {"Q": "*bf16", "K": "*i8", "V": "*i8", "Mask": "*u8", "Out": "*bf16", "Part": "*fp32",
                   "KS": "*fp32", "VS": "*fp32", "KZ": "*bf16", "VZ": "*bf16", "KR": "*bf16", "VR": "*bf16",
                   "Stats": "*i64"}
+# int8's path: the split query, token-blocked values
 SPLIT_CONSTANTS = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=256, BLOCK_D=128, MASK_KIND=1, MASK_PER_KEY=True,
                        IS_CAUSAL=False, SKIP_MASKED_KEYS=True, DOT_PRECISION="tf32", UPCAST_DOT=False, KV_FORMAT=1,
                        QUANT_GROUP=32, FOLD_V_SCALE=True, ROTATE_STAGES=7, ROTATE_SHIFT=4, ROTATE_QUERY_BY_MMA=False,
-                       SPLIT_QUERY=True, VALUE_BLOCK=16)  # int8's path: the split query, token-blocked values
+                       SPLIT_QUERY=True, VALUE_BLOCK=16, F16_CODES=False)
 FLOAT_ARGS = {"sm_scale", "skip_error", "value_bound", "half_tau"}
 
 

@@ -16,6 +16,7 @@ in test_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (conftest.py
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ from kvpass.testing import make_problem
 from kvpass.testing.oracles import F64, grouped_matmul, reference_scores, safe_softmax
 from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
+from lowering.attention.decode import launcher
+from lowering.attention.decode.launcher import DecodeAttentionConfig
 from lowering.core.packed import allocate
 from lowering.core.rotation import rotates, shifts, signs
 from lowering.formats import launch
@@ -258,8 +261,6 @@ def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits, by_
     output back where it is written: in stage 1 with one split, in the merge with several (the rule takes
     one split at these lengths on the CPU); with the query's split for the key scores or, as the rule's
     tiny regime runs, the converted codes."""
-    from lowering.attention.decode.launcher import DecodeAttentionConfig
-
     check_scheme("8", problem, config=DecodeAttentionConfig(block_n=16, num_splits=splits, rotate_query_by_mma=by_mma,
                                                             split_query=split_query))
 
@@ -307,6 +308,61 @@ def test_round_trip_within_the_stated_step(key, problem, data):
                               distribution="large_logits", seed=727, device=DEVICE))  # an fp32 output of 1e-68
 def test_kernel_matches_float64_oracles(key, problem):
     check_scheme(key, problem)
+
+
+@needs_kernel
+@settings(max_examples=8)
+@given(problem=kt.decode_problems(head_dims=HEAD_DIMS, q_lens=st.integers(1, 2), kv_lens=st.integers(1, 100),
+                                  dtypes=(torch.bfloat16,), causal=(False,), device=DEVICE))
+# a value scale per token spread over many powers of two (zero values: scales of 0), and logits that leave most
+# weights far below fp16's normal range once scaled by the row's largest p * scale_v
+@example(problem=make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=70, head_dim=32, mask="bool",
+                              dtype=torch.bfloat16, distribution="masked_rows", seed=7, device=DEVICE))
+@example(problem=make_problem(batch=2, q_heads=8, kv_heads=2, q_len=2, kv_len=97, head_dim=64,
+                              dtype=torch.bfloat16, distribution="large_logits", seed=11, device=DEVICE))
+@example(problem=make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=70, head_dim=33,
+                              dtype=torch.bfloat16, distribution="zero_values", seed=7, device=DEVICE))
+def test_fp8_under_a_bf16_query_takes_fp16_mmas(problem):
+    """fp8 codes under a bf16 query: the split kernel's ``F16_CODES`` path (the query and the weights times value
+    scales scaled per row by powers of two into fp16) against the float64 oracles, and that it was taken."""
+    taken = []
+
+    def spy(*args):
+        taken.append(real(*args))
+        return taken[-1]
+
+    real = launcher.f16_codes
+    with mock.patch.object(launcher, "f16_codes", spy):
+        check_scheme("fp8", problem)
+    assert taken and all(taken), "the fp16 path did not serve"
+
+
+@needs_kernel
+@pytest.mark.parametrize("key", ["8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunks", [[37], [30, 1, 6], [16, 284]])
+def test_value_blocks_hold_zeros_past_the_length(key, dtype, chunks):
+    """int8 / fp8 values in token blocks: the decode kernel reads the whole last block, and fp8 bytes past the length
+    could be NaN (e4m3's 0x7F), which a weight of 0 does not cancel. Into sections filled with NaN bytes, appends
+    (the append kernel on CUDA, the host path on the CPU) leave zeros past the length in the last block, and the
+    kernel's output over them is that of a fresh pack (itself checked against the float64 oracles)."""
+    length = sum(chunks)
+    problem = make_problem(batch=2, q_heads=4, kv_heads=2, q_len=1, kv_len=length, head_dim=64, mask="bool",
+                           left_pad=(0, 5), dtype=dtype, seed=length, device=DEVICE)
+    scheme = SCHEMES[key]
+    config = DecodeAttentionConfig(block_n=64, num_splits=3 if length > 128 else 1)
+    clean = check_scheme(key, problem, config=config)
+    state, done = None, 0
+    for n in chunks:
+        buffer, out = allocate(scheme.layout(2, 2, done + n, 64, 64, dtype), DEVICE)
+        buffer.fill_(0x7F)
+        launch.append(scheme, state, done, problem.k[:, :, done:done + n], problem.v[:, :, done:done + n], out)
+        state, done = out, done + n
+    assert state["v"].dim() == 5, "values are not in token blocks"
+    past = state["v"].view(torch.uint8)[:, :, -1, :, length % token_blocks.TOKENS:]
+    assert past.numel() > 0 and not past.any(), "bytes past the length are not zero"
+    out = kernel(scheme, state, length, config=config)(problem.q, problem.k, problem.v, problem.attn_mask)
+    assert torch.equal(out, clean)
 
 
 @needs_kernel
