@@ -237,7 +237,8 @@ SWEEP_GRID = {
     "8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
     "fp8": dict(block_n=(64, 128, 256), num_warps=(4, 8), num_stages=(2, 3, 4), programs_per_sm=(1, 2, 4)),
     "4": dict(block_n=(32, 64, 128), num_warps=(2, 4, 8), num_stages=(3, 5, 7), programs_per_sm=(1, 2, 4, 8)),
-    "4-fragments": dict(num_stages=(1, 2), programs_per_sm=(4, 8, 16, 32), min_blocks_per_split=(1, 4, 16)),
+    "4-fragments": dict(num_stages=(1, 2), programs_per_sm=(8, 16, 32), min_blocks_per_split=(4, 16),
+                        whole_waves=(False, True)),
 }
 FRAGMENT_SWEEP = "4-fragments"  # its grid is the fragment kernel's split rule (launcher.FRAGMENT_CONFIG)
 

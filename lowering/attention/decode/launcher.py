@@ -52,6 +52,7 @@ class DecodeAttentionConfig:
     num_warps: int = 4
     num_stages: int = 3
     programs_per_sm: int = 2  # target stage-1 programs per SM of the split rule
+    whole_waves: bool = False  # the rule rounds the split count down, not up: programs_per_sm * SMs at most
     min_blocks_per_split: int = 4  # key blocks per split at least
     num_splits: int | None = None  # force a split count (tests, sweeps); None: the rule
     skip_masked_keys: bool = True  # skip K/V loads of keys that no row attends (masks only)
@@ -141,7 +142,10 @@ def choose_num_splits(programs_per_split: int, kv_len: int, sm_count: int,
     if config.num_splits is not None:
         wanted = config.num_splits
     else:
-        wanted = cdiv(config.programs_per_sm * sm_count, programs_per_split)
+        target = config.programs_per_sm * sm_count
+        # Rounding up overshoots a wave of resident programs (8 x 32k, one-warp programs, 8 per SM on 132 SMs:
+        # 17 splits of 64 programs, 1088 > 1056); rounding down stays within it.
+        wanted = target // programs_per_split if config.whole_waves else cdiv(target, programs_per_split)
         wanted = min(wanted, max(1, num_blocks // config.min_blocks_per_split))
     wanted = max(1, min(wanted, num_blocks, 65535))  # 65535: CUDA's limit on grid dimension 1
     blocks_per_split = cdiv(num_blocks, wanted)

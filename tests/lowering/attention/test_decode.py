@@ -196,17 +196,19 @@ def test_supported_inputs_have_no_reason(mask):
 
 @given(programs=st.integers(1, 4096), kv_len=st.integers(0, 1 << 20), sm_count=st.integers(1, 256),
        block_n=st.sampled_from((16, 32, 64, 128)), programs_per_sm=st.integers(1, 8),
-       min_blocks=st.integers(1, 8), forced=st.none() | st.integers(1, 1 << 17))
+       min_blocks=st.integers(1, 8), forced=st.none() | st.integers(1, 1 << 17), whole_waves=st.booleans())
 def test_split_rule_covers_the_cache_with_nonempty_splits(programs, kv_len, sm_count, block_n, programs_per_sm,
-                                                          min_blocks, forced):
+                                                          min_blocks, forced, whole_waves):
     config = DecodeAttentionConfig(block_n=block_n, programs_per_sm=programs_per_sm, min_blocks_per_split=min_blocks,
-                                   num_splits=forced)
+                                   num_splits=forced, whole_waves=whole_waves)
     splits, keys = choose_num_splits(programs, kv_len, sm_count, config)
     assert 1 <= splits <= 65535 and keys % block_n == 0
     assert splits * keys >= kv_len  # every key is in a split
     assert kv_len == 0 or (splits - 1) * keys < kv_len  # and no split is empty
     if forced is None:
         assert splits <= max(1, math.ceil(programs_per_sm * sm_count / programs))  # no more than the grid needs
+        if whole_waves:  # and no more programs than the target, unless one split alone exceeds it
+            assert splits == 1 or splits * programs <= programs_per_sm * sm_count
 
 
 def test_rule_picks_tiles_by_how_far_batch_times_kv_heads_fills_the_gpu():
