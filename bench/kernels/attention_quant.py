@@ -192,7 +192,7 @@ def main():
                         help="time a grid of tile configurations per scheme and shape instead (tuning the rule)")
     parser.add_argument("--grid", nargs="*", default=None, metavar="FIELD=V1,V2",
                         help="with --sweep: vary only these config fields, the rest as the rule picks them "
-                             "(e.g. block_n=32,64 num_warps=2,4)")
+                             "(e.g. block_n=32,64 num_warps=2,4; none for None: max_registers=none,168)")
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
                         help=f"D (default {HEAD_DIM}; 64: the Llama-3.2-1B shape of issue #25's D=64 targets)")
     args = parser.parse_args()
@@ -262,7 +262,8 @@ def sweep(args, env: dict, bw: float, l2_bytes: int) -> None:
             split_rule = key == FRAGMENT_SWEEP
             base = launcher.FRAGMENT_CONFIG if split_rule else DecodeAttentionConfig()
             if args.grid:
-                grid = {f: tuple(int(x) for x in vs.split(",")) for f, vs in (g.split("=") for g in args.grid)}
+                grid = {f: tuple(None if x == "none" else int(x) for x in vs.split(","))
+                        for f, vs in (g.split("=") for g in args.grid)}
                 base = base if split_rule else rule_config(scheme, q, state, kv_len)
             for values in itertools.product(*grid.values()):
                 if time.monotonic() - started > args.budget_s:

@@ -38,28 +38,33 @@ def takes(q: torch.Tensor, kv: KVOperands, attn_mask, is_causal: bool, mask_per_
     return attn_mask is None or mask_per_key
 
 
-def _key(q: torch.Tensor, num_kv_heads: int, mask_kind: int, split_output: bool, prefetch: bool) -> tuple:
-    return (q.device, q.shape[-1], q.shape[1] // num_kv_heads, mask_kind, split_output, prefetch)
+def _key(q: torch.Tensor, num_kv_heads: int, mask_kind: int, split_output: bool, prefetch: bool,
+         max_registers: int | None) -> tuple:
+    return (q.device, q.shape[-1], q.shape[1] // num_kv_heads, mask_kind, split_output, prefetch, max_registers)
 
 
-def failed(q: torch.Tensor, kv: KVOperands, mask_kind: int, num_splits: int, prefetch: bool) -> bool:
+def failed(q: torch.Tensor, kv: KVOperands, mask_kind: int, num_splits: int, prefetch: bool,
+           max_registers: int | None = None) -> bool:
     """Whether the kernel already failed to compile for these constants (the caller goes straight to Triton)."""
-    return _key(q, kv.k.shape[1], mask_kind, num_splits > 1, prefetch) in _FAILED
+    return _key(q, kv.k.shape[1], mask_kind, num_splits > 1, prefetch, max_registers) in _FAILED
 
 
 def launch(q: torch.Tensor, kv: KVOperands, mask: torch.Tensor | None, mask_kind: int, mask_strides, scale: float,
-           out: torch.Tensor, part: torch.Tensor, num_splits: int, keys_per_split: int, prefetch: bool) -> bool:
+           out: torch.Tensor, part: torch.Tensor, num_splits: int, keys_per_split: int, prefetch: bool,
+           max_registers: int | None = None) -> bool:
     """Stage 1 of the attention of q [B, Hq, 1, D] over the int4 operands: the final rows into ``out`` for one split,
     else the partial states into ``part`` (the decode launcher's buffer and stage 2; its split rule,
     ``launcher.FRAGMENT_CONFIG``). False where the kernel fails to compile for these constants (nothing launched:
     the caller takes the Triton kernel; ``failed`` then says so before a launch). ``mask``: the launcher's view of
     the model's mask (bool as bytes) with ``mask_strides`` [B, Hq, Lq, L]'s, or None. ``prefetch``: the kernel's
-    ``PREFETCH`` (the next tile's words loaded before this tile's arithmetic)."""
+    ``PREFETCH`` (the next tile's words loaded before this tile's arithmetic); ``max_registers``: ptxas's cap per
+    thread (fewer registers, more resident warps per SM; None: the compiler's choice)."""
     batch, heads, _, head_dim = q.shape
     num_kv_heads = kv.k.shape[1]
     group = heads // num_kv_heads
     split_output = num_splits > 1
-    key = _key(q, num_kv_heads, mask_kind, split_output, prefetch)
+    key = _key(q, num_kv_heads, mask_kind, split_output, prefetch, max_registers)
+    options = {} if max_registers is None else {"maxnreg": max_registers}
     ks, vs = kv.k.stride(), kv.v.stride()
     stride_mb, stride_mn = (0, 0) if mask is None else (mask_strides[0], mask_strides[3])
     try:
@@ -70,7 +75,7 @@ def launch(q: torch.Tensor, kv: KVOperands, mask: torch.Tensor | None, mask_kind
                 num_kv_heads, kv.kv_len, keys_per_split, scale, kv.quant_len, kv.rows_cap or kv.quant_len,
                 kv.res_cap or kv.res_len,
                 GROUP=group, HEAD_DIM=head_dim, MASK_KIND=mask_kind, SPLIT_OUTPUT=split_output, PREFETCH=prefetch,
-                num_warps=1, **int4_fragments.constants(head_dim))
+                num_warps=1, **options, **int4_fragments.constants(head_dim))
     except Exception as error:  # a compile failure falls back; anything else is a bug to see
         if not is_compile_failure(error):
             raise

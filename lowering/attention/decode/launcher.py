@@ -60,6 +60,7 @@ class DecodeAttentionConfig:
     merge_num_warps: int = 4
     rotate_query_by_mma: bool = False  # rotated caches (int8): the query by one MMA, not the butterfly
     split_query: bool = True  # int8 / int4 keys: take the query's split where the scheme offers it (``KVOperands``)
+    max_registers: int | None = None  # the int4 fragment kernel: registers per thread at most (ptxas maxnreg)
 
     def __post_init__(self):
         for name in ("block_n", "split_block"):
@@ -73,6 +74,8 @@ class DecodeAttentionConfig:
             raise ValueError(f"num_stages, programs_per_sm and min_blocks_per_split must be >= 1: {self}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ValueError(f"num_splits must be >= 1 or None, got {self.num_splits}")
+        if self.max_registers is not None and not (24 <= self.max_registers <= 255 and self.max_registers % 8 == 0):
+            raise ValueError(f"max_registers must be None or a multiple of 8 in 24..255, got {self.max_registers}")
 
 
 # The rule's tile configurations, by how far B * Hkv * row_blocks (the programs of one split) goes
@@ -333,10 +336,11 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     if config is None and fragments.takes(q, kv, attn_mask, is_causal, mask_per_key):
         num_splits, keys_per_split = choose_num_splits(batch * num_kv_heads, kv_len_read, sm_count, FRAGMENT_CONFIG)
         prefetch = FRAGMENT_CONFIG.num_stages > 1
-        if not fragments.failed(q, kv, mask_kind, num_splits, prefetch):
+        max_registers = FRAGMENT_CONFIG.max_registers
+        if not fragments.failed(q, kv, mask_kind, num_splits, prefetch, max_registers):
             part = _partials(rows, num_splits, head_dim, out)
             if fragments.launch(q, kv, None if attn_mask is None else mask, mask_kind, mask_strides, scale, out, part,
-                                num_splits, keys_per_split, prefetch):
+                                num_splits, keys_per_split, prefetch, max_registers):
                 _merge(part, out, rows, num_splits, head_dim, block_d, FRAGMENT_CONFIG, {})
                 return out
     config = config or packed_config(programs_per_split, sm_count, kv)

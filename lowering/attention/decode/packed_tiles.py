@@ -44,9 +44,8 @@ def load_code_blocks(x_base, n0, end, d, d_ok, stride_blk, DTYPE: tl.constexpr, 
     Loads are masked per whole block (a block holding any token before ``end``), never per token: the tokens
     are the contiguous dimension, and a per-token mask would split the 16-byte vectors. Tokens at or past
     ``end`` in the last block are read as stored and the caller weights them 0: the writes leave them zero
-    (``token_blocks.clear_tail``), since fp8 bytes could be NaN and 0 x NaN is NaN. (Zeroing them here instead,
-    even in a branch only the last tile takes, keeps the tile from going to the MMA straight from shared memory:
-    sm_90 SASS, 1638 -> 2650 instructions per 256-key tile.)"""
+    (``token_blocks.clear_tail``), since fp8 bytes could be NaN and 0 x NaN is NaN; zeroing them here, even in a
+    branch only the last tile takes, would keep the tile from going to the MMA straight from shared memory."""
     tl.static_assert(BLOCK_N % TOKENS == 0, "tiles hold whole token blocks")
     blk = n0 // TOKENS + tl.arange(0, BLOCK_N // TOKENS)
     t = tl.arange(0, TOKENS)

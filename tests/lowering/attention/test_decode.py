@@ -222,7 +222,8 @@ def test_rule_picks_tiles_by_how_far_batch_times_kv_heads_fills_the_gpu():
 
 
 @pytest.mark.parametrize("field, value", [("block_n", 48), ("block_n", 8), ("num_warps", 3), ("num_stages", 0),
-                                          ("programs_per_sm", 0), ("num_splits", 0), ("split_block", 100)])
+                                          ("programs_per_sm", 0), ("num_splits", 0), ("split_block", 100),
+                                          ("max_registers", 170), ("max_registers", 16)])
 def test_invalid_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         DecodeAttentionConfig(**{field: value})

@@ -83,15 +83,18 @@ def test_the_split_is_left_out_exactly_where_the_fragment_kernel_serves(fragment
 @settings(max_examples=30, deadline=None)
 @given(problem=kt.decode_problems(head_dims=(64, 128), dtypes=(torch.bfloat16,), gqa_ratios=(1, 2, 4, 8),
                                   q_lens=(1,), kv_lens=st.integers(1, 4 * G + 9), causal=(False,), device=DEVICE),
-       chunks=st.sampled_from(["one append", "two appends"]), prefetch=st.booleans())
+       chunks=st.sampled_from(["one append", "two appends"]), prefetch=st.booleans(),
+       registers=st.sampled_from([None, 168]))
 # one query head over one KV head: the [B, 1, 1, L] mask's head dim has size 1, not stride 0, and is per key still
 @example(problem=kt.make_problem(batch=1, q_heads=1, kv_heads=1, q_len=1, kv_len=1, head_dim=64,
-                                 dtype=torch.bfloat16, mask="bool", device=DEVICE), chunks="one append", prefetch=False)
-def test_fragment_kernel_against_the_oracles(problem, chunks, prefetch):
+                                 dtype=torch.bfloat16, mask="bool", device=DEVICE), chunks="one append", prefetch=False,
+         registers=None)
+def test_fragment_kernel_against_the_oracles(problem, chunks, prefetch, registers):
     """Shapes the fragment kernel serves: GQA 1..8, lengths from 1 across residual windows and key groups, no mask,
     per-key and per-head masks (the latter go to the Triton kernel), left padding, adversarial data, with and
-    without the kernel's PREFETCH (``FRAGMENT_CONFIG.num_stages`` 2). On CUDA the fragment kernel must have served
-    every launch whose mask it takes."""
+    without the kernel's PREFETCH (``FRAGMENT_CONFIG.num_stages`` 2), with the compiler's registers or capped at
+    168 (``FRAGMENT_CONFIG.max_registers``). On CUDA the fragment kernel must have served every launch whose mask it
+    takes."""
     served = []
 
     def spy(*args, **kwargs):
@@ -100,7 +103,7 @@ def test_fragment_kernel_against_the_oracles(problem, chunks, prefetch):
 
     real_launch = fragments.launch
     split = [problem.kv_len // 2, problem.kv_len - problem.kv_len // 2] if chunks == "two appends" else None
-    rule = dataclasses.replace(launcher.FRAGMENT_CONFIG, num_stages=2 if prefetch else 1)
+    rule = dataclasses.replace(launcher.FRAGMENT_CONFIG, num_stages=2 if prefetch else 1, max_registers=registers)
     with (mock.patch.object(fragments, "launch", spy), mock.patch.object(Int4Kivi, "fragment_kernel", True),
           mock.patch.object(launcher, "FRAGMENT_CONFIG", rule)):
         check_scheme("4", problem, chunks=[c for c in split if c] if split else None)
@@ -134,8 +137,9 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from lowering.attention.decode import int4_fragments as frag
 kernel = frag.int4_decode_kernel
-for head_dim, mask_kind, mask_ptr, split, prefetch in [(128, 2, "*bf16", True, False), (128, 0, "*bf16", False, True),
-                                                       (64, 1, "*u8", True, True)]:
+for head_dim, mask_kind, mask_ptr, split, prefetch, registers in [
+        (128, 2, "*bf16", True, False, None), (128, 0, "*bf16", False, True, None), (64, 1, "*u8", True, True, None),
+        (128, 2, "*bf16", True, True, 168)]:
     pointers = dict(Q="*bf16", K="*u8", V="*u8", Mask=mask_ptr, Out="*bf16", Part="*fp32", KS="*bf16", VS="*bf16",
                     KZ="*bf16", VZ="*bf16", KR="*bf16", VR="*bf16")
     constants = dict(GROUP=4, HEAD_DIM=head_dim, MASK_KIND=mask_kind, SPLIT_OUTPUT=split, PREFETCH=prefetch,
@@ -143,8 +147,9 @@ for head_dim, mask_kind, mask_ptr, split, prefetch in [(128, 2, "*bf16", True, F
     signature = {{a: pointers.get(a, "constexpr" if a in constants else "fp32" if a == "sm_scale" else "i32")
                  for a in kernel.arg_names}}
     attrs = {{(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in pointers}}
+    options = dict(num_warps=1) if registers is None else dict(num_warps=1, maxnreg=registers)
     compiled = triton.compile(GluonASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=1))
+                              options=options)
     assert "HMMA" in compiled.asm["ptx"] or "mma.sync" in compiled.asm["ptx"], "no MMA"
     assert compiled.metadata.shared == 0, "a tile went through shared memory"
     print(head_dim, mask_kind, split, len(compiled.asm["cubin"]))
@@ -155,12 +160,13 @@ for head_dim, mask_kind, mask_ptr, split, prefetch in [(128, 2, "*bf16", True, F
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU's check: on a GPU the kernel runs")
 def test_fragment_kernel_compiles_for_hopper_without_shared_memory():
     """Every operand layout conversion is a register renaming (the kernel asserts it), for D = 64 and 128, every mask
-    kind, with and without split partials and PREFETCH; nothing is staged in shared memory."""
+    kind, with and without split partials and PREFETCH, and with registers capped at 168 (ptxas's maxnreg); nothing
+    is staged in shared memory."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE.format(root=ROOT)], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.splitlines()) == 3
+    assert len(done.stdout.splitlines()) == 4
 
 
 def _pairs(words: torch.Tensor) -> torch.Tensor:
