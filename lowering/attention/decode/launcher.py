@@ -61,6 +61,7 @@ class DecodeAttentionConfig:
     rotate_query_by_mma: bool = False  # rotated caches (int8): the query by one MMA, not the butterfly
     split_query: bool = True  # int8 / int4 keys: take the query's split where the scheme offers it (``KVOperands``)
     max_registers: int | None = None  # the int4 fragment kernel: registers per thread at most (ptxas maxnreg)
+    f16_codes: bool = True  # fp8 codes under a bf16 query: the kernel's fp16 MMAs (``F16_CODES``; ``f16_codes``)
 
     def __post_init__(self):
         for name in ("block_n", "split_block"):
@@ -354,11 +355,15 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     while (config, *shape_key) in _SHRUNK:
         config = _SHRUNK[(config, *shape_key)]
     split_query = kv.split_query and config.split_query
+    f16 = f16_codes(q, kv, split_query, config)
     failed = _FAILED.get((config, *shape_key, split_query))
     if failed is not None:
         if split_query:  # the int4 / int8 path without the query's split takes the same operands
             return launch(q, kv, attn_mask, scale, is_causal, out=out,
                           config=dataclasses.replace(config, split_query=False))
+        if f16:  # and fp8 codes converted to the query's dtype
+            return launch(q, kv, attn_mask, scale, is_causal, out=out,
+                          config=dataclasses.replace(config, f16_codes=False))
         raise KernelCompileError(f"decode kernel for {shape_key[1:]}: {failed}")
     num_splits, keys_per_split = choose_num_splits(programs_per_split, kv_len_read, sm_count, config)
 
@@ -392,7 +397,7 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
                 ROTATE_QUERY_BY_MMA=bool(config.rotate_query_by_mma and kv.rotated), **rotation,
                 VALUE_BLOCK=kv.value_block, SPLIT_QUERY=split_query,
                 FOLD_ROWS=min(block_m, next_power_of_2(group * q_len)),
-                F16_CODES=f16_codes(q, kv, split_query),
+                F16_CODES=f16,
             )
         except OutOfResources:
             # shared_memory_bound was checked against one Triton version; another may allocate more.
@@ -415,10 +420,11 @@ def launch(q, kv: KVOperands, attn_mask=None, scale=None, is_causal=False, *, ou
     return out
 
 
-def f16_codes(q: torch.Tensor, kv: KVOperands, split_query: bool) -> bool:
-    """Whether the split kernel takes its ``F16_CODES`` path: fp8 codes under a bf16 query (not split)."""
-    return (kv.kv_format == KV_SCALED_ROWS and kv.k.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16
-            and not split_query)
+def f16_codes(q: torch.Tensor, kv: KVOperands, split_query: bool, config: DecodeAttentionConfig) -> bool:
+    """Whether the split kernel takes its ``F16_CODES`` path: fp8 codes under a bf16 query (not split), unless the
+    configuration turns it off (a compile failure of that path: the codes converted to bf16 instead)."""
+    return (config.f16_codes and kv.kv_format == KV_SCALED_ROWS and kv.k.dtype == torch.float8_e4m3fn
+            and q.dtype == torch.bfloat16 and not split_query)
 
 
 def _partials(rows: int, num_splits: int, head_dim: int, out: torch.Tensor) -> torch.Tensor:

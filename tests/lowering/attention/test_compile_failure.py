@@ -1,7 +1,7 @@
 """A kernel that fails to compile for some constants falls back, never crashes
 (``lowering/attention/compile_failure.py``): the decode launcher first drops the query's split (int4 / int8
-keys), then raises ``KernelCompileError``, which exact attention and the packed caches' decode turn into
-their torch reference. The failure is planted at the kernel's launch, as Triton raises it from a backend's
+keys) or fp8's fp16 MMAs, then raises ``KernelCompileError``, which exact attention and the packed caches' decode
+turn into their torch reference. The failure is planted at the kernel's launch, as Triton raises it from a backend's
 compiler pass (``RuntimeError: PassManager::run failed``)."""
 from __future__ import annotations
 
@@ -96,6 +96,24 @@ def test_a_split_query_that_fails_to_compile_falls_back_to_the_unsplit_kernel(pl
         out = launch.kernel_decode_attention(scheme, p.q, state, p.kv_len, config=config)
         assert torch.equal(out, unsplit)
     assert planted.tries == 1  # remembered: the second call goes straight to the unsplit kernel
+    assert len(launcher._FAILED) == 1
+
+
+@pytest.mark.requires_triton
+def test_fp8s_fp16_path_that_fails_to_compile_falls_back_to_converted_codes(plant):
+    p = make_problem(batch=1, q_heads=4, kv_heads=1, q_len=1, kv_len=40, head_dim=64, dtype=torch.bfloat16,
+                     mask="none", seed=4)
+    scheme = SCHEMES["fp8"]
+    _, state = allocate(scheme.layout(1, 1, p.kv_len, 64, 64, p.dtype), "cpu")
+    scheme.append(None, 0, p.k, p.v, state)
+    config = launcher.DecodeAttentionConfig(block_n=32)
+    converted = launch.kernel_decode_attention(scheme, p.q, state, p.kv_len, config=dataclasses.replace(
+        config, f16_codes=False))
+    planted = plant(lambda constants: constants["F16_CODES"])
+    for _ in range(2):
+        out = launch.kernel_decode_attention(scheme, p.q, state, p.kv_len, config=config)
+        assert torch.equal(out, converted)
+    assert planted.tries == 1  # remembered: the second call goes straight to the converted codes
     assert len(launcher._FAILED) == 1
 
 
