@@ -121,6 +121,26 @@ def test_append_rows_at_a_device_start_writes_what_an_int_start_writes(new, star
     assert (want_codes != -128).any()
 
 
+@settings(max_examples=15, deadline=None)
+@given(new=st.integers(1, 5), start=st.integers(0, 40), fp8=st.booleans(), seed=st.integers(0, 99))
+def test_append_into_token_blocks_zeroes_the_rest_of_the_last_block(new, start, fp8, seed, kvpass_device):
+    """Token-blocked codes: the program of the last new row zeroes its block past that row (the decode kernel reads
+    whole blocks, and fp8 bytes there could be NaN: ``token_blocks.clear_tail``); nothing before ``start`` moves, nor
+    any later block."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, new, 16, generator=g).to(torch.bfloat16).to(kvpass_device)
+    raw = torch.full((2, 3, 48 // 16, 16, 16), 0x7F, dtype=torch.uint8, device=kvpass_device)  # e4m3 NaN poison
+    codes = raw.view(torch.float8_e4m3fn) if fp8 else raw.view(torch.int8)
+    scales = torch.zeros(2, 3, 48, device=kvpass_device)
+    append_rows(x, codes, scales, start, E4M3_MAX if fp8 else QMAX, False, True)
+    tokens = raw.transpose(-1, -2).reshape(2, 3, 48, 16)  # token-major copy: [B, H, token, D]
+    end = start + new
+    assert (tokens[:, :, :start] == 0x7F).all(), "a byte before start moved"
+    block_end = -(-end // 16) * 16
+    assert not tokens[:, :, end:block_end].any(), "bytes past the last row in its block are not zero"
+    assert (tokens[:, :, block_end:] == 0x7F).all(), "a later block moved"
+
+
 def _fp8_data(kind: str, shape, dtype, g):
     """Rows for the e4m3 path: with their largest |x| at 448 (scale 1), ``midpoints`` puts elements halfway
     between neighbouring e4m3 values (ties, also across a power of two) and ``subnormal`` below 2^-6."""
