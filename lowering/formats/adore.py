@@ -69,7 +69,7 @@ from lowering.formats.budgeted import (
 )
 from lowering.formats.snapkv import WINDOW  # prefill: the last prompt queries score the prompt, as SnapKV's
 from lowering.storage import State
-from lowering.storage.int8 import dequantize_rows, quantize_rows
+from lowering.storage.int8 import dequantize_rows
 
 GAMMA = 0.9  # score memory of ~1 / (1 - GAMMA) = 10 steps: a token unused for 10 steps has lost 65% of its score
 COLD = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale", "cold_pos", "cold_score")
@@ -78,13 +78,6 @@ COLD = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale", "cold_pos", "cold_sc
 def _splice(t: torch.Tensor, middle: torch.Tensor, at: int) -> torch.Tensor:
     """Rows ``middle`` inserted into t [B, H, N, ...] before row ``at`` (the cold rows between old hot and new)."""
     return torch.cat([t[:, :, :at], middle, t[:, :, at:]], 2)
-
-
-def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cold-store form of rows x: int8 codes (not quantize_rows' float32 ones: the cold sections are int8, and
-    the released rows are spliced and gathered in that form) and fp32 scales."""
-    codes, scale = quantize_rows(x)
-    return codes.to(torch.int8), scale
 
 
 def _where_rows(pick: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -153,7 +146,7 @@ class Adore(BudgetedFormat):
         n_cold = old["cold_k"].shape[2]
         splice = functools.partial(_splice, at=n_hot)
         # int8 form of every candidate, for the ones released now; the cold ones keep their bytes exactly
-        ks, vs = _int8_rows(c.k), _int8_rows(c.v)
+        ks, vs = launch.int8_rows(c.k), launch.int8_rows(c.v)
         int8 = {"cold_k": splice(ks[0], old["cold_k"]), "cold_k_scale": splice(ks[1], old["cold_k_scale"]),
                 "cold_v": splice(vs[0], old["cold_v"]), "cold_v_scale": splice(vs[1], old["cold_v_scale"])}
         c = _adore_candidates(
@@ -241,7 +234,7 @@ class Adore(BudgetedFormat):
         if rest.shape[-1]:
             rest = by_position(c.pos, rest)
             if c.int8 is None:  # no cold store yet: quantize the released candidates only
-                ks, vs = _int8_rows(take(c.k, rest)), _int8_rows(take(c.v, rest))
+                ks, vs = launch.int8_rows(take(c.k, rest)), launch.int8_rows(take(c.v, rest))
                 cold = {"cold_k": ks[0], "cold_k_scale": ks[1], "cold_v": vs[0], "cold_v_scale": vs[1]}
             else:
                 cold = {name: take(t, rest) for name, t in c.int8.items()}

@@ -34,6 +34,7 @@ from lowering.core.limits import MAX_DECODE_QUERY_LEN
 from lowering.core.operands import KeySegment
 from lowering.core.packed import MOVED_AS_BYTES
 from lowering.core.reference import exact_attention
+from lowering.formats import launch
 from lowering.formats.budgeted import NEVER, BudgetedFormat, key_weights, take, visible_tokens
 from lowering.formats.fixed_budgeted import (
     EMPTY_LAST,
@@ -50,15 +51,9 @@ from lowering.formats.fixed_budgeted import (
 from lowering.formats.fixed_capacity import EMPTY, FixedCacheSpec
 from lowering.formats.snapkv import WINDOW
 from lowering.storage import State
-from lowering.storage.int8 import dequantize_rows, quantize_rows
+from lowering.storage.int8 import dequantize_rows
 
 COLD_ROWS = ("cold_k", "cold_k_scale", "cold_v", "cold_v_scale")
-
-
-def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cold-store form of rows x [B, H, n, D]: int8 codes and fp32 scales (``adore._int8_rows``)."""
-    codes, scale = quantize_rows(x)
-    return codes.to(torch.int8), scale
 
 
 def where_rows(pick: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -154,7 +149,7 @@ def attention(q, buffer, positions, new_k, new_v, attn_mask, is_causal: bool, sc
         torch.cat([hot_held, fresh], 2)
     moving_pos = torch.cat([state["pos"], new_pos], 2)
     to = torch.where(released, moving_pos, capacity)  # the scratch row for the tokens that stay hot
-    ks, vs = int8_rows(torch.cat([hot_k, new_k], 2)), int8_rows(torch.cat([hot_v, new_v], 2))
+    ks, vs = launch.int8_rows(torch.cat([hot_k, new_k], 2)), launch.int8_rows(torch.cat([hot_v, new_v], 2))
     moving_score = torch.cat([score[..., :budget], score[..., budget + cold_n:]], 2)
     state["cold_score"].copy_(score[..., budget:budget + cold_n])
     state["cold_pos"].copy_(torch.where(cold_held & ~is_kept[..., budget:budget + cold_n], state["cold_pos"], EMPTY))

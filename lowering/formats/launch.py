@@ -6,6 +6,7 @@ Schemes (``lowering.storage``) say what their kernels read (``kernel_operands``,
 never launch anything; the formats call the functions here instead of a scheme's own torch path:
 
 - ``append``: int8's quantize-on-append kernel on CUDA (``lowering/attention/append``), else ``scheme.append``;
+- ``int8_rows``: rows as int8 codes and scales (ADORE's cold store), by the same kernel on CUDA;
 - ``decode_attention``: 16-bit caches through exact attention (the split-KV kernel on CUDA, torch's SDPA
   elsewhere); packed caches through the split-KV kernel with the scheme's ``KV_FORMAT``
   (``lowering/attention/decode``), which dequantizes tiles in registers, or off CUDA (or for inputs the
@@ -34,7 +35,7 @@ from lowering.core.stats import calls
 from lowering.storage import State, StorageScheme, token_blocks
 from lowering.storage.full import FullPrecision
 from lowering.storage.int4 import Int4Kivi
-from lowering.storage.int8 import Int8
+from lowering.storage.int8 import QMAX, Int8, quantize_rows
 
 log = logging.getLogger("kvpass.lowering")
 
@@ -62,6 +63,28 @@ def append(scheme: StorageScheme, old: State | None, old_length: int, new_k, new
             _append_by_kernel(x, target, old_length)
         else:
             scheme.write_rows(name, x, out, old_length)
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [B, H, n, D] as int8 codes [B, H, n, D] and fp32 scales [B, H, n], unrotated
+    (``lowering.storage.int8.quantize_rows``' rule and bits): ADORE's cold-store form. On CUDA by the append kernel,
+    one launch (``int8_rows_by_kernel``), else by torch ops."""
+    if x.is_cuda:
+        out = int8_rows_by_kernel(x)
+        if out is not None:
+            return out
+    codes, scales = quantize_rows(x)
+    return codes.to(torch.int8), scales
+
+
+def int8_rows_by_kernel(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``int8_rows`` by the append kernel writing rows 0 .. n - 1 of fresh sections; None where it does not take x."""
+    target = AppendOperands(torch.empty(x.shape, dtype=torch.int8, device=x.device),
+                            torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device), QMAX, False, False)
+    if not _append_kernel_takes(x, target):
+        return None
+    _append_by_kernel(x, target, 0)
+    return target.codes, target.scales
 
 
 def compiled_or_none(what: str, launch_kernel):

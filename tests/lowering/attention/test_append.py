@@ -141,6 +141,19 @@ def test_append_into_token_blocks_zeroes_the_rest_of_the_last_block(new, start, 
     assert (tokens[:, :, block_end:] == 0x7F).all(), "a later block moved"
 
 
+@settings(max_examples=20, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(0, 9), st.sampled_from([8, 24, 64])),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       kind=st.sampled_from(["normal", "zero_rows", "one_huge", "ties", "outlier_channel"]), seed=st.integers(0, 99))
+def test_int8_rows_by_the_kernel_are_the_torch_paths(shape, dtype, kind, seed, kvpass_device):
+    """ADORE's cold-store rows (``launch.int8_rows``): the append kernel's codes and scales, bit for bit."""
+    x = _data(kind, shape, dtype, torch.Generator().manual_seed(seed)).to(kvpass_device)
+    codes, scales = quantize_rows(x)
+    got = launch.int8_rows_by_kernel(x)
+    assert got is not None, "the append kernel refused the rows"
+    assert got[0].dtype == torch.int8 and torch.equal(got[0], codes.to(torch.int8)) and torch.equal(got[1], scales)
+
+
 def _fp8_data(kind: str, shape, dtype, g):
     """Rows for the e4m3 path: with their largest |x| at 448 (scale 1), ``midpoints`` puts elements halfway
     between neighbouring e4m3 values (ties, also across a power of two) and ``subnormal`` below 2^-6."""
