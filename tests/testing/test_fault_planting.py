@@ -74,6 +74,7 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
 import kvpass.testing as kt  # noqa: E402
+from kvpass.testing.pytest_plugin import triton_interpreter_problem  # noqa: E402
 
 # A fault must be reported within the same 40 examples on every run (derandomized, no database);
 # the search stops at the first failure (no shrinking) except where a test looks at the shrunk
@@ -156,8 +157,6 @@ LAUNCHER_FAULTS = {
 
 @pytest.fixture(scope="module")
 def decode_attention(kvpass_device):
-    from kvpass.testing.pytest_plugin import triton_interpreter_problem
-
     if kvpass_device == "cpu" and triton_interpreter_problem():
         pytest.skip(triton_interpreter_problem())
     return pytest.importorskip("lowering.attention.decode.launcher").decode_attention

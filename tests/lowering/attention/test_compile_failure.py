@@ -85,24 +85,24 @@ def test_compile_failures_are_told_from_other_errors():
     assert not is_compile_failure(OutOfResources(300000, 232448, "shared memory"))
 
 
-def _falls_back(plant, scheme, p, state, config, constant: str, field: str) -> None:
-    """A launch whose ``constant`` fails to compile gives the output of ``config`` with ``field`` off, and the
-    failure is remembered: the second call goes straight to that kernel."""
+def _failing_twice(plant, scheme, p, state, config, constant: str, field: str):
+    """Two launches of ``config`` whose ``constant`` fails to compile: (their outputs, the output of ``config`` with
+    ``field`` off, the compiles tried)."""
     fallback = launch.kernel_decode_attention(scheme, p.q, state, p.kv_len, config=dataclasses.replace(
         config, **{field: False}))
     planted = plant(lambda constants: constants[constant])
-    for _ in range(2):
-        out = launch.kernel_decode_attention(scheme, p.q, state, p.kv_len, config=config)
-        assert torch.equal(out, fallback)
-    assert planted.tries == 1
-    assert len(launcher._FAILED) == 1
+    outs = [launch.kernel_decode_attention(scheme, p.q, state, p.kv_len, config=config) for _ in range(2)]
+    return outs, fallback, planted.tries
 
 
 @pytest.mark.requires_triton
 def test_a_split_query_that_fails_to_compile_falls_back_to_the_unsplit_kernel(plant):
     scheme, p, state = _int4_problem()
-    _falls_back(plant, scheme, p, state, launcher.DecodeAttentionConfig(block_n=32, num_warps=2), "SPLIT_QUERY",
-                "split_query")
+    outs, unsplit, tries = _failing_twice(plant, scheme, p, state,
+                                          launcher.DecodeAttentionConfig(block_n=32, num_warps=2), "SPLIT_QUERY",
+                                          "split_query")
+    assert all(torch.equal(out, unsplit) for out in outs)
+    assert tries == 1 and len(launcher._FAILED) == 1  # remembered: the second call goes straight to the unsplit one
 
 
 @pytest.mark.requires_triton
@@ -112,7 +112,10 @@ def test_fp8s_fp16_path_that_fails_to_compile_falls_back_to_converted_codes(plan
     scheme = SCHEMES["fp8"]
     _, state = allocate(scheme.layout(1, 1, p.kv_len, 64, 64, p.dtype), "cpu")
     scheme.append(None, 0, p.k, p.v, state)
-    _falls_back(plant, scheme, p, state, launcher.DecodeAttentionConfig(block_n=32), "F16_CODES", "f16_codes")
+    outs, converted, tries = _failing_twice(plant, scheme, p, state, launcher.DecodeAttentionConfig(block_n=32),
+                                            "F16_CODES", "f16_codes")
+    assert all(torch.equal(out, converted) for out in outs)
+    assert tries == 1 and len(launcher._FAILED) == 1  # remembered: the second call goes straight to the codes
 
 
 @pytest.mark.requires_triton

@@ -8,6 +8,7 @@ score error the high parts alone allow (the kernel's own q_l1 * skip_error * s_j
 """
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from test_schemes import DEVICE, kernel, kernel_dequantized, needs_kernel, pack
 
 import kvpass.testing as kt
 from kvpass.testing.oracles import F64, grouped_matmul, reference_probs
+from lowering.formats.launch import kernel_unsupported_reason
 from lowering.storage import SCHEMES
 from lowering.storage.aligned import kernel_bounds
 
@@ -92,10 +94,6 @@ def test_skipping_happens_where_weights_are_negligible_and_counts_are_exact():
 def test_cuda_head_dims_below_the_verified_one_take_the_reference_path():
     """The kernel refuses (so ``packed_decode_attention`` takes the reference path, and the report's reason
     names it) the half-precision CUDA queries of head dims where it was measured wrong; not the others."""
-    from types import SimpleNamespace
-
-    from lowering.formats.launch import kernel_unsupported_reason
-
     scheme = SCHEMES["aligned"]
     cuda_query = lambda dim, dtype: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 1, 1, dim))  # noqa: E731
     assert "head dim 32" in scheme.kernel_refusal(cuda_query(16, torch.bfloat16))

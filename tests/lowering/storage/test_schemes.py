@@ -16,6 +16,7 @@ in test_aligned.py. Triton runs under TRITON_INTERPRET=1 on the CPU (conftest.py
 from __future__ import annotations
 
 import dataclasses
+import functools
 from unittest import mock
 
 import pytest
@@ -29,8 +30,9 @@ from kvpass.testing.oracles import F64, grouped_matmul, reference_scores, safe_s
 from kvpass.testing.pytest_plugin import triton_interpreter_problem
 from kvpass.testing.tolerance import _weight_spread
 from lowering.attention.decode import launcher
-from lowering.attention.decode.launcher import DecodeAttentionConfig
-from lowering.core.packed import allocate
+from lowering.attention.decode.launcher import DecodeAttentionConfig, packed_config
+from lowering.core.operands import KV_SCALED_ROWS, KVOperands
+from lowering.core.packed import allocate, layout_nbytes
 from lowering.core.rotation import rotates, shifts, signs
 from lowering.formats import launch
 from lowering.storage import SCHEMES, token_blocks
@@ -48,25 +50,27 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in lo
                                         "ignore:overflow encountered:RuntimeWarning")
 
 
-def pack(scheme, k, v, chunks=None):
+def pack(scheme, k, v, chunks=None, poison=None):
     """The scheme's sections holding k, v [B, Hkv, L, D], appended in ``chunks`` (token counts; one
-    append of everything by default)."""
+    append of everything by default) by ``scheme.append``; with ``poison`` (a byte), each new buffer is filled with
+    it first and the appends go through ``launch.append`` (the append kernel on CUDA, as the caches append)."""
     B, H, L, D = k.shape
     state, done = None, 0
     for n in chunks or [L]:
-        _, out = allocate(scheme.layout(B, H, done + n, D, v.shape[-1], k.dtype), k.device)
-        scheme.append(state, done, k[:, :, done:done + n], v[:, :, done:done + n], out)
+        buffer, out = allocate(scheme.layout(B, H, done + n, D, v.shape[-1], k.dtype), k.device)
+        if poison is not None:
+            buffer.fill_(poison)
+        append = scheme.append if poison is None else functools.partial(launch.append, scheme)
+        append(state, done, k[:, :, done:done + n], v[:, :, done:done + n], out)
         state, done = out, done + n
     return state
 
 
 def kernel(scheme, state, length, **options):
     """check_kernel's calling convention over a packed state (the k, v it passes are ignored)."""
-    from lowering.formats.launch import kernel_decode_attention
-
     def fn(q, k, v, attn_mask=None, scale=None, is_causal=False, out=None):
         assert not is_causal
-        return kernel_decode_attention(scheme, q, state, length, attn_mask, scale, out=out, **options)
+        return launch.kernel_decode_attention(scheme, q, state, length, attn_mask, scale, out=out, **options)
 
     fn.__name__ = f"{scheme.name} kernel {options or ''}"
     return fn
@@ -267,9 +271,6 @@ def test_rotated_int8_turns_its_output_back_in_either_stage(problem, splits, by_
 
 def test_rule_takes_the_query_split_only_where_programs_fill_the_gpu():
     """int8's split pays at B=8 and B=32 (8 KV heads, 132 SMs) and not at B=1 (bench/RESULTS.md)."""
-    from lowering.attention.decode.launcher import packed_config
-    from lowering.core.operands import KV_SCALED_ROWS, KVOperands
-
     kv = KVOperands(None, None, 1, KV_SCALED_ROWS, ())
     assert [packed_config(programs, 132, kv).split_query for programs in (8, 64, 256)] == [False, True, True]
 
@@ -352,12 +353,7 @@ def test_value_blocks_hold_zeros_past_the_length(key, dtype, chunks):
     scheme = SCHEMES[key]
     config = DecodeAttentionConfig(block_n=64, num_splits=3 if length > 128 else 1)
     clean = check_scheme(key, problem, config=config)
-    state, done = None, 0
-    for n in chunks:
-        buffer, out = allocate(scheme.layout(2, 2, done + n, 64, 64, dtype), DEVICE)
-        buffer.fill_(0x7F)
-        launch.append(scheme, state, done, problem.k[:, :, done:done + n], problem.v[:, :, done:done + n], out)
-        state, done = out, done + n
+    state = pack(scheme, problem.k, problem.v, chunks, poison=0x7F)
     assert state["v"].dim() == 5, "values are not in token blocks"
     past = state["v"].view(torch.uint8)[:, :, -1, :, length % token_blocks.TOKENS:]
     assert past.numel() > 0 and not past.any(), "bytes past the length are not zero"
@@ -416,8 +412,6 @@ def test_cpu_reference_path_matches_the_dequantized_oracle(key):
 
 @pytest.mark.parametrize("key", QUANTIZED)
 def test_cache_is_smaller_than_the_16_bit_one(key):
-    from lowering.core.packed import layout_nbytes
-
     for dtype in (torch.bfloat16, torch.float16):
         held = layout_nbytes(SCHEMES[key].layout(1, 8, 4096, 128, 128, dtype))
         full = layout_nbytes(SCHEMES["16"].layout(1, 8, 4096, 128, 128, dtype))
